@@ -1,0 +1,19 @@
+"""Block-State Transformer for Hugging Face Transformers.
+
+Importing the package registers `BSTConfig` and `BSTForCausalLM` with `AutoConfig` and `AutoModelForCausalLM`
+(`model_type = "bst"`).
+"""
+
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+from .configuration_bst import BSTConfig
+from .modeling_bst import BSTCache, BSTForCausalLM, BSTModel, BSTPreTrainedModel
+
+
+__version__ = "0.1.0"
+
+AutoConfig.register(BSTConfig.model_type, BSTConfig, exist_ok=True)
+AutoModel.register(BSTConfig, BSTModel, exist_ok=True)
+AutoModelForCausalLM.register(BSTConfig, BSTForCausalLM, exist_ok=True)
+
+__all__ = ["BSTCache", "BSTConfig", "BSTForCausalLM", "BSTModel", "BSTPreTrainedModel"]

@@ -1,0 +1,162 @@
+"""Configuration of the Block-State Transformer (Fathi et al., 2023, arXiv 2306.09539)."""
+
+from huggingface_hub.dataclasses import strict
+from transformers.configuration_utils import PreTrainedConfig
+
+
+BST_VARIANTS = ("sh", "mh", "mf")
+SSM_KERNELS = ("s4", "unstructured")
+
+
+@strict
+class BSTConfig(PreTrainedConfig):
+    r"""
+    Configuration of a Block-State Transformer language model.
+
+    A BST layer runs a state-space model (SSM) over the whole sequence as one causal FFT convolution and feeds its
+    outputs ("context states") to a Block Transformer sublayer: causal self-attention inside blocks of `block_size`
+    tokens plus cross-attention to the context states. Layers not listed in `bst_layers` are plain block-attention
+    layers (self-attention inside the block + FFN).
+
+    Args:
+        vocab_size (`int`, defaults to 32000): number of token ids.
+        hidden_size (`int`, defaults to 1024): model width D.
+        intermediate_size (`int`, defaults to 4096): width of the feed-forward network.
+        num_hidden_layers (`int`, defaults to 12): number of layers.
+        num_attention_heads (`int`, defaults to 8): heads of the self-attention and, separately, of the
+            cross-attention to the context states.
+        head_dim (`int`, *optional*): width of one head; `hidden_size // num_attention_heads` when unset.
+        hidden_act (`str`, defaults to `"gelu"`): activation of the feed-forward network.
+        block_size (`int`, defaults to 512): W, the number of tokens in one attention block. Attention never looks
+            outside the current block, so the model runs at any sequence length.
+        bst_variant (`str`, defaults to `"sh"`): how the SSM outputs become context states.
+            `"sh"` single-head (one filter, the SSM outputs at the block's own positions, causal mask),
+            `"mh"` multi-head (one filter per cross-attention head), `"mf"` multi-filter (`num_context_states`
+            filters read at the last position of the previous block, a learned initial context for block 0 and
+            learned context-id embeddings).
+        ssm_kernel (`str`, defaults to `"s4"`): the long-convolution kernel family. `"s4"`: S4D-style diagonal
+            state space with an exact recurrent form (constant-memory generation). `"unstructured"`: an implicit,
+            Hyena-style long filter (generation keeps the SSM input history).
+        ssm_state_size (`int`, defaults to 64): N, the state size of one "s4" filter (N/2 complex-conjugate modes).
+        num_context_states (`int`, *optional*): number of SSM filters per channel. Derived when unset:
+            1 for "sh", `num_attention_heads` for "mh", 32 for "mf". "sh" requires 1 and "mh" requires
+            `num_attention_heads`.
+        bst_layers (`list[int]`, *optional*): indices of the layers that are BST layers; all layers when unset.
+        ssm_dt_min (`float`, defaults to 0.001), ssm_dt_max (`float`, defaults to 0.1): range of the initial step
+            sizes of the "s4" kernel; they set the range of time scales the SSM starts with.
+        implicit_filter_features (`int`, defaults to 16): number of sine/cosine frequency pairs that describe a
+            position to the "unstructured" kernel's filter network.
+        implicit_filter_hidden_size (`int`, defaults to 64): width of the "unstructured" kernel's filter network.
+        rope_theta (`float`, defaults to 10000.0): base of the rotary position embedding used inside a block.
+        rms_norm_eps (`float`, defaults to 1e-6): epsilon of the RMS norms.
+        attention_dropout (`float`, defaults to 0.0): dropout on attention probabilities in training.
+        max_position_embeddings (`int`, defaults to 4096): the training length. Informational only: BST has no
+            absolute positions and runs far beyond it.
+        initializer_range (`float`, defaults to 0.02): standard deviation of the normal weight initialisation.
+        use_cache (`bool`, defaults to `True`): whether forward returns a `BSTCache` for generation.
+        tie_word_embeddings (`bool`, defaults to `True`): share the input embedding and the LM head.
+
+    ```python
+    >>> from modeling_bst import BSTConfig, BSTForCausalLM
+    >>> config = BSTConfig(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, block_size=128)
+    >>> model = BSTForCausalLM(config)
+    ```"""
+
+    model_type = "bst"
+    keys_to_ignore_at_inference = ["past_key_values"]
+
+    vocab_size: int = 32000
+    hidden_size: int = 1024
+    intermediate_size: int = 4096
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 8
+    head_dim: int | None = None
+    hidden_act: str = "gelu"
+    block_size: int = 512
+    bst_variant: str = "sh"
+    ssm_kernel: str = "s4"
+    ssm_state_size: int = 64
+    num_context_states: int | None = None
+    bst_layers: list[int] | None = None
+    ssm_dt_min: float = 0.001
+    ssm_dt_max: float = 0.1
+    implicit_filter_features: int = 16
+    implicit_filter_hidden_size: int = 64
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-6
+    attention_dropout: float = 0.0
+    max_position_embeddings: int = 4096
+    initializer_range: float = 0.02
+    use_cache: bool = True
+    pad_token_id: int | None = None
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    tie_word_embeddings: bool = True
+
+    def __post_init__(self, **kwargs):
+        if self.head_dim is None and self.num_attention_heads > 0:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.num_context_states is None:
+            self.num_context_states = {"sh": 1, "mh": self.num_attention_heads, "mf": 32}.get(self.bst_variant, 1)
+        if self.bst_layers is None:
+            self.bst_layers = list(range(self.num_hidden_layers))
+        super().__post_init__(**kwargs)
+
+    def validate_architecture(self):
+        """Part of `@strict` validation: every check names the field and the value that broke it."""
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "head_dim",
+            "block_size",
+            "ssm_state_size",
+            "num_context_states",
+            "implicit_filter_features",
+            "implicit_filter_hidden_size",
+            "max_position_embeddings",
+        ):
+            value = getattr(self, name)
+            if value is None or value <= 0:
+                raise ValueError(f"`{name}` must be a positive integer, got {value}.")
+        if self.hidden_size % self.num_attention_heads != 0:
+            raise ValueError(
+                f"`hidden_size` ({self.hidden_size}) must be divisible by `num_attention_heads` "
+                f"({self.num_attention_heads})."
+            )
+        if self.head_dim % 2 != 0:
+            raise ValueError(f"`head_dim` must be even for rotary embeddings, got {self.head_dim}.")
+        if self.bst_variant not in BST_VARIANTS:
+            raise ValueError(f"`bst_variant` must be one of {BST_VARIANTS}, got {self.bst_variant!r}.")
+        if self.ssm_kernel not in SSM_KERNELS:
+            raise ValueError(f"`ssm_kernel` must be one of {SSM_KERNELS}, got {self.ssm_kernel!r}.")
+        if self.ssm_state_size % 2 != 0:
+            raise ValueError(
+                f"`ssm_state_size` must be even (N/2 complex-conjugate modes), got {self.ssm_state_size}."
+            )
+        if self.bst_variant == "sh" and self.num_context_states != 1:
+            raise ValueError(f"`bst_variant='sh'` uses one filter; `num_context_states` is {self.num_context_states}.")
+        if self.bst_variant == "mh" and self.num_context_states != self.num_attention_heads:
+            raise ValueError(
+                f"`bst_variant='mh'` uses one filter per head: `num_context_states` ({self.num_context_states}) must "
+                f"equal `num_attention_heads` ({self.num_attention_heads})."
+            )
+        bad_layers = [i for i in self.bst_layers if not 0 <= i < self.num_hidden_layers]
+        if bad_layers:
+            raise ValueError(
+                f"`bst_layers` entries must lie in [0, {self.num_hidden_layers}) (`num_hidden_layers`), "
+                f"got {bad_layers}."
+            )
+        if len(set(self.bst_layers)) != len(self.bst_layers):
+            raise ValueError(f"`bst_layers` lists a layer twice: {self.bst_layers}.")
+        if not 0.0 < self.ssm_dt_min <= self.ssm_dt_max:
+            raise ValueError(
+                f"Need 0 < `ssm_dt_min` <= `ssm_dt_max`, got {self.ssm_dt_min} and {self.ssm_dt_max}."
+            )
+        if not 0.0 <= self.attention_dropout < 1.0:
+            raise ValueError(f"`attention_dropout` must lie in [0, 1), got {self.attention_dropout}.")
+
+
+__all__ = ["BSTConfig"]

@@ -1,0 +1,918 @@
+"""PyTorch Block-State Transformer (Fathi et al., "Block-State Transformers", NeurIPS 2023, arXiv 2306.09539).
+
+A BST layer = an SSM sublayer + a Block Transformer sublayer:
+
+    u (B, L, D) --norm--> SSM: one causal FFT convolution over the WHOLE sequence, C filters per channel
+                            -> context states (B, L, D, C)
+                 --norm--> Block Transformer, all blocks of W tokens in parallel:
+                            causal self-attention inside the block  (H heads)
+                            cross-attention to the block's context states (H more heads)
+                            concat heads -> one output projection -> residual -> FFN -> residual
+
+Variants (`config.bst_variant`): "sh" (C = 1; token i of a block reads the context states of the block's own
+positions j <= i), "mh" (C = H; head h reads filter h), "mf" (C = S filters read at the last position of the previous
+block: S context vectors per block, a learned initial context for block 0, learned context-id embeddings).
+
+Every sublayer is causal, so a row whose padding has been moved behind its real tokens computes exactly what the row
+alone computes. The model uses that: it compacts each row's real tokens to the front ("left-aligns" them), runs the
+layers, and scatters the outputs back. Generation keeps a bounded state per row (`BSTCache`): the current block's
+keys/values, the current block's context states, and the SSM state ("s4") or the SSM input history ("unstructured").
+"""
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache
+from transformers.generation import GenerationMixin
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
+from transformers.utils import logging
+
+from .configuration_bst import BSTConfig
+
+
+logger = logging.get_logger(__name__)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# State-space math
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def causal_fft_conv(inputs: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+    """Causal linear convolution y[..., c, t] = sum_{s <= t} kernel[d, c, t - s] * inputs[b, d, s].
+
+    inputs (B, D, L), kernel (D, C, >= L) -> (B, D, C, L), float32. The FFT has size >= 2L so the circular convolution
+    it computes equals the linear one on the first L outputs. FFTs run in fp32 even under autocast: bf16/fp16 FFTs lose
+    the small, long-range taps that are the reason to have an SSM.
+    """
+    length = inputs.shape[-1]
+    fft_size = 1 << (2 * length - 1).bit_length()
+    with torch.autocast(device_type=inputs.device.type, enabled=False):
+        inputs_f = torch.fft.rfft(inputs.float(), n=fft_size)  # (B, D, F)
+        kernel_f = torch.fft.rfft(kernel[..., :length].float(), n=fft_size)  # (D, C, F)
+        return torch.fft.irfft(inputs_f.unsqueeze(2) * kernel_f, n=fft_size)[..., :length]
+
+
+def _power_split(length: int) -> tuple[int, int]:
+    """Split exponents l in [0, length) as l = low_count * j + i, with low_count ~ sqrt(length)."""
+    low_count = max(1, math.isqrt(max(length - 1, 0)) + 1)
+    return low_count, -(-length // low_count)
+
+
+def vandermonde_sum(coefficients: torch.Tensor, log_z: torch.Tensor, length: int) -> torch.Tensor:
+    """sum_n coefficients[..., h, n] * z[h, n] ** l for l in [0, length): (..., H, N) -> (..., H, length), complex.
+
+    The naive (H, N, L) table of powers costs seconds at long L. With l = b*j + i, z^l = z^(b*j) * z^i, so the sum is
+    one batched matmul of a (J, N) by an (N, b) matrix per channel, and only (J + b) * N powers are exponentiated.
+    """
+    low_count, high_count = _power_split(length)
+    steps = torch.arange(max(low_count, high_count), device=log_z.device, dtype=log_z.real.dtype)
+    low_powers = torch.exp(log_z.unsqueeze(-1) * steps[:low_count])  # (H, N, b)
+    high_powers = torch.exp(log_z.unsqueeze(-2) * (low_count * steps[:high_count, None]))  # (H, J, N)
+    weighted = coefficients.unsqueeze(-2) * high_powers  # (..., H, J, N)
+    return (weighted @ low_powers).flatten(-2)[..., :length]  # (..., H, J*b) -> (..., H, length)
+
+
+def vandermonde_reduce(values: torch.Tensor, log_z: torch.Tensor) -> torch.Tensor:
+    """sum_l values[..., h, l] * z[h, n] ** l: (..., H, L) real -> (..., H, N) complex, with the same power split."""
+    length = values.shape[-1]
+    low_count, high_count = _power_split(length)
+    steps = torch.arange(max(low_count, high_count), device=log_z.device, dtype=log_z.real.dtype)
+    low_powers = torch.exp(log_z.unsqueeze(-1) * steps[:low_count])  # (H, N, b)
+    high_powers = torch.exp(log_z.unsqueeze(-2) * (low_count * steps[:high_count, None]))  # (H, J, N)
+    values = F.pad(values.float(), (0, low_count * high_count - length))
+    values = values.unflatten(-1, (high_count, low_count)).to(low_powers.dtype)  # (..., H, J, b)
+    inner = values @ low_powers.transpose(-1, -2)  # (..., H, J, N)
+    return (inner * high_powers).sum(-2)
+
+
+class BSTS4DKernel(nn.Module):
+    r"""S4D diagonal state space, one per (channel, filter) pair ("s4" kernels).
+
+        continuous:   x'(t) = A x(t) + B u(t),   y(t) = 2 Re(C x(t))      A diagonal complex, N/2 conjugate modes
+        zero-order hold with step dt:   dA = exp(dt A),   dB = (dA - 1) / A * B          (B = 1, folded into C)
+        recurrence:   s_k = dA s_{k-1} + (C dB) u_k,   y_k = 2 Re(sum_n s_k)           (s = C-weighted state)
+        convolution:  K[l] = 2 Re(sum_n C_n dB_n dA_n^l),   y = K * u
+    """
+
+    def __init__(self, config: BSTConfig, channels: int):
+        super().__init__()
+        self.config = config
+        modes = config.ssm_state_size // 2
+        self.log_dt = nn.Parameter(torch.empty(channels))
+        self.log_neg_a_real = nn.Parameter(torch.empty(channels, modes))
+        self.a_imag = nn.Parameter(torch.empty(channels, modes))
+        self.c = nn.Parameter(torch.empty(channels, modes, 2))  # real view of complex C
+
+    def reset_parameters(self):
+        """S4D-Lin initialisation: A_n = -1/2 + i pi n, dt log-uniform in [dt_min, dt_max], C ~ CN(0, 1)."""
+        channels, modes = self.a_imag.shape
+        log_dt = torch.rand(channels) * (math.log(self.config.ssm_dt_max) - math.log(self.config.ssm_dt_min))
+        init.copy_(self.log_dt, log_dt + math.log(self.config.ssm_dt_min))
+        init.constant_(self.log_neg_a_real, math.log(0.5))
+        init.copy_(self.a_imag, math.pi * torch.arange(modes, dtype=torch.float32).expand(channels, modes))
+        init.normal_(self.c, std=0.5**0.5)
+
+    def discretize(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns log(dA) = dt A and C dB, both (H, N/2) complex64."""
+        a = torch.complex(-torch.exp(self.log_neg_a_real.float()), self.a_imag.float())
+        dt_a = torch.exp(self.log_dt.float()).unsqueeze(-1) * a
+        c_db = torch.view_as_complex(self.c.float().contiguous()) * torch.expm1(dt_a) / a
+        return dt_a, c_db
+
+    def forward(self, length: int) -> torch.Tensor:
+        log_da, c_db = self.discretize()
+        return 2 * vandermonde_sum(c_db, log_da, length).real  # (H, length)
+
+
+class BSTImplicitKernel(nn.Module):
+    r"""Implicit long filter ("unstructured" kernels), Hyena-style:
+
+        h(t) = exp(-alpha * t) * W_out sin(W_2 sin(W_1 [sin(w_k t), cos(w_k t)]_k))
+
+    Positions are absolute (not divided by the length), so the filter for a long sequence starts with the filter for a
+    short one: the convolution stays causal and generation can extend it. There is no finite recurrent state.
+    """
+
+    def __init__(self, config: BSTConfig, channels: int):
+        super().__init__()
+        self.config = config
+        features = config.implicit_filter_features
+        hidden = config.implicit_filter_hidden_size
+        self.filter_in = nn.Linear(2 * features, hidden)
+        self.filter_hidden = nn.Linear(hidden, hidden)
+        self.filter_out = nn.Linear(hidden, channels)
+        self.log_decay = nn.Parameter(torch.empty(channels))
+
+    def reset_parameters(self):
+        # Spread the decay rates over three decades so the filters start with short and long memories.
+        channels = self.log_decay.shape[0]
+        init.copy_(self.log_decay, torch.linspace(math.log(0.3), math.log(3e-4), channels))
+        init.normal_(self.filter_in.weight, std=1.0)
+        init.normal_(self.filter_hidden.weight, std=self.filter_hidden.in_features**-0.5)
+        init.normal_(self.filter_out.weight, std=self.filter_out.in_features**-0.5)
+        for layer in (self.filter_in, self.filter_hidden, self.filter_out):
+            init.zeros_(layer.bias)
+
+    def forward(self, length: int) -> torch.Tensor:
+        features = self.config.implicit_filter_features
+        device = self.log_decay.device
+        positions = torch.arange(length, device=device, dtype=torch.float32)
+        frequencies = torch.exp(-math.log(1e4) * torch.arange(features, device=device) / features)
+        angles = positions[:, None] * frequencies  # (L, F)
+        hidden = torch.sin(self.filter_in(torch.cat([angles.sin(), angles.cos()], dim=-1)))
+        hidden = torch.sin(self.filter_hidden(hidden))
+        response = self.filter_out(hidden).float().transpose(0, 1)  # (H, L)
+        return response * torch.exp(-torch.exp(self.log_decay.float())[:, None] * positions)
+
+
+class BSTStateSpace(nn.Module):
+    r"""SSM sublayer: C long filters per channel over the whole sequence, y[b, t, d, c] = (K_dc * u_d)[t] + skip_dc u_d[t].
+
+    Runs as one FFT convolution. With a cache it continues from the cached state: for "s4" the state term
+    2 Re(sum_n dA^(t+1) s0) is added and the final state returned; for "unstructured" the new inputs are appended to
+    the cached input history and the convolution is taken over all of it.
+    """
+
+    def __init__(self, config: BSTConfig):
+        super().__init__()
+        self.config = config
+        self.hidden_size = config.hidden_size
+        self.num_filters = config.num_context_states
+        channels = self.hidden_size * self.num_filters
+        kernel_class = BSTS4DKernel if config.ssm_kernel == "s4" else BSTImplicitKernel
+        self.kernel_generator = kernel_class(config, channels)
+        self.skip = nn.Parameter(torch.empty(self.hidden_size, self.num_filters))
+        self._kernel_memo = None  # (parameter versions, taps): valid only while the parameters do not change
+
+    def kernel(self, length: int) -> torch.Tensor:
+        """(D, C, length) filter taps. Without autograd (eval, generation) the taps are memoised at a power-of-two
+        length and sliced: a longer kernel starts with the shorter one, so decoding token by token reuses them."""
+        parameters = list(self.kernel_generator.parameters())
+        if torch.is_grad_enabled() and any(p.requires_grad for p in parameters):
+            return self.kernel_generator(length).view(self.hidden_size, self.num_filters, length)
+        versions = tuple((p.data_ptr(), p._version) for p in parameters)
+        memo = self._kernel_memo
+        if memo is None or memo[0] != versions or memo[1].shape[-1] < length:
+            capacity = 1 << max(length - 1, 1).bit_length()
+            taps = self.kernel_generator(capacity).view(self.hidden_size, self.num_filters, capacity)
+            self._kernel_memo = memo = (versions, taps)
+        return memo[1][..., :length]
+
+    def forward(self, inputs: torch.Tensor, layout: "BlockLayout", layer_cache: dict | None) -> torch.Tensor:
+        """inputs (B, T, D), real tokens first in each row -> context states (B, T, D, C) in fp32."""
+        batch, length, _ = inputs.shape
+        # Padding must not enter the state (left-padded generation would otherwise leak it into every later token).
+        inputs = inputs.float() * layout.token_mask.unsqueeze(-1)
+        skip_term = inputs.unsqueeze(-1) * self.skip.float()  # (B, T, D, C)
+
+        if self.config.ssm_kernel == "unstructured":
+            return self._forward_with_history(inputs, layout, layer_cache) + skip_term
+
+        state = None if layer_cache is None else layer_cache.get("ssm_state")
+        if state is not None and length == 1:
+            # One decoding step is the recurrence itself: s = dA s + (C dB) u,  y = 2 Re(sum_n s).
+            log_da, c_db = self.kernel_generator.discretize()
+            channel_inputs = inputs[:, 0, :, None].expand(-1, -1, self.num_filters).reshape(batch, -1, 1)  # (B, H, 1)
+            new_state = torch.exp(log_da) * state + c_db * channel_inputs
+            new_state = torch.where(layout.token_mask[:, :1, None], new_state, state)
+            layer_cache["ssm_state"] = new_state
+            outputs = 2 * new_state.sum(-1).real.view(batch, 1, self.hidden_size, self.num_filters)
+            return outputs + skip_term
+
+        convolved = causal_fft_conv(inputs.transpose(1, 2), self.kernel(length))  # (B, D, C, T)
+        outputs = convolved.permute(0, 3, 1, 2)  # (B, T, D, C)
+        if layer_cache is None:
+            return outputs + skip_term
+
+        log_da, c_db = self.kernel_generator.discretize()
+        if state is not None:
+            # y_t += 2 Re(sum_n dA_n^(t+1) s0_n): the cached state's contribution to every new position.
+            carried = 2 * vandermonde_sum(state * torch.exp(log_da), log_da, length).real  # (B, H, T)
+            outputs = outputs + carried.view(batch, self.hidden_size, self.num_filters, length).permute(0, 3, 1, 2)
+        else:
+            state = torch.zeros(batch, *log_da.shape, dtype=log_da.dtype, device=inputs.device)
+        # Final state after each row's last real token: s = dA^len s0 + C dB sum_j dA^(len-1-j) u_j.
+        lengths = layout.lengths
+        reverse_index = (lengths[:, None] - 1 - torch.arange(length, device=inputs.device)).clamp(min=0)
+        reversed_inputs = inputs.gather(1, reverse_index[..., None].expand_as(inputs)) * layout.token_mask[..., None]
+        channel_inputs = reversed_inputs.transpose(1, 2).repeat_interleave(self.num_filters, dim=1)  # (B, H, T)
+        decayed = torch.exp(log_da * lengths[:, None, None])
+        layer_cache["ssm_state"] = decayed * state + c_db * vandermonde_reduce(channel_inputs, log_da)
+        return outputs + skip_term
+
+    def _forward_with_history(self, inputs, layout, layer_cache):
+        if layer_cache is None:
+            convolved = causal_fft_conv(inputs.transpose(1, 2), self.kernel(inputs.shape[1]))
+            return convolved.permute(0, 3, 1, 2)
+        # History rows hold each row's past real inputs left-aligned, zeros after: append this chunk at each row's end.
+        history = layer_cache.get("ssm_history")
+        seen = layout.seen_tokens
+        past_length = 0 if history is None else history.shape[1]
+        length = inputs.shape[1]
+        combined = inputs.new_zeros(inputs.shape[0], past_length + length, self.hidden_size)
+        if history is not None:
+            combined[:, :past_length] = history
+        index = (seen[:, None] + torch.arange(length, device=inputs.device))[..., None].expand_as(inputs)
+        combined = combined.scatter(1, index, inputs)
+        convolved = causal_fft_conv(combined.transpose(1, 2), self.kernel(combined.shape[1])).permute(0, 3, 1, 2)
+        layer_cache["ssm_history"] = combined[:, : int((seen + layout.lengths).max())]
+        return convolved.gather(1, index[..., None].expand(-1, -1, -1, self.num_filters))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Block layout: where each token sits among the blocks of W tokens
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class BlockLayout:
+    """Places a chunk of T tokens (real tokens first in each row) into blocks of `block_size` tokens.
+
+    Row r has already seen `seen_tokens[r]` real tokens (from the cache), so its first new token sits at slot
+    `offsets[r] = seen_tokens[r] % W` of the current block, and the block's earlier slots come from the cache. When
+    every offset is 0 the layout is the chunk itself, padded at the end to whole blocks (`virtual_index` is None);
+    otherwise token t of row r goes to virtual position offsets[r] + t.
+    """
+
+    block_size: int
+    lengths: torch.Tensor  # (B,) real tokens of each row in this chunk
+    token_mask: torch.Tensor  # (B, T) True for real tokens (a prefix of each row)
+    seen_tokens: torch.Tensor  # (B,) real tokens seen before this chunk
+    offsets: torch.Tensor  # (B,) slot of the first new token in its block
+    virtual_index: torch.Tensor | None  # (B, T) offsets + t, or None when all offsets are 0
+    num_blocks: int
+    is_single_step: bool  # one new token per row on top of a cache: queries stay out of the block layout
+
+    @classmethod
+    def build(cls, token_mask: torch.Tensor, seen_tokens: torch.Tensor, block_size: int, has_cache: bool):
+        batch, length = token_mask.shape
+        offsets = seen_tokens % block_size
+        if bool((offsets == 0).all()):
+            virtual_index, span = None, length
+        else:
+            virtual_index = offsets[:, None] + torch.arange(length, device=token_mask.device)
+            span = int(offsets.max()) + length
+        return cls(
+            block_size=block_size,
+            lengths=token_mask.sum(1),
+            token_mask=token_mask,
+            seen_tokens=seen_tokens,
+            offsets=offsets,
+            virtual_index=virtual_index,
+            num_blocks=-(-span // block_size),
+            is_single_step=has_cache and length == 1,
+        )
+
+    def to_blocks(self, states: torch.Tensor, cached_block: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T, ...) -> (B, num_blocks, W, ...); the first block's earlier slots come from `cached_block` (B, W, ...)."""
+        batch, length = states.shape[:2]
+        span = self.num_blocks * self.block_size
+        if self.virtual_index is None:
+            padded = F.pad(states, (0, 0) * (states.dim() - 2) + (0, span - length))
+        else:
+            padded = states.new_zeros(batch, span, *states.shape[2:])
+            if cached_block is not None:
+                padded[:, : self.block_size] = cached_block
+            index = self.virtual_index.view(batch, length, *([1] * (states.dim() - 2))).expand_as(states)
+            padded = padded.scatter(1, index, states)
+        return padded.unflatten(1, (self.num_blocks, self.block_size))
+
+    def from_blocks(self, blocks: torch.Tensor, length: int) -> torch.Tensor:
+        """Inverse of `to_blocks` for the chunk's tokens: (B, num_blocks, W, ...) -> (B, T, ...)."""
+        flat = blocks.flatten(1, 2)
+        if self.virtual_index is None:
+            return flat[:, :length]
+        index = self.virtual_index.view(*self.virtual_index.shape, *([1] * (flat.dim() - 2)))
+        return flat.gather(1, index.expand(-1, -1, *flat.shape[2:]))
+
+    def current_block_index(self) -> torch.Tensor:
+        """(B,) index, among this chunk's blocks, of the block that holds each row's next token (may be num_blocks)."""
+        return (self.offsets + self.lengths) // self.block_size
+
+    def last_block(self, blocks: torch.Tensor) -> torch.Tensor:
+        """The block each row's next token falls in, to carry to the next call: (B, num_blocks, W, ...) -> (B, W, ...).
+        When that block starts fresh, any block will do: its slots are masked until overwritten."""
+        index = self.current_block_index().clamp(max=self.num_blocks - 1)
+        index = index.view(-1, 1, *([1] * (blocks.dim() - 2))).expand(-1, 1, *blocks.shape[2:])
+        return blocks.gather(1, index).squeeze(1)
+
+    def single_step_mask(self) -> torch.Tensor:
+        """(B, 1, 1, W) keys a lone new token at slot `offsets` may see: the slots of its block up to itself."""
+        slots = torch.arange(self.block_size, device=self.offsets.device)
+        return (slots <= self.offsets[:, None]).view(-1, 1, 1, self.block_size)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Block Transformer sublayer
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class BSTRMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        input_dtype = hidden_states.dtype
+        hidden_states = hidden_states.to(torch.float32)
+        variance = hidden_states.pow(2).mean(-1, keepdim=True)
+        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+        return self.weight * hidden_states.to(input_dtype)
+
+
+class BSTRotaryEmbedding(nn.Module):
+    """RoPE over the slot of a token inside its block (0..W-1): positions never exceed W, so any length works."""
+
+    def __init__(self, config: BSTConfig):
+        super().__init__()
+        self.config = config
+        self.inv_freq = nn.Buffer(self.compute_inv_freq(config), persistent=False)
+
+    @staticmethod
+    def compute_inv_freq(config: BSTConfig) -> torch.Tensor:
+        exponents = torch.arange(0, config.head_dim, 2, dtype=torch.float32) / config.head_dim
+        return 1.0 / (config.rope_theta**exponents)
+
+    @torch.no_grad()
+    def forward(self, slots: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        angles = slots[..., None].float() * self.inv_freq.to(slots.device)  # (..., T, head_dim/2)
+        angles = torch.cat((angles, angles), dim=-1)
+        return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def rotate_half(states: torch.Tensor) -> torch.Tensor:
+    first, second = states.chunk(2, dim=-1)
+    return torch.cat((-second, first), dim=-1)
+
+
+def apply_rotary(states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """states (B, T, H, head_dim); cos/sin (B or 1, T, head_dim)."""
+    cos, sin = (embedding.unsqueeze(2) for embedding in position_embeddings)
+    return states * cos + rotate_half(states) * sin
+
+
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    is_causal: bool = False,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """query (N, H, Q, d), key/value (N, H, K, d); `attention_mask` is boolean (True = may attend)."""
+    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if is_causal:
+        causal = torch.ones(query.shape[2], key.shape[2], dtype=torch.bool, device=query.device).tril()
+        attention_mask = causal if attention_mask is None else attention_mask & causal
+    if attention_mask is not None:
+        scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
+    probabilities = F.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    probabilities = F.dropout(probabilities, p=dropout, training=module.training)
+    return torch.matmul(probabilities, value).transpose(1, 2).contiguous(), probabilities
+
+
+class BSTMLP(nn.Module):
+    def __init__(self, config: BSTConfig):
+        super().__init__()
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.up_proj(hidden_states)))
+
+
+class BSTAttention(nn.Module):
+    """Causal self-attention inside each block and, in BST layers, cross-attention to the block's context states.
+
+    The self- and cross-attention heads are concatenated and mixed by one output projection (the Block-Recurrent
+    Transformer's "vertical" cell without recurrence and without gates).
+    """
+
+    def __init__(self, config: BSTConfig, layer_idx: int, is_bst_layer: bool):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.is_bst_layer = is_bst_layer
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.head_dim
+        self.num_key_value_groups = 1
+        self.scaling = self.head_dim**-0.5
+        self.is_causal = True
+        inner_size = self.num_heads * self.head_dim
+        self.q_proj = nn.Linear(config.hidden_size, inner_size, bias=False)
+        self.k_proj = nn.Linear(config.hidden_size, inner_size, bias=False)
+        self.v_proj = nn.Linear(config.hidden_size, inner_size, bias=False)
+        if is_bst_layer:
+            self.context_norm = BSTRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+            self.cross_q_proj = nn.Linear(config.hidden_size, inner_size, bias=False)
+            self.context_k_proj = nn.Linear(config.hidden_size, inner_size, bias=False)
+            self.context_v_proj = nn.Linear(config.hidden_size, inner_size, bias=False)
+            if config.bst_variant == "mf":
+                self.initial_context = nn.Parameter(torch.empty(config.num_context_states, config.hidden_size))
+                self.context_ids = nn.Parameter(torch.empty(config.num_context_states, config.hidden_size))
+        self.o_proj = nn.Linear((2 if is_bst_layer else 1) * inner_size, config.hidden_size, bias=False)
+
+    def _attend(self, query, key, value, attention_mask=None, is_causal=False) -> torch.Tensor:
+        """query (B, N, Q, H, d), key/value (B, N, K, H, d) -> (B, N, Q, H*d): one attention call over all blocks."""
+        batch, num_blocks = query.shape[:2]
+        flat = [states.flatten(0, 1).transpose(1, 2) for states in (query, key, value)]  # (B*N, H, len, d)
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        output, _ = attention_interface(
+            self,
+            *flat,
+            attention_mask,
+            dropout=self.config.attention_dropout if self.training else 0.0,
+            scaling=self.scaling,
+            is_causal=is_causal,
+        )
+        return output.reshape(batch, num_blocks, query.shape[2], -1)
+
+    def _block_attention(self, query, key, value, layout, layer_cache, key_name, value_name):
+        """Causal attention inside blocks; keys/values (B, T, H, d) of this chunk join the cached ones of the block."""
+        cached_keys = None if layer_cache is None else layer_cache.get(key_name)
+        cached_values = None if layer_cache is None else layer_cache.get(value_name)
+        key_blocks = layout.to_blocks(key, cached_keys)  # (B, N, W, H, d)
+        value_blocks = layout.to_blocks(value, cached_values)
+        if layer_cache is not None:
+            layer_cache[key_name] = layout.last_block(key_blocks)
+            layer_cache[value_name] = layout.last_block(value_blocks)
+        if layout.is_single_step:
+            output = self._attend(query[:, None], key_blocks, value_blocks, layout.single_step_mask())
+            return output[:, 0]  # (B, 1, H*d)
+        output = self._attend(layout.to_blocks(query), key_blocks, value_blocks, is_causal=True)
+        return layout.from_blocks(output, query.shape[1])
+
+    def _project_context(self, projection: nn.Linear, context_states: torch.Tensor) -> torch.Tensor:
+        """(..., D, C) -> (..., H, d). With one filter per head ("mh"), head h projects filter h's states."""
+        if context_states.shape[-1] == 1:
+            projected = projection(context_states[..., 0])
+            return projected.unflatten(-1, (self.num_heads, self.head_dim))
+        weight = projection.weight.view(self.num_heads, self.head_dim, -1)
+        return torch.einsum("...dh,hed->...he", context_states, weight)
+
+    def _multi_filter_context(self, context_states, layout, layer_cache):
+        """Context states of every block of the layout (B, N, S, D): the S filter outputs at the last position of the
+        previous block; the first block reads the cache, or the learned initial context at the sequence start."""
+        batch, length = context_states.shape[:2]
+        block_ends = torch.arange(1, layout.num_blocks + 1, device=context_states.device) * layout.block_size - 1
+        end_index = (block_ends[None, :] - layout.offsets[:, None]).clamp(0, length - 1)  # (B, N) chunk positions
+        end_states = context_states.gather(1, end_index[..., None, None].expand(-1, -1, *context_states.shape[2:]))
+        end_states = end_states.transpose(2, 3).to(self.initial_context.dtype)  # (B, N, S, D)
+        first = self.initial_context.expand(batch, -1, -1)
+        if layer_cache is not None and layer_cache.get("context_states") is not None:
+            started = layout.seen_tokens > 0
+            first = torch.where(started[:, None, None], layer_cache["context_states"], first)
+        every_block = torch.cat([first[:, None], end_states], dim=1)  # (B, N + 1, S, D)
+        if layer_cache is not None:
+            index = layout.current_block_index().view(-1, 1, 1, 1).expand(-1, 1, *every_block.shape[2:])
+            layer_cache["context_states"] = every_block.gather(1, index).squeeze(1)
+        return every_block[:, :-1]
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        layout: BlockLayout,
+        context_states: torch.Tensor | None = None,
+        layer_cache: dict | None = None,
+    ) -> torch.Tensor:
+        hidden_shape = (*hidden_states.shape[:-1], self.num_heads, self.head_dim)
+        query = apply_rotary(self.q_proj(hidden_states).view(hidden_shape), position_embeddings)  # (B, T, H, d)
+        key = apply_rotary(self.k_proj(hidden_states).view(hidden_shape), position_embeddings)
+        value = self.v_proj(hidden_states).view(hidden_shape)
+        output = self._block_attention(query, key, value, layout, layer_cache, "keys", "values")
+        if not self.is_bst_layer:
+            return self.o_proj(output)
+
+        cross_query = self.cross_q_proj(hidden_states).view(hidden_shape)
+        context_states = context_states.to(hidden_states.dtype)  # (B, T, D, C)
+        if self.config.bst_variant == "mf":
+            contexts = self._multi_filter_context(context_states, layout, layer_cache)  # (B, N, S, D)
+            contexts = self.context_norm(contexts) + self.context_ids
+            context_keys = self.context_k_proj(contexts).unflatten(-1, (self.num_heads, self.head_dim))
+            context_values = self.context_v_proj(contexts).unflatten(-1, (self.num_heads, self.head_dim))
+            if layout.is_single_step:
+                cross_output = self._attend(cross_query[:, None], context_keys, context_values)[:, 0]
+            else:
+                cross_output = self._attend(layout.to_blocks(cross_query), context_keys, context_values)
+                cross_output = layout.from_blocks(cross_output, hidden_states.shape[1])
+        else:
+            # Token i of a block reads the context states of positions j <= i of its block, like its own keys.
+            normed = self.context_norm(context_states.transpose(-1, -2)).transpose(-1, -2)
+            context_keys = apply_rotary(self._project_context(self.context_k_proj, normed), position_embeddings)
+            context_values = self._project_context(self.context_v_proj, normed)
+            cross_query = apply_rotary(cross_query, position_embeddings)
+            cross_output = self._block_attention(
+                cross_query, context_keys, context_values, layout, layer_cache, "context_keys", "context_values"
+            )
+        return self.o_proj(torch.cat([output, cross_output], dim=-1))
+
+
+class BSTDecoderLayer(GradientCheckpointingLayer):
+    """Pre-norm layer: [SSM ->] block attention -> residual -> FFN -> residual. BST layers (`config.bst_layers`) have
+    the SSM and the cross-attention; the others are plain block-attention layers."""
+
+    def __init__(self, config: BSTConfig, layer_idx: int):
+        super().__init__()
+        self.is_bst_layer = layer_idx in config.bst_layers
+        self.input_layernorm = BSTRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.ssm = BSTStateSpace(config) if self.is_bst_layer else None
+        self.attention = BSTAttention(config, layer_idx, self.is_bst_layer)
+        self.post_attention_layernorm = BSTRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.mlp = BSTMLP(config)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        layout: BlockLayout,
+        layer_cache: dict | None = None,
+    ) -> torch.Tensor:
+        residual = hidden_states
+        hidden_states = self.input_layernorm(hidden_states)
+        context_states = self.ssm(hidden_states, layout, layer_cache) if self.is_bst_layer else None
+        hidden_states = self.attention(hidden_states, position_embeddings, layout, context_states, layer_cache)
+        hidden_states = residual + hidden_states
+        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Generation cache
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class BSTCache(Cache):
+    """Decoding state of a BST model; its size does not depend on the context length for "s4" kernels.
+
+    Per row: `seen_tokens` (real tokens so far). Per layer, a dict of tensors with the batch first:
+    `keys`/`values` (B, W, H, d): the current block's self-attention keys/values;
+    `context_keys`/`context_values` (B, W, H, d) ("sh"/"mh"): the current block's projected context states;
+    `context_states` (B, S, D) ("mf"): the context of the block holding the next token;
+    `ssm_state` (B, D*C, N/2) complex ("s4"), or `ssm_history` (B, L, D) ("unstructured": the SSM inputs so far,
+    which grow with the context - that kernel family has no finite state).
+    Only the block's slots up to a row's current position are ever read; a new block overwrites them.
+    """
+
+    is_compileable = False
+
+    def __init__(self, config: BSTConfig):
+        super().__init__(layers=[])
+        self.config = config
+        self.layer_states: list[dict[str, torch.Tensor]] = [{} for _ in range(config.num_hidden_layers)]
+        self.seen_tokens: torch.Tensor | None = None  # (B,)
+        self.sequence_length = 0  # positions consumed, padding included (what generate() slices inputs by)
+
+    def __len__(self) -> int:
+        return len(self.layer_states)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.sequence_length
+
+    def get_max_length(self, layer_idx: int | None = None) -> int:
+        return -1
+
+    @property
+    def is_initialized(self) -> bool:
+        return self.seen_tokens is not None
+
+    @property
+    def batch_size(self) -> int:
+        return -1 if self.seen_tokens is None else self.seen_tokens.shape[0]
+
+    def nbytes(self) -> int:
+        """Total bytes of all tensors held."""
+        tensors = [t for states in self.layer_states for t in states.values()]
+        if self.seen_tokens is not None:
+            tensors.append(self.seen_tokens)
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def _apply_to_rows(self, function: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        if self.seen_tokens is None:
+            return
+        self.seen_tokens = function(self.seen_tokens)
+        for states in self.layer_states:
+            for name, tensor in states.items():
+                states[name] = function(tensor)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._apply_to_rows(lambda tensor: tensor.index_select(0, beam_idx.to(tensor.device)))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._apply_to_rows(lambda tensor: tensor[indices])
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._apply_to_rows(lambda tensor: tensor.repeat_interleave(repeats, dim=0))
+
+    def reset(self) -> None:
+        self.layer_states = [{} for _ in range(self.config.num_hidden_layers)]
+        self.seen_tokens = None
+        self.sequence_length = 0
+
+    def crop(self, max_length: int) -> None:
+        raise NotImplementedError("BSTCache holds a recurrent state and cannot be cropped back to an earlier length.")
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
+        return self.sequence_length + query_length, 0
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Models
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class BSTPreTrainedModel(PreTrainedModel):
+    config: BSTConfig
+    config_class = BSTConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["BSTDecoderLayer"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_sdpa = True
+    _supports_attention_backend = True
+    _can_compile_fullgraph = False
+    _is_stateful = True
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        std = self.config.initializer_range
+        if isinstance(module, (BSTS4DKernel, BSTImplicitKernel)):
+            module.reset_parameters()
+        elif isinstance(module, BSTStateSpace):
+            init.ones_(module.skip)
+            module._kernel_memo = None
+        elif isinstance(module, BSTAttention) and getattr(module, "initial_context", None) is not None:
+            init.normal_(module.initial_context, std=std)
+            init.normal_(module.context_ids, std=std)
+        elif isinstance(module, BSTRotaryEmbedding):
+            init.copy_(module.inv_freq, module.compute_inv_freq(module.config))
+
+
+class BSTModel(BSTPreTrainedModel):
+    def __init__(self, config: BSTConfig):
+        super().__init__(config)
+        self.padding_idx = config.pad_token_id
+        self.vocab_size = config.vocab_size
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        self.layers = nn.ModuleList([BSTDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
+        self.norm = BSTRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = BSTRotaryEmbedding(config)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embed_tokens = value
+
+    def _check_inputs(self, input_ids, inputs_embeds, attention_mask, past_key_values):
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of `input_ids` and `inputs_embeds`.")
+        if input_ids is not None:
+            if input_ids.dim() != 2:
+                raise ValueError(f"`input_ids` must have shape (batch, length), got {tuple(input_ids.shape)}.")
+            if input_ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+                raise TypeError(f"`input_ids` must hold integer token ids, got dtype {input_ids.dtype}.")
+            if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.vocab_size):
+                raise ValueError(
+                    f"`input_ids` holds ids outside [0, {self.vocab_size}) (`vocab_size`): "
+                    f"min {int(input_ids.min())}, max {int(input_ids.max())}."
+                )
+        else:
+            if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != self.config.hidden_size:
+                raise ValueError(
+                    f"`inputs_embeds` must have shape (batch, length, {self.config.hidden_size}), "
+                    f"got {tuple(inputs_embeds.shape)}."
+                )
+            if not inputs_embeds.is_floating_point():
+                raise TypeError(f"`inputs_embeds` must be floating point, got dtype {inputs_embeds.dtype}.")
+        if past_key_values is not None and not isinstance(past_key_values, BSTCache):
+            raise TypeError(
+                f"BST models keep their decoding state in a `BSTCache`, got {type(past_key_values).__name__}. "
+                "Pass `past_key_values=None` (with `use_cache=True`) and the model creates one."
+            )
+        if attention_mask is not None:
+            batch, length = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
+            past = 0 if past_key_values is None else past_key_values.get_seq_length()
+            if attention_mask.dim() != 2 or attention_mask.shape[0] != batch or attention_mask.shape[1] not in (
+                length,
+                past + length,
+            ):
+                raise ValueError(
+                    f"`attention_mask` must be 2D with shape (batch, length) = ({batch}, {length}) or "
+                    f"(batch, past + length) = ({batch}, {past + length}); got {tuple(attention_mask.shape)}."
+                )
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: BSTCache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast | tuple:
+        r"""
+        attention_mask (`torch.Tensor` of shape `(batch, length)` or `(batch, past + length)`, *optional*):
+            1 for real tokens, 0 for padding. Padding may sit anywhere; real tokens get exactly the outputs they get
+            without it. Padded positions return zeros.
+        position_ids:
+            Accepted for API compatibility and not used: a token's position inside its block follows from the
+            attention mask and the cache.
+        past_key_values (`BSTCache`, *optional*):
+            Decoding state from a previous call; the new tokens continue that sequence.
+        """
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
+        use_cache = use_cache if use_cache is not None else self.config.use_cache
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        if self.gradient_checkpointing and self.training and use_cache:
+            logger.warning_once("`use_cache=True` is incompatible with gradient checkpointing; using `use_cache=False`.")
+            use_cache = False
+        self._check_inputs(input_ids, inputs_embeds, attention_mask, past_key_values)
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        if use_cache and past_key_values is None:
+            past_key_values = BSTCache(self.config)
+        cache = past_key_values if use_cache else None
+
+        batch, length = inputs_embeds.shape[:2]
+        device = inputs_embeds.device
+        token_mask = torch.ones(batch, length, dtype=torch.bool, device=device)
+        if attention_mask is not None:
+            token_mask = attention_mask[:, -length:].to(device=device, dtype=torch.bool)
+        # Move each row's real tokens to the front (stable order): padding then trails the real tokens and, every
+        # sublayer being causal, cannot change them.
+        compact_order = None
+        if not bool(token_mask.all()):
+            compact_order = torch.argsort((~token_mask).to(torch.int8), dim=1, stable=True)  # (B, T)
+            inputs_embeds = inputs_embeds.gather(1, compact_order[..., None].expand_as(inputs_embeds))
+            token_mask = token_mask.gather(1, compact_order)
+
+        if cache is not None and cache.seen_tokens is None:
+            cache.seen_tokens = torch.zeros(batch, dtype=torch.long, device=device)
+        if cache is not None and cache.seen_tokens.shape[0] != batch:
+            raise ValueError(f"The cache holds {cache.seen_tokens.shape[0]} rows but the inputs have {batch}.")
+        seen_tokens = cache.seen_tokens if cache is not None else torch.zeros(batch, dtype=torch.long, device=device)
+        layout = BlockLayout.build(token_mask, seen_tokens, self.config.block_size, has_cache=cache is not None)
+        slots = (layout.offsets[:, None] + torch.arange(length, device=device)) % self.config.block_size
+        position_embeddings = self.rotary_emb(slots, inputs_embeds.dtype)
+
+        def restore_order(states: torch.Tensor) -> torch.Tensor:
+            if compact_order is None:
+                return states
+            restored = torch.zeros_like(states).scatter(1, compact_order[..., None].expand_as(states), states)
+            return restored * attention_mask[:, -length:, None].to(states.dtype)
+
+        hidden_states = inputs_embeds
+        all_hidden_states = (restore_order(hidden_states),) if output_hidden_states else None
+        for layer_idx, decoder_layer in enumerate(self.layers):
+            layer_cache = cache.layer_states[layer_idx] if cache is not None else None
+            hidden_states = decoder_layer(hidden_states, position_embeddings, layout, layer_cache)
+            if output_hidden_states:
+                all_hidden_states += (restore_order(hidden_states),)
+        hidden_states = restore_order(self.norm(hidden_states))
+
+        if cache is not None:
+            cache.seen_tokens = seen_tokens + layout.lengths
+            cache.sequence_length += length
+        if not return_dict:
+            return tuple(v for v in (hidden_states, cache, all_hidden_states) if v is not None)
+        return BaseModelOutputWithPast(
+            last_hidden_state=hidden_states, past_key_values=cache, hidden_states=all_hidden_states
+        )
+
+
+class BSTForCausalLM(BSTPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: BSTConfig):
+        super().__init__(config)
+        self.model = BSTModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.model.embed_tokens = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: BSTCache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast | tuple:
+        r"""
+        labels (`torch.LongTensor` of shape `(batch, length)`, *optional*):
+            Targets for the causal-LM loss (shifted inside the loss); -100 marks ignored positions.
+        logits_to_keep (`int` or `torch.Tensor`, defaults to 0):
+            An int keeps the logits of the last `logits_to_keep` positions (0 keeps all); a 1D tensor keeps those
+            positions.
+        """
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+        )
+        hidden_states = outputs.last_hidden_state
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, keep, :])
+
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        output = CausalLMOutputWithPast(
+            loss=loss, logits=logits, past_key_values=outputs.past_key_values, hidden_states=outputs.hidden_states
+        )
+        return output if return_dict else output.to_tuple()
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs) -> None:
+        """generate() would build a DynamicCache; BST needs its own bounded state."""
+        cache = model_kwargs.get("past_key_values")
+        if cache is not None:
+            if not isinstance(cache, BSTCache):
+                raise TypeError(f"BST models generate with a `BSTCache`, got {type(cache).__name__}.")
+            cache._is_user_defined = True
+            return
+        if generation_config.use_cache is False:
+            return
+        model_kwargs["past_key_values"] = BSTCache(self.config)
+
+
+__all__ = ["BSTCache", "BSTForCausalLM", "BSTModel", "BSTPreTrainedModel"]
