@@ -729,9 +729,10 @@ class BSTModel(BSTPreTrainedModel):
                 raise ValueError(f"`input_ids` must have shape (batch, length), got {tuple(input_ids.shape)}.")
             if input_ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
                 raise TypeError(f"`input_ids` must hold integer token ids, got dtype {input_ids.dtype}.")
-            if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.vocab_size):
+            vocab_size = self.embed_tokens.num_embeddings
+            if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab_size):
                 raise ValueError(
-                    f"`input_ids` holds ids outside [0, {self.vocab_size}) (`vocab_size`): "
+                    f"`input_ids` holds ids outside [0, {vocab_size}) (`vocab_size`): "
                     f"min {int(input_ids.min())}, max {int(input_ids.max())}."
                 )
         else:

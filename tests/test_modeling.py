@@ -1,0 +1,354 @@
+"""The model: configuration, SSM math, causality, padding, shapes, losses, save/load, bad input."""
+
+import glob
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import VARIANTS_AND_KERNELS, tiny_config
+from huggingface_hub.errors import StrictDataclassClassValidationError
+from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
+
+from modeling_bst import BSTConfig, BSTForCausalLM, BSTModel
+from modeling_bst.modeling_bst import BSTS4DKernel, causal_fft_conv, vandermonde_reduce, vandermonde_sum
+
+
+def tiny_model(**overrides) -> BSTForCausalLM:
+    return BSTForCausalLM(tiny_config(**overrides)).eval()
+
+
+# --- configuration -----------------------------------------------------------------------------------------------
+
+
+def test_config_round_trip(tmp_path):
+    config = tiny_config(bst_variant="mf", ssm_kernel="unstructured", bst_layers=[1])
+    config.save_pretrained(tmp_path)
+    expected = config.to_diff_dict()
+    assert BSTConfig.from_pretrained(tmp_path).to_diff_dict() == expected
+    auto_loaded = AutoConfig.from_pretrained(tmp_path)
+    assert isinstance(auto_loaded, BSTConfig)
+    assert auto_loaded.to_diff_dict() == expected
+    assert BSTConfig.from_json_file(tmp_path / "config.json").to_diff_dict() == expected
+
+
+def test_config_derives_filter_counts_and_layers():
+    assert BSTConfig(bst_variant="sh").num_context_states == 1
+    assert BSTConfig(bst_variant="mh", num_attention_heads=8).num_context_states == 8
+    assert BSTConfig(bst_variant="mf").num_context_states == 32
+    assert BSTConfig(num_hidden_layers=3).bst_layers == [0, 1, 2]
+    assert BSTConfig(hidden_size=64, num_attention_heads=4).head_dim == 16
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        (dict(bst_variant="xx"), "bst_variant"),
+        (dict(ssm_kernel="s5"), "ssm_kernel"),
+        (dict(bst_layers=[0, 2]), "bst_layers"),
+        (dict(bst_layers=[-1]), "bst_layers"),
+        (dict(bst_layers=[1, 1]), "bst_layers"),
+        (dict(hidden_size=30), "divisible"),
+        (dict(hidden_size=0), "hidden_size"),
+        (dict(block_size=0), "block_size"),
+        (dict(num_hidden_layers=-1), "num_hidden_layers"),
+        (dict(vocab_size=0), "vocab_size"),
+        (dict(ssm_state_size=7), "ssm_state_size"),
+        (dict(bst_variant="mh", num_context_states=2), "num_context_states"),
+        (dict(bst_variant="sh", num_context_states=3), "num_context_states"),
+        (dict(ssm_dt_min=0.5, ssm_dt_max=0.1), "ssm_dt_min"),
+    ],
+)
+def test_bad_config_values_are_rejected_by_name(fields, message):
+    # huggingface_hub's @strict wraps our ValueError; its message carries ours.
+    with pytest.raises((ValueError, StrictDataclassClassValidationError), match=message):
+        tiny_config(**fields)
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob("configuration/bst-*.json")))
+def test_every_preset_builds(path):
+    config = BSTConfig.from_json_file(path)
+    with torch.device("meta"):
+        model = BSTForCausalLM(config)
+    parameters = sum(p.numel() for p in model.parameters())
+    if path.endswith("-base.json"):
+        # The paper's base rows: 12 layers, d_model 1024, 8 heads, FFN 4096, W = 512, 32k vocabulary, ~200M.
+        assert (config.num_hidden_layers, config.hidden_size, config.num_attention_heads) == (12, 1024, 8)
+        assert (config.intermediate_size, config.block_size, config.vocab_size) == (4096, 512, 32000)
+        assert 190e6 < parameters < 230e6
+    assert json.load(open(path))["model_type"] == "bst"
+
+
+def test_auto_classes_resolve_to_bst(tmp_path):
+    config = tiny_config()
+    model = AutoModelForCausalLM.from_config(config)
+    assert isinstance(model, BSTForCausalLM)
+    model.save_pretrained(tmp_path)
+    assert isinstance(AutoModelForCausalLM.from_pretrained(tmp_path), BSTForCausalLM)
+    assert AutoConfig.for_model("bst").__class__ is BSTConfig
+
+
+# --- SSM math ------------------------------------------------------------------------------------------------------
+
+
+def test_fft_convolution_equals_direct_causal_convolution():
+    inputs = torch.randn(2, 3, 50)
+    kernel = torch.randn(3, 2, 50)
+    expected = torch.zeros(2, 3, 2, 50)
+    for t in range(50):
+        # y[t] = sum_{s <= t} k[t - s] u[s]
+        expected[..., t] = torch.einsum("bds,dcs->bdc", inputs[..., : t + 1], kernel[..., : t + 1].flip(-1))
+    torch.testing.assert_close(causal_fft_conv(inputs, kernel), expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("length", [1, 7, 64, 1000])
+def test_vandermonde_power_split_equals_naive_powers(length):
+    log_z = torch.complex(-torch.rand(5, 4) * 0.1, torch.randn(5, 4))
+    coefficients = torch.randn(3, 5, 4, dtype=torch.complex64)
+    powers = torch.exp(log_z[..., None] * torch.arange(length))  # (H, N, L)
+    expected = torch.einsum("bhn,hnl->bhl", coefficients, powers)
+    torch.testing.assert_close(vandermonde_sum(coefficients, log_z, length), expected, atol=2e-4, rtol=1e-4)
+    values = torch.randn(3, 5, length)
+    expected_reduce = torch.einsum("bhl,hnl->bhn", values.to(torch.complex64), powers)
+    torch.testing.assert_close(vandermonde_reduce(values, log_z), expected_reduce, atol=1e-3, rtol=1e-4)
+
+
+def test_s4_kernel_equals_its_recurrence_unrolled():
+    config = tiny_config()
+    kernel_module = BSTS4DKernel(config, channels=6)
+    kernel_module.reset_parameters()
+    length = 40
+    with torch.no_grad():
+        kernel = kernel_module(length)  # (H, L)
+        log_da, c_db = kernel_module.discretize()
+        # Impulse response of s_k = dA s_{k-1} + (C dB) u_k, y_k = 2 Re(sum_n s_k).
+        state = torch.zeros_like(c_db)
+        responses = []
+        for step in range(length):
+            state = torch.exp(log_da) * state + c_db * (1.0 if step == 0 else 0.0)
+            responses.append(2 * state.sum(-1).real)
+    torch.testing.assert_close(kernel, torch.stack(responses, -1), atol=1e-5, rtol=1e-4)
+
+
+def test_kernel_is_memoised_without_autograd_and_refreshed_after_an_update():
+    model = tiny_model()
+    ssm = model.model.layers[0].ssm
+    with torch.no_grad():
+        first = ssm.kernel(20)
+        assert ssm.kernel(17).data_ptr() == first.data_ptr()  # sliced from the memo
+        ssm.kernel_generator.log_dt.add_(0.5)
+        refreshed = ssm.kernel(20)
+    assert not torch.allclose(first, refreshed)
+    torch.testing.assert_close(refreshed, ssm.kernel_generator(20).view_as(refreshed).detach())
+
+
+# --- causality, lengths, padding -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("variant, kernel", VARIANTS_AND_KERNELS)
+def test_no_output_depends_on_a_later_token(variant, kernel):
+    model = tiny_model(bst_variant=variant, ssm_kernel=kernel)
+    input_ids = torch.randint(2, 97, (2, 29))
+    with torch.no_grad():
+        reference = model(input_ids).logits
+        for position in (0, 7, 8, 13, 28):  # block starts, ends and middles
+            changed = input_ids.clone()
+            changed[:, position] = (changed[:, position] + 1) % 95 + 2
+            logits = model(changed).logits
+            torch.testing.assert_close(logits[:, :position], reference[:, :position], atol=1e-5, rtol=0)
+            assert (logits[:, position] - reference[:, position]).abs().max() > 1e-4
+
+
+def test_bst_layers_select_which_layers_have_an_ssm():
+    model = tiny_model(num_hidden_layers=3, bst_layers=[1])
+    assert [layer.ssm is not None for layer in model.model.layers] == [False, True, False]
+    assert not hasattr(model.model.layers[0].attention, "cross_q_proj")
+
+
+@pytest.mark.parametrize("variant", ["sh", "mh", "mf"])
+def test_context_states_reach_tokens_in_later_blocks(variant):
+    """Long-range path: with the SSM, a token in block 0 influences block 3; without BST layers it cannot."""
+    input_ids = torch.randint(2, 97, (1, 32))
+    changed = input_ids.clone()
+    changed[0, 2] = (changed[0, 2] + 1) % 95 + 2
+    with torch.no_grad():
+        with_ssm = tiny_model(bst_variant=variant)
+        assert (with_ssm(input_ids).logits[0, 24:] - with_ssm(changed).logits[0, 24:]).abs().max() > 1e-5
+        without = tiny_model(bst_layers=[])
+        assert (without(input_ids).logits[0, 8:] - without(changed).logits[0, 8:]).abs().max() == 0
+
+
+@pytest.mark.parametrize("length", [1, 5, 8, 17, 300])
+def test_any_length_works(length):
+    model = tiny_model(bst_variant="mf")
+    input_ids = torch.randint(0, 97, (2, length))
+    with torch.no_grad():
+        logits = model(input_ids).logits
+    assert logits.shape == (2, length, 97)
+    assert torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("variant, kernel", VARIANTS_AND_KERNELS)
+def test_padding_never_changes_real_token_outputs(variant, kernel):
+    model = tiny_model(bst_variant=variant, ssm_kernel=kernel)
+    row = torch.randint(2, 97, (1, 13))
+    with torch.no_grad():
+        alone = model(row).logits[0]
+        for pad_positions in ([0, 1, 2], [13, 14], [0, 5, 9, 15]):  # left, right, interleaved
+            length = 13 + len(pad_positions)
+            real = torch.tensor([p not in pad_positions for p in range(length)])
+            padded = torch.zeros(1, length, dtype=torch.long)
+            padded[0, real] = row[0]
+            logits = model(padded, attention_mask=real[None].long()).logits[0]
+            torch.testing.assert_close(logits[real], alone, atol=1e-5, rtol=1e-5)
+            assert (logits[~real] == 0).all()
+
+
+def test_eager_and_sdpa_attention_agree():
+    config = tiny_config(bst_variant="sh")
+    eager = BSTForCausalLM._from_config(config, attn_implementation="eager").eval()
+    sdpa = BSTForCausalLM._from_config(config, attn_implementation="sdpa").eval()
+    sdpa.load_state_dict(eager.state_dict())
+    input_ids = torch.randint(0, 97, (2, 21))
+    with torch.no_grad():
+        torch.testing.assert_close(eager(input_ids).logits, sdpa(input_ids).logits, atol=1e-5, rtol=1e-5)
+
+
+# --- outputs, loss, training -----------------------------------------------------------------------------------------
+
+
+def test_output_options():
+    model = tiny_model()
+    input_ids = torch.randint(0, 97, (2, 12))
+    with torch.no_grad():
+        full = model(input_ids, output_hidden_states=True)
+        assert len(full.hidden_states) == model.config.num_hidden_layers + 1
+        assert full.hidden_states[0].shape == (2, 12, 32)
+        kept = model(input_ids, logits_to_keep=3).logits
+        torch.testing.assert_close(kept, full.logits[:, -3:])
+        chosen = model(input_ids, logits_to_keep=torch.tensor([0, 5])).logits
+        torch.testing.assert_close(chosen, full.logits[:, [0, 5]])
+        as_tuple = model(input_ids, return_dict=False, use_cache=False)
+        assert isinstance(as_tuple, tuple)
+        torch.testing.assert_close(as_tuple[0], full.logits)
+        base = BSTModel(model.config).eval()
+        base.load_state_dict(model.model.state_dict())
+        torch.testing.assert_close(base(input_ids).last_hidden_state, base.norm(full.hidden_states[-1]))
+
+
+def test_loss_matches_shifted_cross_entropy_and_ignores_minus_100():
+    model = tiny_model()
+    input_ids = torch.randint(0, 97, (2, 12))
+    labels = input_ids.clone()
+    labels[0, :4] = -100
+    output = model(input_ids, labels=labels)
+    expected = F.cross_entropy(output.logits[:, :-1].reshape(-1, 97), labels[:, 1:].reshape(-1), ignore_index=-100)
+    torch.testing.assert_close(output.loss, expected)
+    summed = model(input_ids, labels=labels, num_items_in_batch=torch.tensor(10)).loss
+    torch.testing.assert_close(summed, expected * (labels[:, 1:] != -100).sum() / 10)
+
+
+@pytest.mark.parametrize("variant, kernel", [("sh", "s4"), ("mf", "unstructured")])
+def test_gradient_checkpointing_gives_the_same_gradients(variant, kernel):
+    model = tiny_model(bst_variant=variant, ssm_kernel=kernel).train()
+    input_ids = torch.randint(0, 97, (2, 20))
+
+    def gradients():
+        model.zero_grad()
+        model(input_ids, labels=input_ids).loss.backward()
+        return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+    plain = gradients()
+    model.gradient_checkpointing_enable()
+    checkpointed = gradients()
+    assert plain.keys() == checkpointed.keys()
+    assert any("ssm.kernel_generator" in name for name in plain)
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], atol=1e-6, rtol=1e-5)
+
+
+def test_every_parameter_gets_a_gradient():
+    model = tiny_model(bst_variant="mf").train()
+    input_ids = torch.randint(0, 97, (2, 20))
+    model(input_ids, labels=input_ids).loss.backward()
+    missing = [name for name, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert missing == []
+
+
+def test_bf16_autocast_forward_and_backward_are_finite():
+    model = tiny_model(bst_variant="mh").train()
+    input_ids = torch.randint(0, 97, (2, 20))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(input_ids, labels=input_ids).loss
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_weights_are_tied_and_resizing_keeps_them_tied():
+    model = tiny_model()
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    model.resize_token_embeddings(120)
+    assert model.config.vocab_size == 120
+    assert model.lm_head.weight.shape == (120, 32)
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    with torch.no_grad():
+        assert model(torch.tensor([[119, 3, 5]])).logits.shape == (1, 3, 120)
+
+
+# --- save / load -----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("variant, kernel", [("sh", "s4"), ("mh", "unstructured"), ("mf", "s4")])
+def test_save_and_load_is_exact_and_uses_safetensors(tmp_path, variant, kernel):
+    model = tiny_model(bst_variant=variant, ssm_kernel=kernel)
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").exists()
+    assert not list(tmp_path.glob("*.bin"))
+    loaded = BSTForCausalLM.from_pretrained(tmp_path).eval()
+    for (name, expected), (_, actual) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(expected, actual), name
+    input_ids = torch.randint(0, 97, (2, 19))
+    with torch.no_grad():
+        assert torch.equal(model(input_ids).logits, loaded(input_ids).logits)
+
+
+def test_loading_an_incompatible_checkpoint_fails_clearly(tmp_path):
+    tiny_model(hidden_size=32).save_pretrained(tmp_path)
+    with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):
+        BSTForCausalLM.from_pretrained(tmp_path, hidden_size=64, intermediate_size=64)
+
+
+# --- bad input -------------------------------------------------------------------------------------------------------
+
+
+def test_bad_inputs_raise_clear_errors():
+    model = tiny_model()
+    ids = torch.randint(0, 97, (2, 6))
+    with pytest.raises(ValueError, match="exactly one of"):
+        model(ids, inputs_embeds=torch.randn(2, 6, 32))
+    with pytest.raises(ValueError, match="exactly one of"):
+        model()
+    with pytest.raises(ValueError, match="outside \\[0, 97\\)"):
+        model(torch.tensor([[1, 97]]))
+    with pytest.raises(ValueError, match="outside"):
+        model(torch.tensor([[-1, 3]]))
+    with pytest.raises(TypeError, match="integer token ids"):
+        model(ids.float())
+    with pytest.raises(ValueError, match="shape \\(batch, length\\)"):
+        model(ids[0])
+    with pytest.raises(ValueError, match="inputs_embeds"):
+        model(inputs_embeds=torch.randn(2, 6, 31))
+    with pytest.raises(TypeError, match="floating point"):
+        model(inputs_embeds=torch.ones(2, 6, 32, dtype=torch.long))
+    with pytest.raises(ValueError, match="attention_mask"):
+        model(ids, attention_mask=torch.ones(2, 4))
+    with pytest.raises(TypeError, match="BSTCache"):
+        model(ids, past_key_values=DynamicCache(), use_cache=True)
+
+
+def test_inputs_embeds_equal_input_ids_path():
+    model = tiny_model()
+    ids = torch.randint(0, 97, (2, 11))
+    with torch.no_grad():
+        torch.testing.assert_close(model(inputs_embeds=model.model.embed_tokens(ids)).logits, model(ids).logits)

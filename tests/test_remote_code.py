@@ -1,0 +1,170 @@
+"""A saved BST checkpoint loads where the `modeling_bst` package does not exist (`trust_remote_code=True`).
+
+Importing the package registers the classes for auto-class export, so `save_pretrained` writes `auto_map` into
+config.json and copies `configuration_bst.py` and `modeling_bst.py` flat next to the weights. A Hub user without our
+package then loads the folder through the Auto classes. The proof runs in a fresh interpreter, started from a scratch
+folder with an empty PYTHONPATH and a `sys.meta_path` finder that refuses to import `modeling_bst`, and compares its
+logits with the in-process model's.
+"""
+
+import ast
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import VARIANTS_AND_KERNELS, tiny_config
+
+from modeling_bst import BSTConfig, BSTForCausalLM
+
+
+CODE_FILES = ("configuration_bst.py", "modeling_bst.py")
+# A checkpoint's code may import only what every Transformers user has: the standard library, torch, transformers and
+# huggingface_hub (a hard dependency of transformers; its `strict` config decorator is what transformers' own configs use).
+ALLOWED_TOP_LEVEL_IMPORTS = set(sys.stdlib_module_names) | {"torch", "transformers", "huggingface_hub"}
+
+# Runs in the fresh interpreter. argv: a JSON list of [folder, input_ids.pt, output.pt] triples.
+LOAD_WITHOUT_PACKAGE = r"""
+import importlib.abc, json, sys
+
+class BlockBSTPackage(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "modeling_bst" or name.startswith("modeling_bst."):
+            raise ImportError(f"{name} is blocked in this process")
+        return None
+
+sys.meta_path.insert(0, BlockBSTPackage())
+try:
+    import modeling_bst
+    raise SystemExit("modeling_bst was importable: the block did not work")
+except ImportError:
+    pass
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+for folder, input_path, output_path in json.loads(sys.argv[1]):
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=True)
+    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
+    with torch.no_grad():
+        logits = model(input_ids=torch.load(input_path)).logits
+    torch.save(
+        {
+            "logits": logits,
+            "config": config.to_dict(),
+            "config_class": f"{type(config).__module__}.{type(config).__name__}",
+            "model_class": f"{type(model).__module__}.{type(model).__name__}",
+        },
+        output_path,
+    )
+assert not any(name == "modeling_bst" or name.startswith("modeling_bst.") for name in sys.modules)
+"""
+
+
+def save_checkpoints(tmp_path):
+    """One checkpoint per variant x kernel; returns [(name, model, folder, input_ids)]."""
+    checkpoints = []
+    for variant, kernel in VARIANTS_AND_KERNELS:
+        torch.manual_seed(0)
+        # bst_layers=[1]: a plain block-attention layer and a BST layer; 21 tokens = 2 full blocks of 8 + a partial one.
+        model = BSTForCausalLM(tiny_config(bst_variant=variant, ssm_kernel=kernel, bst_layers=[1])).eval()
+        folder = tmp_path / f"bst-{variant}-{kernel}"
+        model.save_pretrained(folder)
+        input_ids = torch.randint(2, model.config.vocab_size, (2, 21))
+        checkpoints.append((f"{variant}/{kernel}", model, folder, input_ids))
+    return checkpoints
+
+
+@pytest.fixture(scope="module")
+def remote_loaded(tmp_path_factory):
+    """Saves every checkpoint, loads them all in ONE fresh interpreter without the package (imports are slow)."""
+    tmp_path = tmp_path_factory.mktemp("remote_code")
+    checkpoints = save_checkpoints(tmp_path)
+    jobs = []
+    for name, _, folder, input_ids in checkpoints:
+        input_path = folder.parent / f"{folder.name}-input.pt"
+        torch.save(input_ids, input_path)
+        jobs.append([str(folder), str(input_path), str(folder.parent / f"{folder.name}-output.pt")])
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    environment = {
+        **os.environ,
+        "PYTHONPATH": "",  # the repository must not be importable, only the checkpoint folders
+        "PYTHONNOUSERSITE": "1",
+        "HF_HUB_OFFLINE": "1",
+        "HF_MODULES_CACHE": str(tmp_path / "hf_modules"),  # where transformers copies remote code; keep it private
+    }
+    result = subprocess.run(
+        [sys.executable, "-c", LOAD_WITHOUT_PACKAGE, json.dumps(jobs)],
+        cwd=scratch,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, f"Loading without the package failed:\n{result.stderr[-4000:]}"
+    return [(name, model, folder, input_ids, torch.load(job[2])) for (name, model, folder, input_ids), job in zip(checkpoints, jobs)]
+
+
+def test_save_pretrained_writes_auto_map_and_code_files(tmp_path):
+    model = BSTForCausalLM(tiny_config())
+    model.save_pretrained(tmp_path)
+    auto_map = json.loads((tmp_path / "config.json").read_text())["auto_map"]
+    assert auto_map["AutoConfig"] == "configuration_bst.BSTConfig"
+    assert auto_map["AutoModelForCausalLM"] == "modeling_bst.BSTForCausalLM"
+    for name in CODE_FILES:
+        assert (tmp_path / name).is_file(), f"save_pretrained did not copy {name}"
+
+
+def test_code_files_are_flat_and_import_only_torch_transformers_stdlib(tmp_path):
+    BSTForCausalLM(tiny_config()).save_pretrained(tmp_path)
+    copied = {path.name for path in tmp_path.glob("*.py")}
+    assert copied == set(CODE_FILES)
+    for name in CODE_FILES:
+        tree = ast.parse((tmp_path / name).read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                for alias in node.names:
+                    assert alias.name.split(".")[0] in ALLOWED_TOP_LEVEL_IMPORTS, f"{name} imports {alias.name}"
+            elif isinstance(node, ast.ImportFrom):
+                if node.level == 0:
+                    assert node.module.split(".")[0] in ALLOWED_TOP_LEVEL_IMPORTS, f"{name} imports {node.module}"
+                else:
+                    # transformers copies and rewrites only `from .module import name` (one level, a sibling file).
+                    assert node.level == 1 and node.module is not None, f"{name}: unsupported relative import"
+                    assert f"{node.module}.py" in copied, f"{name} imports .{node.module}, which was not copied"
+
+
+def test_loads_without_package_with_identical_logits(remote_loaded):
+    for name, model, _, input_ids, remote in remote_loaded:
+        # The classes came from the checkpoint folder (transformers' dynamic-module cache), not from our package.
+        assert remote["model_class"].startswith("transformers_modules.") and remote["model_class"].endswith(
+            ".modeling_bst.BSTForCausalLM"
+        ), name
+        assert remote["config_class"].endswith(".configuration_bst.BSTConfig"), name
+        with torch.no_grad():
+            expected = model(input_ids=input_ids).logits
+        torch.testing.assert_close(remote["logits"], expected, rtol=0, atol=1e-5, msg=f"{name}: logits differ")
+
+
+def test_remote_config_matches(remote_loaded):
+    for name, model, _, _, remote in remote_loaded:
+        expected = model.config.to_dict()
+        for key in ("bst_variant", "ssm_kernel", "bst_layers", "num_context_states", "block_size", "vocab_size"):
+            assert remote["config"][key] == expected[key], f"{name}: {key}"
+        assert remote["config"]["model_type"] == BSTConfig.model_type
+
+
+def test_registered_package_loads_the_same_folder(tmp_path):
+    """With the package imported, the Auto classes use it (no trust_remote_code needed), same logits."""
+    from transformers import AutoModelForCausalLM
+
+    model = BSTForCausalLM(tiny_config(bst_variant="mf", ssm_kernel="s4")).eval()
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert type(loaded) is BSTForCausalLM
+    input_ids = torch.randint(2, model.config.vocab_size, (1, 19))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=input_ids).logits, model(input_ids=input_ids).logits, rtol=0, atol=0)
