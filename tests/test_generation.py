@@ -1,0 +1,205 @@
+"""Generation: the cached paths equal the full forward pass, compared as logits, and generate()/pipeline() work."""
+
+import pytest
+import torch
+from conftest import VARIANTS_AND_KERNELS, tiny_config
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast, pipeline
+
+from modeling_bst import BSTCache, BSTForCausalLM
+
+
+LENGTH = 37  # four full blocks of 8 and a partial one
+
+
+def tiny_model(**overrides) -> BSTForCausalLM:
+    return BSTForCausalLM(tiny_config(**overrides)).eval()
+
+
+def run_in_chunks(model, input_ids, chunk_sizes, attention_mask=None):
+    """Feeds `input_ids` chunk by chunk through one cache; returns the concatenated logits and the cache."""
+    cache, logits, start = None, [], 0
+    for size in chunk_sizes:
+        mask = None if attention_mask is None else attention_mask[:, : start + size]
+        output = model(input_ids[:, start : start + size], attention_mask=mask, past_key_values=cache, use_cache=True)
+        cache = output.past_key_values
+        logits.append(output.logits)
+        start += size
+    assert start == input_ids.shape[1]
+    return torch.cat(logits, dim=1), cache
+
+
+@pytest.mark.parametrize("variant, kernel", VARIANTS_AND_KERNELS)
+def test_full_forward_equals_prefill_plus_decode_equals_chunked_prefill(variant, kernel):
+    model = tiny_model(bst_variant=variant, ssm_kernel=kernel, num_hidden_layers=3, bst_layers=[0, 2])
+    input_ids = torch.randint(2, 97, (2, LENGTH))
+    with torch.no_grad():
+        full = model(input_ids, use_cache=False).logits
+        decoded, _ = run_in_chunks(model, input_ids, [11] + [1] * (LENGTH - 11))
+        chunked, _ = run_in_chunks(model, input_ids, [5, 3, 8, 13, 8])
+        aligned, _ = run_in_chunks(model, input_ids, [16, 8, 13])  # chunks that start exactly on block boundaries
+    assert (decoded - full).abs().max() < 1e-4
+    assert (chunked - full).abs().max() < 1e-4
+    assert (aligned - full).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("variant, kernel", VARIANTS_AND_KERNELS)
+def test_chunks_with_left_padding_equal_each_row_alone(variant, kernel):
+    model = tiny_model(bst_variant=variant, ssm_kernel=kernel)
+    short, long = torch.randint(2, 97, (1, 12)), torch.randint(2, 97, (1, 23))
+    batch = torch.zeros(2, 23, dtype=torch.long)
+    mask = torch.zeros(2, 23, dtype=torch.long)
+    batch[0, 11:], mask[0, 11:] = short[0], 1
+    batch[1], mask[1] = long[0], 1
+    with torch.no_grad():
+        alone_short, alone_long = model(short).logits[0], model(long).logits[0]
+        batched, _ = run_in_chunks(model, batch, [7, 5, 1, 1, 9], attention_mask=mask)
+    assert (batched[0, 11:] - alone_short).abs().max() < 1e-4
+    assert (batched[1] - alone_long).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("variant, kernel", VARIANTS_AND_KERNELS)
+def test_greedy_generate_logits_equal_the_full_forward(variant, kernel):
+    model = tiny_model(bst_variant=variant, ssm_kernel=kernel)
+    prompt = torch.randint(2, 97, (1, 10))
+    with torch.no_grad():
+        generated = model.generate(
+            prompt, max_new_tokens=30, do_sample=False, output_logits=True, return_dict_in_generate=True
+        )
+        step_logits = torch.stack(generated.logits, dim=1)[0]  # (30, V)
+        full = model(generated.sequences).logits[0, 9:-1]
+        chunked = model.generate(
+            prompt, max_new_tokens=30, do_sample=False, prefill_chunk_size=3,
+            output_logits=True, return_dict_in_generate=True,
+        )
+    assert (step_logits - full).abs().max() < 1e-4
+    assert (torch.stack(chunked.logits, dim=1)[0] - step_logits).abs().max() < 1e-4
+    assert torch.equal(chunked.sequences, generated.sequences)
+
+
+@pytest.mark.parametrize("variant, kernel", [("sh", "s4"), ("mf", "s4"), ("mh", "unstructured")])
+def test_left_padded_batch_generation_equals_each_row_alone(variant, kernel):
+    model = tiny_model(bst_variant=variant, ssm_kernel=kernel)
+    prompts = [torch.randint(2, 97, (1, n)) for n in (5, 14, 9)]
+    width = max(p.shape[1] for p in prompts)
+    batch = torch.zeros(len(prompts), width, dtype=torch.long)
+    mask = torch.zeros_like(batch)
+    for row, prompt in enumerate(prompts):
+        batch[row, width - prompt.shape[1] :] = prompt[0]
+        mask[row, width - prompt.shape[1] :] = 1
+    settings = dict(max_new_tokens=20, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        together = model.generate(batch, attention_mask=mask, **settings)
+        for row, prompt in enumerate(prompts):
+            alone = model.generate(prompt, **settings)
+            difference = (torch.stack(together.logits, 1)[row] - torch.stack(alone.logits, 1)[0]).abs().max()
+            assert difference < 1e-4
+
+
+def test_generation_continues_from_returned_past_key_values():
+    model = tiny_model(bst_variant="mf")
+    prompt = torch.randint(2, 97, (1, 6))
+    settings = dict(do_sample=False, return_dict_in_generate=True, output_logits=True)
+    with torch.no_grad():
+        straight = model.generate(prompt, max_new_tokens=24, **settings)
+        first = model.generate(prompt, max_new_tokens=12, **settings)
+        # generate() gets the whole sequence so far and slices off what the cache has already seen.
+        second = model.generate(first.sequences, past_key_values=first.past_key_values, max_new_tokens=12, **settings)
+    assert torch.equal(second.sequences, straight.sequences)
+    continued = torch.stack(first.logits + second.logits, 1)
+    assert (continued - torch.stack(straight.logits, 1)).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("variant, kernel", [("sh", "s4"), ("mf", "unstructured")])
+def test_beam_search_and_sampling_equal_their_uncached_runs(variant, kernel):
+    model = tiny_model(bst_variant=variant, ssm_kernel=kernel)
+    prompt = torch.randint(2, 97, (2, 7))
+    with torch.no_grad():
+        for settings in (
+            dict(num_beams=3, do_sample=False, num_return_sequences=2),
+            dict(do_sample=True, temperature=0.7, top_k=10, top_p=0.9),
+        ):
+            torch.manual_seed(1)
+            cached = model.generate(prompt, max_new_tokens=15, **settings)
+            torch.manual_seed(1)
+            uncached = model.generate(prompt, max_new_tokens=15, use_cache=False, **settings)
+            assert cached.shape[1] == 22
+            assert torch.equal(cached, uncached)
+
+
+def test_generation_runs_far_past_the_training_length():
+    model = tiny_model()  # max_position_embeddings=32 stands for the training length
+    with torch.no_grad():
+        generated = model.generate(torch.randint(2, 97, (1, 4)), max_new_tokens=300, min_new_tokens=300)
+        assert generated.shape == (1, 304)
+        logits = model(generated).logits
+    assert torch.isfinite(logits).all()
+
+
+def test_s4_cache_size_is_constant_and_unstructured_history_grows():
+    def cache_bytes(model, context):
+        with torch.no_grad():
+            cache = model(torch.randint(2, 97, (1, context)), use_cache=True).past_key_values
+            model(torch.randint(2, 97, (1, 1)), past_key_values=cache, use_cache=True)
+        return cache.nbytes()
+
+    for variant in ("sh", "mh", "mf"):
+        s4_model = tiny_model(bst_variant=variant)
+        assert cache_bytes(s4_model, 2 * 8) == cache_bytes(s4_model, 16 * 8) > 0
+    unstructured = tiny_model(ssm_kernel="unstructured")
+    assert cache_bytes(unstructured, 16 * 8) > cache_bytes(unstructured, 2 * 8)
+
+
+def test_cache_batch_operations_and_reset():
+    model = tiny_model(bst_variant="mf")
+    input_ids = torch.randint(2, 97, (3, 11))
+    with torch.no_grad():
+        cache = model(input_ids, use_cache=True).past_key_values
+        next_tokens = torch.randint(2, 97, (3, 1))
+        reference = model(next_tokens, past_key_values=cache, use_cache=True).logits
+        cache = model(input_ids, use_cache=True).past_key_values
+        cache.reorder_cache(torch.tensor([2, 0, 1]))
+        reordered = model(next_tokens[[2, 0, 1]], past_key_values=cache, use_cache=True).logits
+        assert (reordered - reference[[2, 0, 1]]).abs().max() < 1e-5
+        cache = model(input_ids, use_cache=True).past_key_values
+        cache.batch_repeat_interleave(2)
+        repeated = model(next_tokens.repeat_interleave(2, 0), past_key_values=cache, use_cache=True).logits
+        assert (repeated - reference.repeat_interleave(2, 0)).abs().max() < 1e-5
+        cache.batch_select_indices(torch.tensor([0, 2]))
+        assert cache.batch_size == 2
+    cache.reset()
+    assert cache.get_seq_length() == 0 and cache.nbytes() == 0
+    with pytest.raises(NotImplementedError, match="cropped"):
+        cache.crop(3)
+
+
+def test_cache_rejects_a_batch_of_another_size():
+    model = tiny_model()
+    with torch.no_grad():
+        cache = model(torch.randint(2, 97, (2, 5)), use_cache=True).past_key_values
+        with pytest.raises(ValueError, match="2 rows"):
+            model(torch.randint(2, 97, (3, 1)), past_key_values=cache)
+    assert isinstance(cache, BSTCache)
+
+
+def word_tokenizer() -> PreTrainedTokenizerFast:
+    words = ["<pad>", "<eos>"] + [f"w{i}" for i in range(95)]
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<eos>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>")
+
+
+def test_text_generation_pipeline(tmp_path):
+    model = tiny_model()
+    tokenizer = word_tokenizer()
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    generator = pipeline("text-generation", model=str(tmp_path), device="cpu")
+    prompt = "w5 w6 w7"
+    result = generator(prompt, max_new_tokens=12, do_sample=False)[0]["generated_text"]
+    assert result.startswith(prompt)
+    expected = model.generate(tokenizer(prompt, return_tensors="pt").input_ids, max_new_tokens=12, do_sample=False)
+    token_ids = generator(prompt, max_new_tokens=12, do_sample=False, return_tensors=True)[0]["generated_token_ids"]
+    assert list(token_ids) == expected[0].tolist()
+    batch = generator(["w1 w2", "w3 w4 w5 w6 w7 w8 w9"], max_new_tokens=5, do_sample=False, batch_size=2)
+    assert len(batch) == 2
