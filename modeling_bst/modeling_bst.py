@@ -168,7 +168,8 @@ class BSTImplicitKernel(nn.Module):
         positions = torch.arange(length, device=device, dtype=torch.float32)
         frequencies = torch.exp(-math.log(1e4) * torch.arange(features, device=device) / features)
         angles = positions[:, None] * frequencies  # (L, F)
-        hidden = torch.sin(self.filter_in(torch.cat([angles.sin(), angles.cos()], dim=-1)))
+        features = torch.cat([angles.sin(), angles.cos()], dim=-1).to(self.filter_in.weight.dtype)
+        hidden = torch.sin(self.filter_in(features))
         hidden = torch.sin(self.filter_hidden(hidden))
         response = self.filter_out(hidden).float().transpose(0, 1)  # (H, L)
         return response * torch.exp(-torch.exp(self.log_decay.float())[:, None] * positions)
@@ -191,21 +192,38 @@ class BSTStateSpace(nn.Module):
         kernel_class = BSTS4DKernel if config.ssm_kernel == "s4" else BSTImplicitKernel
         self.kernel_generator = kernel_class(config, channels)
         self.skip = nn.Parameter(torch.empty(self.hidden_size, self.num_filters))
-        self._kernel_memo = None  # (parameter versions, taps): valid only while the parameters do not change
+        # (parameter versions, value): valid only while the parameters do not change
+        self._kernel_memo = None
+        self._discretized_memo = None
+
+    def _memo_key(self) -> tuple | None:
+        """Identifies the current parameter values, or None while autograd must see the computation."""
+        parameters = list(self.kernel_generator.parameters())
+        if torch.is_grad_enabled() and any(p.requires_grad for p in parameters):
+            return None
+        return tuple((p.data_ptr(), p._version) for p in parameters)
 
     def kernel(self, length: int) -> torch.Tensor:
         """(D, C, length) filter taps. Without autograd (eval, generation) the taps are memoised at a power-of-two
         length and sliced: a longer kernel starts with the shorter one, so decoding token by token reuses them."""
-        parameters = list(self.kernel_generator.parameters())
-        if torch.is_grad_enabled() and any(p.requires_grad for p in parameters):
+        key = self._memo_key()
+        if key is None:
             return self.kernel_generator(length).view(self.hidden_size, self.num_filters, length)
-        versions = tuple((p.data_ptr(), p._version) for p in parameters)
         memo = self._kernel_memo
-        if memo is None or memo[0] != versions or memo[1].shape[-1] < length:
+        if memo is None or memo[0] != key or memo[1].shape[-1] < length:
             capacity = 1 << max(length - 1, 1).bit_length()
             taps = self.kernel_generator(capacity).view(self.hidden_size, self.num_filters, capacity)
-            self._kernel_memo = memo = (versions, taps)
+            self._kernel_memo = memo = (key, taps)
         return memo[1][..., :length]
+
+    def discretized(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The "s4" kernel's (log dA, C dB), memoised like the taps: decoding needs them at every token."""
+        key = self._memo_key()
+        if key is None:
+            return self.kernel_generator.discretize()
+        if self._discretized_memo is None or self._discretized_memo[0] != key:
+            self._discretized_memo = (key, self.kernel_generator.discretize())
+        return self._discretized_memo[1]
 
     def forward(self, inputs: torch.Tensor, layout: "BlockLayout", layer_cache: dict | None) -> torch.Tensor:
         """inputs (B, T, D), real tokens first in each row -> context states (B, T, D, C) in fp32."""
@@ -220,7 +238,7 @@ class BSTStateSpace(nn.Module):
         state = None if layer_cache is None else layer_cache.get("ssm_state")
         if state is not None and length == 1:
             # One decoding step is the recurrence itself: s = dA s + (C dB) u,  y = 2 Re(sum_n s).
-            log_da, c_db = self.kernel_generator.discretize()
+            log_da, c_db = self.discretized()
             channel_inputs = inputs[:, 0, :, None].expand(-1, -1, self.num_filters).reshape(batch, -1, 1)  # (B, H, 1)
             new_state = torch.exp(log_da) * state + c_db * channel_inputs
             new_state = torch.where(layout.token_mask[:, :1, None], new_state, state)
@@ -233,7 +251,7 @@ class BSTStateSpace(nn.Module):
         if layer_cache is None:
             return outputs + skip_term
 
-        log_da, c_db = self.kernel_generator.discretize()
+        log_da, c_db = self.discretized()
         if state is not None:
             # y_t += 2 Re(sum_n dA_n^(t+1) s0_n): the cached state's contribution to every new position.
             carried = 2 * vandermonde_sum(state * torch.exp(log_da), log_da, length).real  # (B, H, T)
@@ -487,12 +505,19 @@ class BSTAttention(nn.Module):
         """Causal attention inside blocks; keys/values (B, T, H, d) of this chunk join the cached ones of the block."""
         cached_keys = None if layer_cache is None else layer_cache.get(key_name)
         cached_values = None if layer_cache is None else layer_cache.get(value_name)
+        if layout.is_single_step and cached_keys is not None:
+            # Decoding: write the new key/value into its slot of the cached block in place, attend to slots <= it.
+            rows = torch.arange(key.shape[0], device=key.device)
+            cached_keys[rows, layout.offsets] = key[:, 0]
+            cached_values[rows, layout.offsets] = value[:, 0]
+            output = self._attend(query[:, None], cached_keys[:, None], cached_values[:, None], layout.single_step_mask())
+            return output[:, 0]  # (B, 1, H*d)
         key_blocks = layout.to_blocks(key, cached_keys)  # (B, N, W, H, d)
         value_blocks = layout.to_blocks(value, cached_values)
         if layer_cache is not None:
             layer_cache[key_name] = layout.last_block(key_blocks)
             layer_cache[value_name] = layout.last_block(value_blocks)
-        if layout.is_single_step:
+        if layout.is_single_step:  # a single token on an empty cache
             output = self._attend(query[:, None], key_blocks, value_blocks, layout.single_step_mask())
             return output[:, 0]  # (B, 1, H*d)
         output = self._attend(layout.to_blocks(query), key_blocks, value_blocks, is_causal=True)
@@ -695,7 +720,7 @@ class BSTPreTrainedModel(PreTrainedModel):
             module.reset_parameters()
         elif isinstance(module, BSTStateSpace):
             init.ones_(module.skip)
-            module._kernel_memo = None
+            module._kernel_memo = module._discretized_memo = None
         elif isinstance(module, BSTAttention) and getattr(module, "initial_context", None) is not None:
             init.normal_(module.initial_context, std=std)
             init.normal_(module.context_ids, std=std)
