@@ -335,7 +335,7 @@ class BlockLayout:
         batch, length = states.shape[:2]
         span = self.num_blocks * self.block_size
         if self.virtual_index is None:
-            padded = F.pad(states, (0, 0) * (states.dim() - 2) + (0, span - length))
+            padded = states if span == length else F.pad(states, (0, 0) * (states.dim() - 2) + (0, span - length))
         else:
             padded = states.new_zeros(batch, span, *states.shape[2:])
             if cached_block is not None:
@@ -812,6 +812,8 @@ class BSTModel(BSTPreTrainedModel):
         )
         use_cache = use_cache if use_cache is not None else self.config.use_cache
         return_dict = return_dict if return_dict is not None else self.config.return_dict
+        if kwargs.get("output_attentions"):
+            logger.warning_once("BST does not return attention weights; `output_attentions` is ignored.")
         if self.gradient_checkpointing and self.training and use_cache:
             logger.warning_once("`use_cache=True` is incompatible with gradient checkpointing; using `use_cache=False`.")
             use_cache = False
