@@ -528,8 +528,10 @@ class BSTAttention(nn.Module):
         if context_states.shape[-1] == 1:
             projected = projection(context_states[..., 0])
             return projected.unflatten(-1, (self.num_heads, self.head_dim))
-        weight = projection.weight.view(self.num_heads, self.head_dim, -1)
-        return torch.einsum("...dh,hed->...he", context_states, weight)
+        # Through the module (not its weight) so hooks and adapters such as LoRA apply: every head projects every
+        # filter, and head h keeps filter h. H times the FLOPs of an einsum on the weight, small next to the SSM.
+        projected = projection(context_states.transpose(-1, -2)).unflatten(-1, (self.num_heads, self.head_dim))
+        return projected.diagonal(dim1=-3, dim2=-2).transpose(-1, -2)  # (..., C=H, H, d) -> (..., H, d)
 
     def _multi_filter_context(self, context_states, layout, layer_cache):
         """Context states of every block of the layout (B, N, S, D): the S filter outputs at the last position of the
@@ -852,18 +854,29 @@ class BSTModel(BSTPreTrainedModel):
             restored = torch.zeros_like(states).scatter(1, compact_order[..., None].expand_as(states), states)
             return restored * attention_mask[:, -length:, None].to(states.dtype)
 
+        def record(states: torch.Tensor) -> torch.Tensor:
+            """Keeps the returned hidden states on the autograd path: the next layer reads the restored tensor."""
+            restored = restore_order(states)
+            all_hidden_states.append(restored)
+            if compact_order is None:
+                return restored
+            return restored.gather(1, compact_order[..., None].expand_as(restored))
+
         hidden_states = inputs_embeds
-        all_hidden_states = (restore_order(hidden_states),) if output_hidden_states else None
+        all_hidden_states = [] if output_hidden_states else None
+        if output_hidden_states:
+            hidden_states = record(hidden_states)
         for layer_idx, decoder_layer in enumerate(self.layers):
             layer_cache = cache.layer_states[layer_idx] if cache is not None else None
             hidden_states = decoder_layer(hidden_states, position_embeddings, layout, layer_cache)
             if output_hidden_states:
-                all_hidden_states += (restore_order(hidden_states),)
+                hidden_states = record(hidden_states)
         hidden_states = restore_order(self.norm(hidden_states))
 
         if cache is not None:
             cache.seen_tokens = seen_tokens + layout.lengths
             cache.sequence_length += length
+        all_hidden_states = tuple(all_hidden_states) if output_hidden_states else None
         if not return_dict:
             return tuple(v for v in (hidden_states, cache, all_hidden_states) if v is not None)
         return BaseModelOutputWithPast(
