@@ -1,0 +1,583 @@
+#!/usr/bin/env python
+"""Train (or continue training) a causal language model - a Block-State Transformer by default - on raw text.
+
+In the style of Transformers' `examples/pytorch/language-modeling/run_clm.py`: `HfArgumentParser` over
+`ModelArguments`, `DataArguments` and `TrainingArguments`; `datasets` loads the text; documents are tokenised,
+separated by the end-of-sequence token and packed into sequences of `--sequence_length` tokens; `Trainer` trains.
+
+Start from a preset (a fresh model, and a byte-level BPE tokenizer trained on the training split unless
+`--tokenizer_name` is given; the model's `vocab_size` follows the tokenizer):
+
+    python scripts/prepare_data.py --corpus books
+    python scripts/train.py --config_name configuration/bst-small.json --dataset_name data/books \
+        --sequence_length 512 --output_dir runs/bst-small-books --max_steps 1000 --use_cpu
+
+or from a checkpoint (`--model_name_or_path runs/bst-small-books`). Data: `--dataset_name` is a local folder
+(`{train,validation,test}.jsonl` as written by prepare_data.py, or plain text files, one document per file) or any
+`datasets.load_dataset` name when a hub is reachable; `--train_file`/`--validation_file` take `.jsonl` (one
+document per line) or text files. Without a validation split, a reproducible document-level share of the training
+documents is held out (`--validation_split_percentage`).
+
+Two processes on one CPU machine (DDP over gloo): `torchrun --nproc_per_node 2 scripts/train.py ... --use_cpu`.
+See docs/training.md for GPUs, FSDP and Accelerate.
+"""
+
+import argparse
+import hashlib
+import json
+import logging
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from itertools import chain
+
+import datasets
+import numpy as np
+import transformers
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    HfArgumentParser,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+    default_data_collator,
+    set_seed,
+)
+from transformers.trainer_utils import get_last_checkpoint
+
+try:
+    import modeling_bst  # noqa: F401  (registers model_type "bst" with the Auto classes)
+except ImportError:  # a source checkout without `pip install -e .`
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    import modeling_bst  # noqa: F401
+
+from train_tokenizer import train_bpe_tokenizer
+
+logger = logging.getLogger(__name__)
+
+TEXT_FILE_EXTENSIONS = (".txt", ".text", ".md", ".rst", ".py")
+JSON_FILE_EXTENSIONS = (".jsonl", ".json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+@dataclass
+class ModelArguments:
+    config_name: str | None = field(
+        default=None,
+        metadata={
+            "help": "A preset to train from scratch: a config JSON file (configuration/bst-small.json) or folder."
+        },
+    )
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "A checkpoint (folder saved by save_pretrained) to continue training from."}
+    )
+    config_overrides: str | None = field(
+        default=None,
+        metadata={
+            "help": "Override preset fields, e.g. 'num_hidden_layers=2,block_size=64'. Only with --config_name."
+        },
+    )
+    tokenizer_name: str | None = field(
+        default=None,
+        metadata={
+            "help": "An existing tokenizer folder. Default: the checkpoint's tokenizer, or a byte-level BPE trained "
+            "on the training split when starting from a preset."
+        },
+    )
+    tokenizer_vocab_size: int | None = field(
+        default=None,
+        metadata={"help": "Vocabulary size of the BPE trained on the corpus. Default: the preset's vocab_size."},
+    )
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow model code shipped in a checkpoint."})
+
+
+@dataclass
+class DataArguments:
+    dataset_name: str | None = field(
+        default=None,
+        metadata={
+            "help": "A local folder ({train,validation,test}.jsonl, or text files = one document each) or a "
+            "datasets.load_dataset name (needs a reachable hub)."
+        },
+    )
+    dataset_config_name: str | None = field(default=None, metadata={"help": "Configuration name for load_dataset."})
+    train_file: str | None = field(
+        default=None, metadata={"help": "A .jsonl file (one document per line) or text file."}
+    )
+    validation_file: str | None = field(default=None, metadata={"help": "Same formats as --train_file."})
+    text_column: str = field(default="text", metadata={"help": "The column holding the text."})
+    text_sample_by: str = field(
+        default="document",
+        metadata={"help": "How plain text files are cut into documents: 'document' (a file), 'paragraph' or 'line'."},
+    )
+    validation_split_percentage: float = field(
+        default=5.0,
+        metadata={"help": "Share of training documents held out for validation when there is no validation split."},
+    )
+    sequence_length: int | None = field(
+        default=None,
+        metadata={"help": "Tokens per packed training sequence. Default: the config's max_position_embeddings."},
+    )
+    max_train_samples: int | None = field(default=None, metadata={"help": "Keep this many packed training sequences."})
+    max_eval_samples: int | None = field(
+        default=None,
+        metadata={"help": "Evaluate on this many packed validation sequences, evenly spaced over the split."},
+    )
+    preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Processes for tokenisation."})
+    max_train_minutes: float | None = field(
+        default=None, metadata={"help": "Stop training after this many minutes (wall clock), then save and evaluate."}
+    )
+
+
+class PerplexityTrainer(Trainer):
+    """Trainer that logs the validation perplexity, exp(eval_loss), next to every validation loss."""
+
+    def log(self, logs, *args, **kwargs):
+        if "eval_loss" in logs:
+            logs["eval_perplexity"] = perplexity(logs["eval_loss"])
+        super().log(logs, *args, **kwargs)
+
+
+class TimeLimitCallback(TrainerCallback):
+    """Ends training once a wall-clock budget is spent (the model is still saved and evaluated)."""
+
+    def __init__(self, max_minutes):
+        self.max_seconds = max_minutes * 60
+        self.start = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.start = time.monotonic()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if time.monotonic() - self.start > self.max_seconds:
+            logger.info(f"Time budget of {self.max_seconds / 60:g} minutes spent after {state.global_step} steps.")
+            control.should_training_stop = True
+        return control
+
+
+def perplexity(loss):
+    try:
+        return math.exp(loss)
+    except OverflowError:
+        return float("inf")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checks that run before any heavy work
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def check_arguments(model_args, data_args, training_args):
+    if (model_args.config_name is None) == (model_args.model_name_or_path is None):
+        raise ValueError(
+            "Give exactly one of --config_name (a preset such as configuration/bst-small.json, to train from "
+            "scratch) and --model_name_or_path (a checkpoint to continue from)."
+        )
+    if model_args.config_overrides and model_args.model_name_or_path:
+        raise ValueError("--config_overrides only applies to a preset (--config_name), not to a checkpoint.")
+    for name in ("config_name", "model_name_or_path", "tokenizer_name"):
+        path = getattr(model_args, name)
+        if path is not None and not os.path.exists(path) and (path.startswith((".", "/")) or path.endswith(".json")):
+            raise ValueError(f"--{name} {path!r} does not exist.")
+    if data_args.dataset_name is None and data_args.train_file is None:
+        raise ValueError("No training data: give --dataset_name (a folder or dataset name) or --train_file.")
+    for name in ("train_file", "validation_file"):
+        path = getattr(data_args, name)
+        if path is not None and not os.path.isfile(path):
+            raise ValueError(f"--{name} {path!r} does not exist or is not a file.")
+    if data_args.text_sample_by not in ("document", "paragraph", "line"):
+        raise ValueError(f"--text_sample_by must be document, paragraph or line, got {data_args.text_sample_by!r}.")
+    if data_args.sequence_length is not None and data_args.sequence_length < 2:
+        raise ValueError(f"--sequence_length must be at least 2, got {data_args.sequence_length}.")
+    if not 0 < data_args.validation_split_percentage < 100:
+        raise ValueError(
+            f"--validation_split_percentage must lie in (0, 100), got {data_args.validation_split_percentage}."
+        )
+
+
+def check_block_size(config, sequence_length):
+    block_size = getattr(config, "block_size", None)
+    if block_size is not None and block_size > sequence_length:
+        raise ValueError(
+            f"The model's block_size ({block_size}) is larger than --sequence_length ({sequence_length}): every "
+            "training sequence would fit in one attention block and the state-space context would never be used. "
+            f"Use --sequence_length >= {block_size} (a multiple of it is best) or a smaller block_size."
+        )
+
+
+def check_tokenizer_matches_checkpoint(config, tokenizer):
+    """A tokenizer from another model shows up as an index error in the middle of training, or not at all."""
+    if len(tokenizer) > config.vocab_size:
+        raise ValueError(
+            f"The tokenizer has {len(tokenizer)} tokens but the checkpoint's embeddings hold only {config.vocab_size} "
+            "(config.vocab_size): this tokenizer does not belong to this model. Use the tokenizer saved with the "
+            "checkpoint (drop --tokenizer_name)."
+        )
+    if config.eos_token_id is not None and tokenizer.eos_token_id not in (None, config.eos_token_id):
+        raise ValueError(
+            f"The tokenizer's end-of-sequence id ({tokenizer.eos_token_id}) differs from the checkpoint's "
+            f"eos_token_id ({config.eos_token_id}): this tokenizer does not belong to this model."
+        )
+    if len(tokenizer) < config.vocab_size:
+        logger.warning(
+            f"The tokenizer has {len(tokenizer)} tokens and the model {config.vocab_size} embeddings: fine if the "
+            "embedding table was padded, wrong if the tokenizer comes from another model."
+        )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _builder_and_kwargs(paths, data_args):
+    """The `datasets` builder for a list of local files of one kind."""
+    if all(path.endswith(JSON_FILE_EXTENSIONS) for path in paths):
+        return "json", {}
+    if any(path.endswith(JSON_FILE_EXTENSIONS) for path in paths):
+        raise ValueError(f"Cannot mix JSON and plain text files in one split: {paths}")
+    return "text", {"sample_by": data_args.text_sample_by}
+
+
+def _load_local_files(data_files, data_args):
+    builder, kwargs = _builder_and_kwargs([p for paths in data_files.values() for p in paths], data_args)
+    return datasets.load_dataset(builder, data_files=data_files, **kwargs)
+
+
+def _folder_data_files(folder):
+    """Split files ({train,validation,test}.jsonl/.json/.txt) of a folder, or else all its text files as train."""
+    data_files = {}
+    for split in ("train", "validation", "test"):
+        for extension in JSON_FILE_EXTENSIONS + (".txt",):
+            path = os.path.join(folder, split + extension)
+            if os.path.isfile(path):
+                data_files[split] = [path]
+                break
+    if data_files:
+        if "train" not in data_files:
+            raise ValueError(f"{folder!r} has {sorted(data_files)} split files but no train file.")
+        return data_files
+    text_files = sorted(
+        os.path.join(directory, name)
+        for directory, _, names in os.walk(folder)
+        for name in names
+        if name.endswith(TEXT_FILE_EXTENSIONS)
+    )
+    if not text_files:
+        raise ValueError(
+            f"{folder!r} holds neither train.jsonl/train.txt nor text files ({', '.join(TEXT_FILE_EXTENSIONS)})."
+        )
+    return {"train": text_files}
+
+
+def load_raw_datasets(data_args, splits=("train", "validation")):
+    """A DatasetDict with exactly `splits`, each holding only non-empty documents. A missing validation split is
+    carved out of the training documents (`split_by_document`)."""
+    if data_args.train_file is not None or data_args.validation_file is not None:
+        data_files = {"train": [data_args.train_file], "validation": [data_args.validation_file]}
+        data_files = {split: files for split, files in data_files.items() if files[0] is not None}
+    elif os.path.isdir(data_args.dataset_name):
+        data_files = _folder_data_files(data_args.dataset_name)
+    elif os.path.exists(data_args.dataset_name) or data_args.dataset_name.startswith((".", "/")):
+        raise ValueError(f"--dataset_name {data_args.dataset_name!r} is neither a folder nor a dataset name.")
+    else:
+        data_files = None
+
+    needed = set(splits)
+    if "validation" in needed:
+        needed.add("train")  # to carve validation documents from when there is no validation split
+    if data_files is not None:
+        # Load only what is needed: tokenising the test split while training would be wasted work.
+        raw = _load_local_files({split: files for split, files in data_files.items() if split in needed}, data_args)
+    else:
+        try:
+            raw = datasets.load_dataset(data_args.dataset_name, data_args.dataset_config_name)
+        except Exception as error:  # hub unreachable, unknown name, ...: say what was tried
+            raise ValueError(
+                f"Could not load dataset {data_args.dataset_name!r} (not a local folder, so it was looked up on "
+                f"the hub): {error}"
+            ) from error
+        raw = datasets.DatasetDict({split: raw[split] for split in raw if split in needed})
+
+    for split in splits:
+        if split not in raw and not (split == "validation" and "train" in raw):
+            raise ValueError(f"The data has no {split} split (found: {sorted(raw)}).")
+    for split in list(raw):
+        if data_args.text_column not in raw[split].column_names:
+            raise ValueError(
+                f"The {split} split has no column {data_args.text_column!r} (columns: {raw[split].column_names}); "
+                "set --text_column."
+            )
+        raw[split] = raw[split].filter(
+            lambda batch: [bool(text and text.strip()) for text in batch[data_args.text_column]],
+            batched=True,
+            desc=f"Dropping empty {split} documents",
+        )
+        if len(raw[split]) == 0:
+            raise ValueError(f"The {split} split is empty: no document holds any non-whitespace text.")
+    if "validation" in splits and "validation" not in raw:
+        raw["train"], raw["validation"] = split_by_document(
+            raw["train"], data_args.validation_split_percentage, data_args.text_column
+        )
+    return datasets.DatasetDict({split: raw[split] for split in splits})
+
+
+def split_by_document(dataset, percentage, text_column="text"):
+    """Hold out a reproducible share of documents: rank them by the SHA-256 of their `id` (or of their text when
+    there is no `id` column) and take the first ceil(percentage% * n) - at least one - as validation."""
+    if len(dataset) < 2:
+        raise ValueError(
+            f"The training data holds {len(dataset)} document(s): too few to hold out validation documents. Give a "
+            "--validation_file, use one document per line in a .jsonl file, or --text_sample_by paragraph."
+        )
+    keys = dataset["id"] if "id" in dataset.column_names else dataset[text_column]
+    ranking = sorted(range(len(keys)), key=lambda i: (hashlib.sha256(str(keys[i]).encode()).hexdigest(), i))
+    num_validation = max(1, math.ceil(len(keys) * percentage / 100))
+    validation_indices = sorted(ranking[:num_validation])
+    train_indices = sorted(ranking[num_validation:])
+    return dataset.select(train_indices), dataset.select(validation_indices)
+
+
+def tokenize_and_pack(raw_datasets, tokenizer, sequence_length, data_args, training_args):
+    """Tokenise every document, end it with the end-of-sequence token (so the model learns where documents stop)
+    and cut the concatenation into sequences of exactly `sequence_length` tokens. The remainder of each map batch
+    (fewer than `sequence_length` tokens) is dropped."""
+    eos_token_id = tokenizer.eos_token_id
+    text_column = data_args.text_column
+
+    def tokenize(batch):
+        encoded = tokenizer(batch[text_column], add_special_tokens=False)
+        return {"input_ids": [ids + [eos_token_id] for ids in encoded["input_ids"]]}
+
+    def pack(batch):
+        stream = list(chain.from_iterable(batch["input_ids"]))
+        usable = (len(stream) // sequence_length) * sequence_length
+        sequences = [stream[i : i + sequence_length] for i in range(0, usable, sequence_length)]
+        return {"input_ids": sequences, "labels": [list(sequence) for sequence in sequences]}
+
+    packed = datasets.DatasetDict()
+    for split, dataset in raw_datasets.items():
+        with training_args.main_process_first(desc=f"tokenising the {split} split"):
+            tokenized = dataset.map(
+                tokenize,
+                batched=True,
+                remove_columns=dataset.column_names,
+                num_proc=data_args.preprocessing_num_workers,
+                desc=f"Tokenising {split}",
+            )
+            packed[split] = tokenized.map(
+                pack,
+                batched=True,
+                batch_size=1000,
+                num_proc=data_args.preprocessing_num_workers,
+                desc=f"Packing {split} into sequences of {sequence_length}",
+            )
+        logger.info(f"{split}: {len(dataset)} documents -> {len(packed[split])} sequences of {sequence_length} tokens")
+        if len(packed[split]) == 0:
+            raise ValueError(
+                f"The {split} split ({len(dataset)} documents) holds fewer tokens than one sequence of "
+                f"--sequence_length {sequence_length}: use more text or a shorter --sequence_length."
+            )
+    return packed
+
+
+def evenly_spaced(dataset, count):
+    """`count` rows spread over the whole dataset (a subset of validation sequences that still covers every
+    validation document, unlike the first `count` rows)."""
+    if count is None or count >= len(dataset):
+        return dataset
+    return dataset.select(np.unique(np.linspace(0, len(dataset) - 1, count).round().astype(int)).tolist())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tokenizer and model
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def has_tokenizer(folder):
+    return (
+        folder is not None
+        and os.path.isdir(folder)
+        and any(os.path.isfile(os.path.join(folder, name)) for name in TOKENIZER_FILES)
+    )
+
+
+def load_preset_config(model_args):
+    path = model_args.config_name
+    if path.endswith(".json"):
+        with open(path, encoding="utf-8") as f:
+            config_dict = json.load(f)
+        if "model_type" not in config_dict:
+            raise ValueError(f"{path!r} has no `model_type` field, so its model class is unknown.")
+        config_dict.pop("architectures", None)
+        config = AutoConfig.for_model(config_dict.pop("model_type"), **config_dict)
+    else:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=model_args.trust_remote_code)
+    if model_args.config_overrides:
+        logger.info(f"Overriding config fields: {model_args.config_overrides}")
+        config.update_from_string(model_args.config_overrides)
+    return config
+
+
+def get_tokenizer(model_args, training_args, raw_train, text_column, vocab_size, checkpoint):
+    """The tokenizer, in order of preference: --tokenizer_name; the one saved in the checkpoint we resume or start
+    from; a byte-level BPE trained on the training split (by the main process, saved in --output_dir, where the
+    other processes then load it)."""
+    if model_args.tokenizer_name is not None:
+        return AutoTokenizer.from_pretrained(model_args.tokenizer_name, trust_remote_code=model_args.trust_remote_code)
+    for folder in (checkpoint, model_args.model_name_or_path):
+        if has_tokenizer(folder):
+            return AutoTokenizer.from_pretrained(folder, trust_remote_code=model_args.trust_remote_code)
+    if model_args.model_name_or_path is not None:
+        raise ValueError(
+            f"The checkpoint {model_args.model_name_or_path!r} has no tokenizer files; give --tokenizer_name."
+        )
+    with training_args.main_process_first(desc="training the tokenizer"):
+        if training_args.process_index > 0:
+            return AutoTokenizer.from_pretrained(training_args.output_dir)
+        logger.info(f"Training a byte-level BPE tokenizer ({vocab_size} tokens) on {len(raw_train)} documents")
+        texts = (raw_train[i : i + 100][text_column] for i in range(0, len(raw_train), 100))
+        tokenizer = train_bpe_tokenizer(chain.from_iterable(texts), vocab_size=vocab_size)
+        tokenizer.save_pretrained(training_args.output_dir)
+        return tokenizer
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Main
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv=None):
+    parser = HfArgumentParser(
+        (ModelArguments, DataArguments, TrainingArguments),
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    if argv is None:
+        argv = sys.argv[1:]
+    if len(argv) == 1 and argv[0].endswith(".json"):
+        return parser.parse_json_file(json_file=os.path.abspath(argv[0]))
+    return parser.parse_args_into_dataclasses(args=argv)
+
+
+def main(argv=None):
+    model_args, data_args, training_args = parse_args(argv)
+    check_arguments(model_args, data_args, training_args)
+
+    logging.basicConfig(
+        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
+        datefmt="%H:%M:%S",
+        handlers=[logging.StreamHandler(sys.stdout)],
+    )
+    # This script's own messages (corpus and model sizes) on the main process; the libraries at --log_level.
+    logger.setLevel(logging.INFO if training_args.should_log else logging.WARNING)
+    log_level = training_args.get_process_log_level()
+    datasets.utils.logging.set_verbosity(log_level)
+    transformers.utils.logging.set_verbosity(log_level)
+    logger.info(
+        f"Process {training_args.process_index} of {training_args.world_size}, device {training_args.device}, "
+        f"bf16 {training_args.bf16}"
+    )
+    set_seed(training_args.seed)
+
+    # Which checkpoint to resume from: an explicit path, or "last"/"true" for the newest in --output_dir.
+    checkpoint = training_args.resume_from_checkpoint
+    if checkpoint is not None and checkpoint.lower() in ("last", "true"):
+        checkpoint = get_last_checkpoint(training_args.output_dir) if os.path.isdir(training_args.output_dir) else None
+        if checkpoint is None:
+            raise ValueError(f"--resume_from_checkpoint last: no checkpoint-* folder in {training_args.output_dir!r}.")
+    if checkpoint is not None and not os.path.isdir(checkpoint):
+        raise ValueError(f"--resume_from_checkpoint {checkpoint!r} is not a folder.")
+
+    # The config first (cheap), so that shape mismatches fail before the data and the weights are loaded.
+    from_checkpoint = model_args.model_name_or_path is not None
+    if from_checkpoint:
+        config = AutoConfig.from_pretrained(
+            model_args.model_name_or_path, trust_remote_code=model_args.trust_remote_code
+        )
+    else:
+        config = load_preset_config(model_args)
+    sequence_length = data_args.sequence_length or config.max_position_embeddings
+    check_block_size(config, sequence_length)
+
+    raw_datasets = load_raw_datasets(data_args)
+    tokenizer = get_tokenizer(
+        model_args,
+        training_args,
+        raw_datasets["train"],
+        data_args.text_column,
+        vocab_size=model_args.tokenizer_vocab_size or config.vocab_size,
+        checkpoint=checkpoint,
+    )
+    if tokenizer.eos_token_id is None:
+        raise ValueError("The tokenizer has no end-of-sequence token, which separates documents in packed sequences.")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if from_checkpoint:
+        check_tokenizer_matches_checkpoint(config, tokenizer)
+
+    # The config records what the model was trained with: the tokenizer's special ids and the training length.
+    if not from_checkpoint:
+        config.vocab_size = len(tokenizer)
+    config.bos_token_id = tokenizer.bos_token_id
+    config.eos_token_id = tokenizer.eos_token_id
+    config.pad_token_id = tokenizer.pad_token_id
+    config.max_position_embeddings = sequence_length
+
+    packed = tokenize_and_pack(raw_datasets, tokenizer, sequence_length, data_args, training_args)
+    train_dataset = packed["train"]
+    if data_args.max_train_samples is not None:
+        train_dataset = train_dataset.select(range(min(data_args.max_train_samples, len(train_dataset))))
+    eval_dataset = evenly_spaced(packed["validation"], data_args.max_eval_samples)
+
+    if from_checkpoint:
+        model = AutoModelForCausalLM.from_pretrained(
+            model_args.model_name_or_path, config=config, trust_remote_code=model_args.trust_remote_code
+        )
+    else:
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=model_args.trust_remote_code)
+    num_parameters = sum(p.numel() for p in model.parameters())
+    logger.info(f"{type(model).__name__}: {num_parameters / 1e6:.2f}M parameters, vocabulary {config.vocab_size}")
+    # The checkpoint's generation config would otherwise keep the preset's special ids.
+    model.generation_config.bos_token_id = tokenizer.bos_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+
+    callbacks = [TimeLimitCallback(data_args.max_train_minutes)] if data_args.max_train_minutes else []
+    trainer = PerplexityTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=tokenizer,
+        data_collator=default_data_collator,
+        callbacks=callbacks,
+    )
+
+    train_result = trainer.train(resume_from_checkpoint=checkpoint)
+    trainer.save_model()  # model (safetensors) + tokenizer + config in --output_dir
+    train_metrics = dict(train_result.metrics, train_sequences=len(train_dataset), sequence_length=sequence_length)
+    trainer.log_metrics("train", train_metrics)
+    trainer.save_metrics("train", train_metrics)
+    trainer.save_state()
+
+    eval_metrics = trainer.evaluate()
+    eval_metrics["eval_perplexity"] = perplexity(eval_metrics["eval_loss"])
+    eval_metrics["eval_sequences"] = len(eval_dataset)
+    trainer.log_metrics("eval", eval_metrics)
+    trainer.save_metrics("eval", eval_metrics)
+    if trainer.is_world_process_zero():
+        print(
+            f"Validation perplexity: {eval_metrics['eval_perplexity']:.2f} (loss {eval_metrics['eval_loss']:.4f} "
+            f"over {len(eval_dataset)} sequences of {sequence_length} tokens); model and tokenizer saved in "
+            f"{training_args.output_dir}"
+        )
+    return eval_metrics
+
+
+if __name__ == "__main__":
+    main()

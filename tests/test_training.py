@@ -1,0 +1,258 @@
+"""scripts/train.py and scripts/evaluate.py end to end on a tiny BST, plus bf16 autocast, gradient checkpointing and
+the checks on bad input. CPU only, no network."""
+
+import importlib.util
+import json
+import math
+import os
+import sys
+import sysconfig
+
+import pytest
+import torch
+from datasets import Dataset
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    Trainer,
+    TrainingArguments,
+    default_data_collator,
+    pipeline,
+)
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO_ROOT, "scripts"))
+
+import train  # noqa: E402
+
+
+def load_script(name):
+    """Import scripts/NAME.py under a private module name: `evaluate` would shadow the Hugging Face library."""
+    spec = importlib.util.spec_from_file_location(
+        f"bst_scripts_{name}", os.path.join(REPO_ROOT, "scripts", f"{name}.py")
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+evaluate = load_script("evaluate")
+
+from modeling_bst import BSTConfig, BSTForCausalLM  # noqa: E402
+
+TINY_PRESET = os.path.join(REPO_ROOT, "configuration", "bst-tiny.json")  # block_size 8
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """A small real corpus: standard-library modules, one document per file, with train/validation/test splits."""
+    folder = tmp_path_factory.mktemp("corpus")
+    stdlib = sysconfig.get_paths()["stdlib"]
+    names = sorted(os.listdir(os.path.join(stdlib, "json"))) + sorted(os.listdir(os.path.join(stdlib, "email")))
+    paths = [os.path.join(stdlib, d, n) for d in ("json", "email") for n in names if n.endswith(".py")]
+    paths = [p for p in paths if os.path.isfile(p)]
+    documents = []
+    for path in paths:
+        with open(path, encoding="utf-8") as f:
+            documents.append({"id": os.path.relpath(path, stdlib), "text": f.read()[:4000]})
+    splits = {"validation": documents[:2], "test": documents[2:4], "train": documents[4:]}
+    for split, docs in splits.items():
+        with open(folder / f"{split}.jsonl", "w") as f:
+            for doc in docs:
+                f.write(json.dumps(doc) + "\n")
+    return folder
+
+
+def base_argv(corpus, output_dir, *extra):
+    return [
+        "--config_name", TINY_PRESET,
+        "--dataset_name", str(corpus),
+        "--tokenizer_vocab_size", "300",
+        "--sequence_length", "32",
+        "--output_dir", str(output_dir),
+        "--per_device_train_batch_size", "8",
+        "--per_device_eval_batch_size", "16",
+        "--learning_rate", "3e-3",
+        "--warmup_steps", "2",
+        "--logging_steps", "1",
+        "--save_strategy", "no",
+        "--max_eval_samples", "32",
+        "--use_cpu",
+        "--report_to", "none",
+        "--disable_tqdm", "true",
+        "--seed", "0",
+        *extra,
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def trained(corpus, tmp_path_factory):
+    """One short training run shared by several tests: 30 steps of a tiny BST with its own BPE tokenizer."""
+    output_dir = tmp_path_factory.mktemp("run")
+    metrics = train.main(base_argv(corpus, output_dir, "--max_steps", "30"))
+    return output_dir, metrics
+
+
+def test_training_lowers_the_loss_and_saves_model_and_tokenizer(trained):
+    output_dir, metrics = trained
+    with open(output_dir / "trainer_state.json") as f:
+        losses = [entry["loss"] for entry in json.load(f)["log_history"] if "loss" in entry]
+    assert len(losses) == 30
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.5  # starts near ln(300) = 5.7
+    assert math.isclose(metrics["eval_perplexity"], math.exp(metrics["eval_loss"]), rel_tol=1e-6)
+    assert metrics["eval_perplexity"] < 300
+    assert os.path.isfile(output_dir / "model.safetensors") and os.path.isfile(output_dir / "tokenizer.json")
+
+    model = AutoModelForCausalLM.from_pretrained(output_dir)
+    tokenizer = AutoTokenizer.from_pretrained(output_dir)
+    # vocab_size follows the trained tokenizer, special ids and the training length are recorded in the config.
+    assert model.config.vocab_size == len(tokenizer) == 300
+    assert (model.config.pad_token_id, model.config.eos_token_id) == (tokenizer.pad_token_id, tokenizer.eos_token_id)
+    assert model.config.max_position_embeddings == 32
+
+
+def test_saved_folder_generates_through_pipeline(trained):
+    output_dir, _ = trained
+    generator = pipeline("text-generation", model=str(output_dir), device="cpu")
+    text = generator("import json\n", max_new_tokens=12, do_sample=False)[0]["generated_text"]
+    assert text.startswith("import json\n") and len(text) > len("import json\n")
+
+
+def test_resume_from_checkpoint(corpus, tmp_path):
+    train.main(base_argv(corpus, tmp_path, "--max_steps", "2", "--save_strategy", "steps", "--save_steps", "2"))
+    assert os.path.isdir(tmp_path / "checkpoint-2")
+    train.main(base_argv(corpus, tmp_path, "--max_steps", "4", "--resume_from_checkpoint", "last"))
+    with open(tmp_path / "trainer_state.json") as f:
+        state = json.load(f)
+    assert state["global_step"] == 4
+    # The resumed run logged only steps 3 and 4: it did not start over.
+    assert [entry["step"] for entry in state["log_history"] if "loss" in entry] == [1, 2, 3, 4]
+
+
+def test_continue_from_checkpoint_and_evaluate_lengths(trained, corpus, tmp_path):
+    output_dir, _ = trained
+    metrics = train.main(
+        base_argv(corpus, tmp_path, "--max_steps", "2")[2:] + ["--model_name_or_path", str(output_dir)]
+    )
+    assert metrics["eval_perplexity"] < 300
+
+    report = evaluate.main(
+        ["--model_name_or_path", str(tmp_path), "--dataset_name", str(corpus), "--max_tokens", "1024"]
+    )
+    assert [row["length"] for row in report["results"]] == [32, 128, 512]
+    # Every length scores the same 1024 tokens (one fewer prediction per window).
+    assert [row["predicted_tokens"] for row in report["results"]] == [1024 - 32, 1024 - 8, 1024 - 2]
+    assert all(math.isfinite(row["perplexity"]) and row["perplexity"] < 300 for row in report["results"])
+    assert os.path.isfile(tmp_path / "perplexity_vs_length.json")
+    assert os.path.getsize(tmp_path / "perplexity_vs_length.png") > 1000
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Bad input: a clear error before any training starts
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def no_training(monkeypatch):
+    def fail(*args, **kwargs):
+        raise AssertionError("training started")
+
+    monkeypatch.setattr(train.PerplexityTrainer, "train", fail)
+
+
+def test_missing_data_path(no_training, tmp_path):
+    argv = base_argv(tmp_path / "nowhere", tmp_path / "out")
+    with pytest.raises(ValueError, match="neither a folder nor a dataset name"):
+        train.main(argv)
+    argv[argv.index("--dataset_name")] = "--train_file"
+    with pytest.raises(ValueError, match="does not exist or is not a file"):
+        train.main(argv)
+
+
+def test_empty_corpus(no_training, tmp_path):
+    (tmp_path / "train.jsonl").write_text(json.dumps({"text": ""}) + "\n" + json.dumps({"text": "\n\n"}) + "\n")
+    with pytest.raises(ValueError, match="train split is empty"):
+        train.main(base_argv(tmp_path, tmp_path / "out"))
+
+
+def test_block_size_larger_than_sequence_length(no_training, corpus, tmp_path):
+    argv = base_argv(corpus, tmp_path / "out", "--config_overrides", "block_size=64")
+    with pytest.raises(ValueError, match=r"block_size \(64\) is larger than --sequence_length \(32\)"):
+        train.main(argv)
+
+
+def test_tokenizer_that_does_not_match_the_checkpoint(no_training, trained, corpus, tmp_path):
+    output_dir, _ = trained
+    from train_tokenizer import train_bpe_tokenizer
+
+    with open(corpus / "train.jsonl") as f:
+        texts = [json.loads(line)["text"] for line in f]
+    train_bpe_tokenizer(texts, vocab_size=500, show_progress=False).save_pretrained(tmp_path / "big_tokenizer")
+    argv = base_argv(corpus, tmp_path / "out")[2:] + [
+        "--model_name_or_path", str(output_dir), "--tokenizer_name", str(tmp_path / "big_tokenizer"),
+    ]  # fmt: skip
+    with pytest.raises(ValueError, match="tokenizer has 500 tokens but the checkpoint's embeddings hold only 300"):
+        train.main(argv)
+
+
+def test_preset_and_checkpoint_are_exclusive(no_training, trained, corpus, tmp_path):
+    output_dir, _ = trained
+    with pytest.raises(ValueError, match="exactly one of --config_name"):
+        train.main(base_argv(corpus, tmp_path) + ["--model_name_or_path", str(output_dir)])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Mixed precision and gradient checkpointing
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def tiny_model(seed=0):
+    torch.manual_seed(seed)
+    return BSTForCausalLM(BSTConfig.from_json_file(TINY_PRESET))
+
+
+def test_bf16_autocast_on_cpu_trains_without_nans(tmp_path):
+    model = tiny_model()
+    generator = torch.Generator().manual_seed(0)
+    # A learnable pattern: repeated random phrases of 8 tokens.
+    phrases = torch.randint(2, 128, (4, 8), generator=generator)
+    rows = [phrases[torch.randint(0, 4, (8,), generator=generator)].flatten() for _ in range(64)]
+    dataset = Dataset.from_dict({"input_ids": [r.tolist() for r in rows], "labels": [r.tolist() for r in rows]})
+    args = TrainingArguments(
+        output_dir=str(tmp_path), use_cpu=True, bf16=True, max_steps=12, per_device_train_batch_size=8,
+        learning_rate=3e-3, logging_steps=1, save_strategy="no", report_to="none", disable_tqdm=True, seed=0,
+    )  # fmt: skip
+    trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=default_data_collator)
+    lm_head_dtypes = []
+    model.lm_head.register_forward_hook(lambda module, inputs, output: lm_head_dtypes.append(output.dtype))
+    trainer.train()
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert len(losses) == 12 and all(math.isfinite(loss) for loss in losses)
+    assert losses[-1] < losses[0]
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    # The training forward really ran under bf16 autocast (the Trainer casts the outputs back to fp32 afterwards).
+    assert lm_head_dtypes and set(lm_head_dtypes) == {torch.bfloat16}
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    input_ids = torch.randint(0, 128, (2, 40), generator=torch.Generator().manual_seed(1))
+
+    def gradients(checkpointing):
+        model = tiny_model()
+        if checkpointing:
+            # `--activation_checkpointing` (alias `--gradient_checkpointing`) in scripts/train.py does this.
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        layer_calls = []
+        model.model.layers[0].input_layernorm.register_forward_pre_hook(lambda *args: layer_calls.append(1))
+        loss = model(input_ids=input_ids, labels=input_ids).loss
+        loss.backward()
+        return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}, len(layer_calls)
+
+    loss, reference, calls = gradients(checkpointing=False)
+    loss_checkpointed, checkpointed, calls_checkpointed = gradients(checkpointing=True)
+    assert (calls, calls_checkpointed) == (1, 2)  # the checkpointed layer really ran again in the backward pass
+    assert torch.equal(loss, loss_checkpointed)
+    assert reference.keys() == checkpointed.keys()
+    for name in reference:
+        torch.testing.assert_close(checkpointed[name], reference[name], rtol=1e-5, atol=1e-7, msg=name)
