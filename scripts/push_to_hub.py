@@ -70,7 +70,7 @@ KERNEL_DESCRIPTIONS = {
 _LENGTH_KEYS = ("eval_length", "length", "seq_len", "sequence_length", "context_length")
 _PERPLEXITY_KEYS = ("perplexity", "ppl")
 _LOSS_KEYS = ("loss", "nll", "eval_loss")
-_TOKEN_KEYS = ("tokens", "num_tokens", "n_tokens")
+_TOKEN_KEYS = ("tokens", "num_tokens", "n_tokens", "predicted_tokens")
 
 # Run in a fresh interpreter: block the `modeling_bst` package, load the staged folder through the Auto classes
 # with the code copied into it, and save the logits for the parent to compare.
@@ -165,7 +165,8 @@ def read_evaluation(path):
         tokens = None if tokens is None else int(tokens)
         results.append({"eval_length": int(length), "perplexity": float(perplexity), "tokens": tokens})
     results.sort(key=lambda result: result["eval_length"])
-    dataset = raw.get("dataset") or raw.get("eval_dataset")
+    # scripts/evaluate.py writes "data" as "<dataset>:<split>".
+    dataset = raw.get("dataset") or raw.get("eval_dataset") or raw.get("data")
     return {"model": raw.get("model"), "dataset": dataset, "split": raw.get("split"), "results": results}
 
 

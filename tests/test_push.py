@@ -253,3 +253,25 @@ def test_read_evaluation_names_the_problem(tmp_path, content, message):
 def test_help():
     result = subprocess.run([sys.executable, str(SCRIPT), "--help"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and "--dry_run" in result.stdout
+
+
+def test_read_evaluation_reads_what_evaluate_py_writes(tmp_path):
+    report = {
+        "model": "runs/bst-small",
+        "data": "data/books:test",
+        "training_length": 512,
+        "results": [
+            {"length": 2048, "times_training_length": 4, "windows": 2, "predicted_tokens": 4094, "loss": 5.5,
+             "perplexity": 244.7, "tokens_per_second": 900},
+            {"length": 512, "times_training_length": 1, "windows": 8, "predicted_tokens": 4088, "loss": 5.6,
+             "perplexity": 270.4, "tokens_per_second": 1000},
+        ],
+    }
+    path = tmp_path / "perplexity_vs_length.json"
+    path.write_text(json.dumps(report))
+    evaluation = push_to_hub.read_evaluation(path)
+    assert evaluation["dataset"] == "data/books:test"
+    assert evaluation["results"] == [
+        {"eval_length": 512, "perplexity": 270.4, "tokens": 4088},
+        {"eval_length": 2048, "perplexity": 244.7, "tokens": 4094},
+    ]
