@@ -1,0 +1,137 @@
+"""Smoke test of scripts/quality_experiment.py --quick: toy corpora and toy models, end to end (no quality claims)."""
+
+import json
+import math
+import os
+import random
+import sys
+
+import pytest
+import torch
+
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
+import quality_experiment  # noqa: E402
+
+
+WORDS = "the king queen sword crown castle river night day speaks enters exits lord lady good ill fair".split()
+
+
+def write_toy_corpus(folder, seed):
+    """Three splits of word soup, long enough for one evaluation span of 16 x 32 tokens."""
+    rng = random.Random(seed)
+    os.makedirs(folder)
+    for split, documents in (("train", 12), ("validation", 2), ("test", 2)):
+        with open(os.path.join(folder, f"{split}.jsonl"), "w") as f:
+            for index in range(documents):
+                text = " ".join(rng.choice(WORDS) for _ in range(600))
+                f.write(json.dumps({"id": f"{split}-{index}", "source": "toy", "text": text}) + "\n")
+
+
+@pytest.fixture(scope="module")
+def quick_results(tmp_path_factory):
+    root = tmp_path_factory.mktemp("quality")
+    write_toy_corpus(root / "data" / "prose", seed=0)
+    write_toy_corpus(root / "data" / "code", seed=1)
+    argv = [
+        "--quick",
+        "--data_dir",
+        str(root / "data"),
+        "--corpora",
+        "prose,code",
+        "--work_dir",
+        str(root / "work"),
+        "--output_json",
+        str(root / "results.json"),
+        "--figure_dir",
+        str(root / "figures"),
+        "--markdown",
+        str(root / "quality.md"),
+        "--eval_spans",
+        "1",
+        "--threads",
+        "1",
+        "--extra_seeds",
+        "1",
+    ]
+    torch.manual_seed(0)
+    returned = quality_experiment.main(argv)
+    with open(root / "results.json") as f:
+        saved = json.load(f)
+    return root, returned, saved
+
+
+def test_json_structure(quick_results):
+    _, returned, saved = quick_results
+    assert saved["status"] == "finished"
+    assert saved["runs"] == json.loads(json.dumps(returned["runs"]))
+    main_runs = [r for r in saved["runs"] if not r["ablation"]]
+    for corpus in ("prose", "code"):
+        names = {r["name"] for r in main_runs if r["corpus"] == corpus}
+        assert names == set(quality_experiment.ALL_MODELS)
+        # The best BST and both baselines get a second seed.
+        seeds = {
+            name: sorted(r["seed"] for r in main_runs if r["corpus"] == corpus and r["name"] == name) for name in names
+        }
+        best = quality_experiment.best_bst(saved, corpus)
+        for name in (best, "slide", "llama"):
+            assert seeds[name] == [0, 1]
+    ablation_runs = [r for r in saved["runs"] if r["ablation"]]
+    assert [r["name"] for r in ablation_runs] == [name for name, _, _ in quality_experiment.ABLATIONS]
+    assert all(r["corpus"] == "prose" for r in ablation_runs)
+
+
+def test_same_budget_and_finite_perplexities(quick_results):
+    _, _, saved = quick_results
+    lengths = ["32", "128", "512"]  # 1x, 4x, 16x the toy training length
+    for run in saved["runs"]:
+        assert list(run["test_perplexity"]) == lengths
+        assert all(math.isfinite(p) and p > 1 for p in run["test_perplexity"].values())
+        assert math.isfinite(run["validation_perplexity"])
+        assert run["tokens_seen"] == 3 * 2 * 32
+        assert len(run["train_losses"]) == 3
+        assert abs(run["non_embedding_parameters"] / run["parameter_target"] - 1) <= 0.05
+    slide = next(r for r in saved["runs"] if r["name"] == "slide")
+    assert slide["config"]["bst_layers"] == []
+
+
+def test_targets_table_figure_and_markdown(quick_results):
+    root, _, saved = quick_results
+    assert set(saved["targets"]) == {"prose", "code"}
+    for verdicts in saved["targets"].values():
+        for key in ("beats_slide_by_3pct", "matches_llama_at_1x", "bst_long_no_worse", "llama_long_degrades"):
+            assert isinstance(verdicts[key]["met"], bool)
+    assert (root / "figures" / "quality_perplexity_vs_length.png").stat().st_size > 1000
+    page = (root / "quality.md").read_text()
+    assert page.count(quality_experiment.RESULTS_BEGIN) == 1 and page.count(quality_experiment.RESULTS_END) == 1
+    assert "| llama |" in page and "test ppl @ 512" in page and "### Ablation" in page
+
+
+def test_markdown_keeps_text_outside_the_markers(quick_results, tmp_path):
+    _, _, saved = quick_results
+    page = tmp_path / "page.md"
+    begin, end = quality_experiment.RESULTS_BEGIN, quality_experiment.RESULTS_END
+    page.write_text(f"# Title\n\nIntro.\n\n{begin}\nstale results\n{end}\n\nOutro.\n")
+    quality_experiment.write_markdown(saved, str(page), [])
+    text = page.read_text()
+    assert text.startswith("# Title\n\nIntro.\n\n") and text.endswith("\n\nOutro.\n") and "stale results" not in text
+
+
+def test_llama_is_not_truncated_beyond_max_position_embeddings():
+    """max_position_embeddings is the training length: a longer input must run on all positions, unchanged."""
+    args = quality_experiment.parse_args(["--quick", "--data_dir", os.path.dirname(__file__), "--corpora", ""])
+    torch.manual_seed(0)
+    model = quality_experiment.build_model(args, "llama", 300, 64).eval()
+    tokens = torch.randint(0, 300, (1, 4 * args.train_length))
+    with torch.no_grad():
+        long_logits = model(input_ids=tokens).logits
+        short_logits = model(input_ids=tokens[:, : args.train_length]).logits
+    assert long_logits.shape[1] == tokens.shape[1]
+    torch.testing.assert_close(long_logits[:, : args.train_length], short_logits, atol=1e-4, rtol=1e-4)
+
+
+def test_bad_arguments_are_named():
+    with pytest.raises(SystemExit):
+        quality_experiment.parse_args(["--models", "bst-xx", "--corpora", ""])
+    with pytest.raises(SystemExit):
+        quality_experiment.parse_args(["--data_dir", "/nonexistent", "--corpora", "books"])
