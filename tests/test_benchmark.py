@@ -1,0 +1,166 @@
+"""Smoke test of scripts/benchmark.py (--quick, tiny sizes) and checks of its baseline layers.
+
+No timing assertions: only the JSON structure, finiteness of the ratios, and the baselines' correctness.
+"""
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+
+SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "benchmark.py"
+
+
+@pytest.fixture(scope="module")
+def bench_script():
+    spec = importlib.util.spec_from_file_location("benchmark_script", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def quick_report(bench_script, tmp_path_factory):
+    out = tmp_path_factory.mktemp("benchmark")
+    argv = [
+        "--quick",
+        "--sections", "layer", "model", "generate", "kernel", "profile",
+        "--layer-lengths", "32", "128",
+        "--model-lengths", "32", "128",
+        "--prefill-length", "128",
+        "--decode-contexts", "32", "128",
+        "--profile-lengths", "64",
+        "--target-length", "128",
+        "--scaling-lengths", "32", "128",
+        "--threads", "1",
+        "--output", str(out / "bench.json"),
+        "--figures-dir", str(out / "figures"),
+    ]  # fmt: skip
+    report = bench_script.main(argv)
+    return report, out
+
+
+def test_parse_length(bench_script):
+    assert bench_script.parse_length("4k") == 4096
+    assert bench_script.parse_length("512") == 512
+    with pytest.raises(Exception, match="not a length"):
+        bench_script.parse_length("four")
+    with pytest.raises(Exception, match="positive"):
+        bench_script.parse_length("0")
+
+
+def test_bad_arguments_fail_before_work(bench_script):
+    with pytest.raises(SystemExit, match="not divisible"):
+        bench_script.parse_args(["--quick", "--hidden-size", "65", "--num-heads", "2"])
+    with pytest.raises(SystemExit, match="model-bst-layers"):
+        bench_script.parse_args(["--quick", "--num-layers", "2", "--model-bst-layers", "5"])
+
+
+def test_sliding_window_attention_equals_banded_full_attention(bench_script):
+    torch.manual_seed(0)
+    for length, window in [(100, 16), (64, 16), (7, 16), (33, 8)]:
+        query, key, value = (torch.randn(2, 3, length, 8) for _ in range(3))
+        positions = torch.arange(length)
+        band = (positions[None, :] <= positions[:, None]) & (positions[None, :] > positions[:, None] - window)
+        expected = F.scaled_dot_product_attention(query, key, value, attn_mask=band)
+        actual = bench_script.sliding_window_attention(query, key, value, window)
+        torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["full-attention", "sliding-window", "block-recurrent"])
+def test_baseline_layers_are_causal(bench_script, name):
+    args = bench_script.parse_args(["--quick", "--block-size", "8", "--brt-state-size", "4"])
+    torch.manual_seed(0)
+    layer = bench_script.build_layer(name, args).eval()
+    inputs = torch.randn(1, 40, args.hidden_size)
+    changed = inputs.clone()
+    changed[:, 21] += 1.0
+    with torch.no_grad():
+        before, after = layer(inputs), layer(changed)
+    torch.testing.assert_close(before[:, :21], after[:, :21], atol=0, rtol=0)
+    assert (before[:, 21:] - after[:, 21:]).abs().amax() > 1e-4  # the change does reach later tokens
+
+
+def test_baseline_models_match_bst_parameter_count(bench_script):
+    args = bench_script.parse_args(["--quick"])
+    models = bench_script.build_causal_lms(args)
+    counts = {name: bench_script.count_parameters(model) for name, model in models.items()}
+    for name in ("llama", "mistral"):
+        assert abs(counts[name] / counts["bst"] - 1) < 0.05, counts
+    assert models["mistral"].config.sliding_window == args.block_size
+
+
+def test_quick_run_json_structure(quick_report):
+    report, out = quick_report
+    saved = json.loads((out / "bench.json").read_text())
+    assert set(saved) >= {"command", "machine", "settings", "results", "ratios", "targets", "profile", "figures"}
+    machine = saved["machine"]
+    assert machine["torch_threads"] == 1 and machine["torch"] == torch.__version__
+    assert machine["cpu"] and machine["logical_cores"] >= 1
+
+    sections = {record["section"] for record in saved["results"]}
+    assert sections == {"layer", "model", "prefill", "decode", "kernel"}
+    layer_names = {r["name"] for r in saved["results"] if r["section"] == "layer"}
+    assert layer_names == set(saved["settings"]["layers"])
+    for record in saved["results"]:
+        assert "skipped" not in record, record  # nothing is long enough to be skipped at these sizes
+        assert record["seconds"] > 0 and math.isfinite(record["seconds"])
+        assert record["repeats"] == len(record["times"]) >= 1
+    model_rows = [r for r in saved["results"] if r["section"] == "model"]
+    assert all(r["tokens_per_second"] > 0 for r in model_rows)
+
+    decode = {(r["name"], r["length"]): r for r in saved["results"] if r["section"] == "decode"}
+    assert set(decode) == {(name, length) for name in ("bst", "llama") for length in (32, 128)}
+    # BST's cache has the same size at every context ("s4"); Llama's grows with the context.
+    assert decode["bst", 32]["cache_bytes"] == decode["bst", 128]["cache_bytes"] > 0
+    assert decode["llama", 128]["cache_bytes"] > decode["llama", 32]["cache_bytes"]
+
+
+def test_quick_run_ratios_and_targets(quick_report):
+    report, _ = quick_report
+    ratios = report["ratios"]["float32"]
+    # 4 BST layers x 3 baselines x 2 lengths; 2 baselines x 2 lengths; 1 prefill; 2 decode contexts.
+    assert len(ratios["layer"]) == 24 and len(ratios["model"]) == 4
+    assert len(ratios["prefill"]) == 1 and len(ratios["decode"]) == 2
+    for rows in ratios.values():
+        for row in rows:
+            for key, value in row.items():
+                if isinstance(value, float):
+                    assert math.isfinite(value) and value > 0, (key, row)
+
+    targets = report["targets"]["float32"]
+    assert len(targets) == 8
+    for item in targets:
+        assert item["met"] in (True, False), item  # every target was measured at these lengths
+        assert math.isfinite(item["measured"]) and item["measured"] > 0
+
+    kernel_shares = [r["share_of_forward"] for r in report["results"] if "share_of_forward" in r]
+    assert len(kernel_shares) == 8 and all(0 < share < 10 for share in kernel_shares)
+
+    (profile,) = report["profile"]
+    assert profile["length"] == 64 and profile["total_self_cpu_seconds"] > 0
+    assert math.isclose(sum(profile["op_groups_seconds"].values()), profile["total_self_cpu_seconds"], rel_tol=1e-6)
+    parts = profile["forward_parts_seconds"]
+    assert len(parts) == 4 and all(seconds > 0 for seconds in parts.values())
+    # The kernel generation runs inside the SSM sublayer, which runs inside the forward.
+    assert parts["SSM kernel generation"] <= parts["SSM sublayer (kernel + FFT convolution + skip)"]
+    assert parts["SSM sublayer (kernel + FFT convolution + skip)"] <= profile["forward_seconds"]
+
+
+def test_quick_run_writes_plots(quick_report):
+    pytest.importorskip("matplotlib")
+    report, out = quick_report
+    names = sorted(Path(path).name for path in report["figures"])
+    assert names == [
+        "benchmark_decode.png",
+        "benchmark_kernel_share.png",
+        "benchmark_layer_time.png",
+        "benchmark_model_step_time.png",
+    ]
+    for name in names:
+        assert (out / "figures" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
