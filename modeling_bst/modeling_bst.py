@@ -66,10 +66,15 @@ def complex_exp(exponent: torch.Tensor) -> torch.Tensor:
     return torch.polar(torch.exp(exponent.real), exponent.imag)
 
 
-def _power_split(length: int) -> tuple[int, int]:
-    """Split exponents l in [0, length) as l = low_count * j + i, with low_count ~ sqrt(length)."""
+def _split_powers(log_z: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Powers z^l for l in [0, length) split as l = b*j + i with b ~ sqrt(length):
+    low powers z^i (H, N, b) and high powers z^(b*j) (H, J, N), so z^l = high[j] * low[i]."""
     low_count = max(1, math.isqrt(max(length - 1, 0)) + 1)
-    return low_count, -(-length // low_count)
+    high_count = -(-length // low_count)
+    steps = torch.arange(max(low_count, high_count), device=log_z.device, dtype=log_z.real.dtype)
+    low_powers = complex_exp(log_z.unsqueeze(-1) * steps[:low_count])  # (H, N, b)
+    high_powers = complex_exp(log_z.unsqueeze(-2) * (low_count * steps[:high_count, None]))  # (H, J, N)
+    return low_powers, high_powers
 
 
 def vandermonde_sum(coefficients: torch.Tensor, log_z: torch.Tensor, length: int) -> torch.Tensor:
@@ -78,10 +83,7 @@ def vandermonde_sum(coefficients: torch.Tensor, log_z: torch.Tensor, length: int
     The naive (H, N, L) table of powers costs seconds at long L. With l = b*j + i, z^l = z^(b*j) * z^i, so the sum is
     one batched matmul of a (J, N) by an (N, b) matrix per channel, and only (J + b) * N powers are exponentiated.
     """
-    low_count, high_count = _power_split(length)
-    steps = torch.arange(max(low_count, high_count), device=log_z.device, dtype=log_z.real.dtype)
-    low_powers = complex_exp(log_z.unsqueeze(-1) * steps[:low_count])  # (H, N, b)
-    high_powers = complex_exp(log_z.unsqueeze(-2) * (low_count * steps[:high_count, None]))  # (H, J, N)
+    low_powers, high_powers = _split_powers(log_z, length)
     weighted = coefficients.unsqueeze(-2) * high_powers  # (..., H, J, N)
     return (weighted @ low_powers).flatten(-2)[..., :length]  # (..., H, J*b) -> (..., H, length)
 
@@ -89,10 +91,8 @@ def vandermonde_sum(coefficients: torch.Tensor, log_z: torch.Tensor, length: int
 def vandermonde_reduce(values: torch.Tensor, log_z: torch.Tensor) -> torch.Tensor:
     """sum_l values[..., h, l] * z[h, n] ** l: (..., H, L) real -> (..., H, N) complex, with the same power split."""
     length = values.shape[-1]
-    low_count, high_count = _power_split(length)
-    steps = torch.arange(max(low_count, high_count), device=log_z.device, dtype=log_z.real.dtype)
-    low_powers = complex_exp(log_z.unsqueeze(-1) * steps[:low_count])  # (H, N, b)
-    high_powers = complex_exp(log_z.unsqueeze(-2) * (low_count * steps[:high_count, None]))  # (H, J, N)
+    low_powers, high_powers = _split_powers(log_z, length)
+    low_count, high_count = low_powers.shape[-1], high_powers.shape[-2]
     values = F.pad(values.float(), (0, low_count * high_count - length))
     values = values.unflatten(-1, (high_count, low_count)).to(low_powers.dtype)  # (..., H, J, b)
     inner = values @ low_powers.transpose(-1, -2)  # (..., H, J, N)
