@@ -210,7 +210,7 @@ def parse_args(argv=None):
     parser.add_argument(
         "--max-memory-gb",
         type=float,
-        default=10.0,
+        default=14.0,
         help="skip (and record why) a measurement whose extrapolated extra memory exceeds this",
     )
     # Targets (issue 6) are evaluated at these lengths.
