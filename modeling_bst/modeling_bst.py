@@ -46,19 +46,51 @@ logger = logging.get_logger(__name__)
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+class CausalFFTConvolution(torch.autograd.Function):
+    r"""y[b, d, c, t] = sum_{s <= t} k[d, c, t - s] u[b, d, s], with FFTs of size n >= 2L (zero padding makes the
+    circular convolution the linear one on t < L), and its adjoints, also through real FFTs:
+
+        forward:   Y = U K                          y = irfft(Y)[:L]
+        backward:  grad_u = irfft(sum_c conj(K) G)[:L]        (correlation with the kernel)
+                   grad_k = irfft(sum_b conj(U) G)[:L]        (correlation with the input),   G = rfft(grad_y)
+
+    Autograd through torch.fft would differentiate each rfft with a full complex FFT over zero-filled buffers; this
+    backward is one rfft and two irffts (forward + backward at L = 16k, D = 512 on 2 CPU cores: 0.63 s vs 0.81 s).
+    """
+
+    @staticmethod
+    def forward(ctx, inputs: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+        length = inputs.shape[-1]
+        fft_size = 1 << (2 * length - 1).bit_length()
+        inputs_f = torch.fft.rfft(inputs, n=fft_size)  # (B, D, F)
+        kernel_f = torch.fft.rfft(kernel, n=fft_size)  # (D, C, F)
+        ctx.save_for_backward(inputs_f, kernel_f)
+        ctx.length, ctx.fft_size = length, fft_size
+        return torch.fft.irfft(inputs_f.unsqueeze(2) * kernel_f, n=fft_size)[..., :length]  # (B, D, C, L)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        inputs_f, kernel_f = ctx.saved_tensors
+        length, fft_size = ctx.length, ctx.fft_size
+        grad_f = torch.fft.rfft(grad_output, n=fft_size)  # (B, D, C, F)
+        grad_inputs = grad_kernel = None
+        if ctx.needs_input_grad[0]:
+            grad_inputs = torch.fft.irfft((grad_f * kernel_f.conj()).sum(2), n=fft_size)[..., :length]
+        if ctx.needs_input_grad[1]:
+            grad_kernel = torch.fft.irfft((grad_f * inputs_f.conj().unsqueeze(2)).sum(0), n=fft_size)[..., :length]
+        return grad_inputs, grad_kernel
+
+
 def causal_fft_conv(inputs: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
     """Causal linear convolution y[..., c, t] = sum_{s <= t} kernel[d, c, t - s] * inputs[b, d, s].
 
-    inputs (B, D, L), kernel (D, C, >= L) -> (B, D, C, L), float32. The FFT has size >= 2L so the circular convolution
-    it computes equals the linear one on the first L outputs. FFTs run in fp32 even under autocast: bf16/fp16 FFTs lose
-    the small, long-range taps that are the reason to have an SSM.
+    inputs (B, D, L), kernel (D, C, >= L) -> (B, D, C, L), float32. FFTs run in fp32 even under autocast: bf16/fp16
+    FFTs lose the small, long-range taps that are the reason to have an SSM.
     """
     length = inputs.shape[-1]
-    fft_size = 1 << (2 * length - 1).bit_length()
     with torch.autocast(device_type=inputs.device.type, enabled=False):
-        inputs_f = torch.fft.rfft(inputs.float(), n=fft_size)  # (B, D, F)
-        kernel_f = torch.fft.rfft(kernel[..., :length].float(), n=fft_size)  # (D, C, F)
-        return torch.fft.irfft(inputs_f.unsqueeze(2) * kernel_f, n=fft_size)[..., :length]
+        return CausalFFTConvolution.apply(inputs.float(), kernel[..., :length].float())
 
 
 def complex_exp(exponent: torch.Tensor) -> torch.Tensor:
@@ -232,13 +264,19 @@ class BSTStateSpace(nn.Module):
 
     def forward(self, inputs: torch.Tensor, layout: "BlockLayout", layer_cache: dict | None) -> torch.Tensor:
         """inputs (B, T, D), real tokens first in each row -> context states (B, T, D, C) in fp32."""
-        batch, length, _ = inputs.shape
-        # Padding must not enter the state (left-padded generation would otherwise leak it into every later token).
-        inputs = inputs.float() * layout.token_mask.unsqueeze(-1)
-        skip_term = inputs.unsqueeze(-1) * self.skip.float()  # (B, T, D, C)
-
+        inputs = inputs.float()
+        if layout.has_padding:
+            # Padding must not enter the state (left-padded generation would otherwise leak it into later tokens).
+            inputs = inputs * layout.token_mask.unsqueeze(-1)
         if self.config.ssm_kernel == "unstructured":
-            return self._forward_with_history(inputs, layout, layer_cache) + skip_term
+            convolved = self._forward_with_history(inputs, layout, layer_cache)
+        else:
+            convolved = self._forward_with_state(inputs, layout, layer_cache)
+        return torch.addcmul(convolved, inputs.unsqueeze(-1), self.skip.float())  # + skip * u, (B, T, D, C)
+
+    def _forward_with_state(self, inputs, layout, layer_cache):
+        """With "s4" kernels: the convolution, continued from and into the cached SSM state when there is a cache."""
+        batch, length, _ = inputs.shape
 
         state = None if layer_cache is None else layer_cache.get("ssm_state")
         if state is not None and length == 1:
@@ -248,13 +286,12 @@ class BSTStateSpace(nn.Module):
             new_state = complex_exp(log_da) * state + c_db * channel_inputs
             new_state = torch.where(layout.token_mask[:, :1, None], new_state, state)
             layer_cache["ssm_state"] = new_state
-            outputs = 2 * new_state.sum(-1).real.view(batch, 1, self.hidden_size, self.num_filters)
-            return outputs + skip_term
+            return 2 * new_state.sum(-1).real.view(batch, 1, self.hidden_size, self.num_filters)
 
         convolved = causal_fft_conv(inputs.transpose(1, 2), self.kernel(length))  # (B, D, C, T)
         outputs = convolved.permute(0, 3, 1, 2)  # (B, T, D, C)
         if layer_cache is None:
-            return outputs + skip_term
+            return outputs
 
         log_da, c_db = self.discretized()
         if state is not None:
@@ -270,7 +307,7 @@ class BSTStateSpace(nn.Module):
         channel_inputs = reversed_inputs.transpose(1, 2).repeat_interleave(self.num_filters, dim=1)  # (B, H, T)
         decayed = complex_exp(log_da * lengths[:, None, None])
         layer_cache["ssm_state"] = decayed * state + c_db * vandermonde_reduce(channel_inputs, log_da)
-        return outputs + skip_term
+        return outputs
 
     def _forward_with_history(self, inputs, layout, layer_cache):
         if layer_cache is None:
@@ -313,6 +350,7 @@ class BlockLayout:
     offsets: torch.Tensor  # (B,) slot of the first new token in its block
     virtual_index: torch.Tensor | None  # (B, T) offsets + t, or None when all offsets are 0
     num_blocks: int
+    has_padding: bool  # some token_mask entry is False
     is_single_step: bool  # one new token per row on top of a cache: queries stay out of the block layout
 
     @classmethod
@@ -332,6 +370,7 @@ class BlockLayout:
             offsets=offsets,
             virtual_index=virtual_index,
             num_blocks=-(-span // block_size),
+            has_padding=not bool(token_mask.all()),
             is_single_step=has_cache and length == 1,
         )
 
@@ -407,21 +446,21 @@ class BSTRotaryEmbedding(nn.Module):
         return 1.0 / (config.rope_theta**exponents)
 
     @torch.no_grad()
-    def forward(self, slots: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        angles = slots[..., None].float() * self.inv_freq.to(slots.device)  # (..., T, head_dim/2)
-        angles = torch.cat((angles, angles), dim=-1)
-        return angles.cos().to(dtype), angles.sin().to(dtype)
+    def forward(self, slots: torch.Tensor) -> torch.Tensor:
+        """slots (B, T) -> rotations exp(i * slot * inv_freq) (B, T, head_dim/2), complex64."""
+        angles = slots[..., None].float() * self.inv_freq.to(slots.device)
+        return torch.polar(torch.ones_like(angles), angles)
 
 
-def rotate_half(states: torch.Tensor) -> torch.Tensor:
-    first, second = states.chunk(2, dim=-1)
-    return torch.cat((-second, first), dim=-1)
+def apply_rotary(states: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
+    """RoPE: channels (2i, 2i+1) of every head, read as one complex number, are multiplied by rotations[..., i].
 
-
-def apply_rotary(states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """states (B, T, H, head_dim); cos/sin (B or 1, T, head_dim)."""
-    cos, sin = (embedding.unsqueeze(2) for embedding in position_embeddings)
-    return states * cos + rotate_half(states) * sin
+    states (B, T, H, head_dim), rotations (B or 1, T, head_dim/2) complex. One complex multiply is ~4x faster on CPU
+    (forward + backward) than the rotate-half form, which needs a split, a negation, a concatenation and three more
+    elementwise passes. Computed in fp32: there is no bfloat16 complex type.
+    """
+    pairs = torch.view_as_complex(states.float().contiguous().unflatten(-1, (-1, 2)))  # (B, T, H, head_dim/2)
+    return torch.view_as_real(pairs * rotations.unsqueeze(2)).flatten(-2).to(states.dtype)
 
 
 def eager_attention_forward(
@@ -533,8 +572,12 @@ class BSTAttention(nn.Module):
         if context_states.shape[-1] == 1:
             projected = projection(context_states[..., 0])
             return projected.unflatten(-1, (self.num_heads, self.head_dim))
-        # Through the module (not its weight) so hooks and adapters such as LoRA apply: every head projects every
-        # filter, and head h keeps filter h. H times the FLOPs of an einsum on the weight, small next to the SSM.
+        if type(projection) is nn.Linear and not (projection._forward_hooks or projection._forward_pre_hooks):
+            # Head h needs only its own d rows of the weight applied to filter h: one batched matmul over heads.
+            weight = projection.weight.view(self.num_heads, self.head_dim, -1)  # (H, d, D)
+            return torch.einsum("...dh,hed->...he", context_states, weight)
+        # A wrapped or hooked projection (LoRA, quantised, FSDP-managed) must run as a module: every head projects
+        # every filter and head h keeps filter h - H times the FLOPs, the same result.
         projected = projection(context_states.transpose(-1, -2)).unflatten(-1, (self.num_heads, self.head_dim))
         return projected.diagonal(dim1=-3, dim2=-2).transpose(-1, -2)  # (..., C=H, H, d) -> (..., H, d)
 
@@ -559,14 +602,14 @@ class BSTAttention(nn.Module):
     def forward(
         self,
         hidden_states: torch.Tensor,
-        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        rotations: torch.Tensor,
         layout: BlockLayout,
         context_states: torch.Tensor | None = None,
         layer_cache: dict | None = None,
     ) -> torch.Tensor:
         hidden_shape = (*hidden_states.shape[:-1], self.num_heads, self.head_dim)
-        query = apply_rotary(self.q_proj(hidden_states).view(hidden_shape), position_embeddings)  # (B, T, H, d)
-        key = apply_rotary(self.k_proj(hidden_states).view(hidden_shape), position_embeddings)
+        query = apply_rotary(self.q_proj(hidden_states).view(hidden_shape), rotations)  # (B, T, H, d)
+        key = apply_rotary(self.k_proj(hidden_states).view(hidden_shape), rotations)
         value = self.v_proj(hidden_states).view(hidden_shape)
         output = self._block_attention(query, key, value, layout, layer_cache, "keys", "values")
         if not self.is_bst_layer:
@@ -587,9 +630,9 @@ class BSTAttention(nn.Module):
         else:
             # Token i of a block reads the context states of positions j <= i of its block, like its own keys.
             normed = self.context_norm(context_states.transpose(-1, -2)).transpose(-1, -2)
-            context_keys = apply_rotary(self._project_context(self.context_k_proj, normed), position_embeddings)
+            context_keys = apply_rotary(self._project_context(self.context_k_proj, normed), rotations)
             context_values = self._project_context(self.context_v_proj, normed)
-            cross_query = apply_rotary(cross_query, position_embeddings)
+            cross_query = apply_rotary(cross_query, rotations)
             cross_output = self._block_attention(
                 cross_query, context_keys, context_values, layout, layer_cache, "context_keys", "context_values"
             )
@@ -612,14 +655,14 @@ class BSTDecoderLayer(GradientCheckpointingLayer):
     def forward(
         self,
         hidden_states: torch.Tensor,
-        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        rotations: torch.Tensor,
         layout: BlockLayout,
         layer_cache: dict | None = None,
     ) -> torch.Tensor:
         residual = hidden_states
         hidden_states = self.input_layernorm(hidden_states)
         context_states = self.ssm(hidden_states, layout, layer_cache) if self.is_bst_layer else None
-        hidden_states = self.attention(hidden_states, position_embeddings, layout, context_states, layer_cache)
+        hidden_states = self.attention(hidden_states, rotations, layout, context_states, layer_cache)
         hidden_states = residual + hidden_states
         return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
 
@@ -851,7 +894,7 @@ class BSTModel(BSTPreTrainedModel):
         seen_tokens = cache.seen_tokens if cache is not None else torch.zeros(batch, dtype=torch.long, device=device)
         layout = BlockLayout.build(token_mask, seen_tokens, self.config.block_size, has_cache=cache is not None)
         slots = (layout.offsets[:, None] + torch.arange(length, device=device)) % self.config.block_size
-        position_embeddings = self.rotary_emb(slots, inputs_embeds.dtype)
+        rotations = self.rotary_emb(slots)
 
         def restore_order(states: torch.Tensor) -> torch.Tensor:
             if compact_order is None:
@@ -873,7 +916,7 @@ class BSTModel(BSTPreTrainedModel):
             hidden_states = record(hidden_states)
         for layer_idx, decoder_layer in enumerate(self.layers):
             layer_cache = cache.layer_states[layer_idx] if cache is not None else None
-            hidden_states = decoder_layer(hidden_states, position_embeddings, layout, layer_cache)
+            hidden_states = decoder_layer(hidden_states, rotations, layout, layer_cache)
             if output_hidden_states:
                 hidden_states = record(hidden_states)
         hidden_states = restore_order(self.norm(hidden_states))

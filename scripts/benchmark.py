@@ -148,6 +148,11 @@ def parse_args(argv=None):
     )
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch.set_num_threads")
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights and inputs")
+    parser.add_argument(
+        "--default-malloc",
+        action="store_true",
+        help="keep glibc's default of mapping and unmapping every large block (see keep_freed_memory_mapped)",
+    )
     # Shapes.
     parser.add_argument("--hidden-size", type=int, default=512, help="model width D of every layer and model")
     parser.add_argument("--num-heads", type=int, default=8, help="attention heads (BST: self and cross each)")
@@ -278,17 +283,16 @@ def check_args(args):
 
 
 def rotary_tables(positions, head_dim, device, theta=10000.0):
+    """RoPE rotations exp(i * position * inv_freq), (L, head_dim/2) complex: the same form as the BST model's."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
     angles = positions.to(device=device, dtype=torch.float32)[:, None] * inv_freq[None, :]
-    angles = torch.cat([angles, angles], dim=-1)
-    return angles.cos(), angles.sin()
+    return torch.polar(torch.ones_like(angles), angles)
 
 
-def apply_rotary(x, cos, sin):
-    """x: (..., L, head_dim); cos/sin: (L, head_dim)."""
-    first, second = x.chunk(2, dim=-1)
-    rotated = torch.cat([-second, first], dim=-1)
-    return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
+def apply_rotary(x, rotations):
+    """x: (..., L, head_dim); channel pairs (2i, 2i+1) are rotated as one complex number, as in modeling_bst."""
+    pairs = torch.view_as_complex(x.float().contiguous().unflatten(-1, (-1, 2)))
+    return torch.view_as_real(pairs * rotations).flatten(-2).to(x.dtype)
 
 
 class FeedForward(nn.Module):
@@ -370,8 +374,8 @@ class AttentionLayer(nn.Module):
         query, key, value = (
             split_heads(t, self.num_heads) for t in self.qkv_proj(self.attn_norm(hidden_states)).chunk(3, dim=-1)
         )
-        cos, sin = rotary_tables(torch.arange(length), query.shape[-1], query.device)
-        query, key = apply_rotary(query, cos, sin), apply_rotary(key, cos, sin)
+        rotations = rotary_tables(torch.arange(length), query.shape[-1], query.device)
+        query, key = apply_rotary(query, rotations), apply_rotary(key, rotations)
         if self.window is None:
             attn = F.scaled_dot_product_attention(query, key, value, is_causal=True)
         else:
@@ -414,7 +418,7 @@ class BlockRecurrentLayer(nn.Module):
         self.attn_gate_bias = nn.Parameter(torch.full((hidden_size,), 2.0))
         self.mlp_gate_bias = nn.Parameter(torch.full((hidden_size,), 2.0))
 
-    def cell(self, tokens, state, cos, sin):
+    def cell(self, tokens, state, rotations):
         heads = self.num_heads
         normed_tokens = self.token_norm(tokens)
         normed_state = self.state_norm(state + self.state_ids)
@@ -422,7 +426,7 @@ class BlockRecurrentLayer(nn.Module):
         state_q, state_k, state_v = (split_heads(t, heads) for t in self.state_qkv_proj(normed_state).chunk(3, -1))
         token_cross_q = split_heads(self.token_cross_q_proj(normed_tokens), heads)
         state_cross_q = split_heads(self.state_cross_q_proj(normed_state), heads)
-        token_q, token_k = apply_rotary(token_q, cos, sin), apply_rotary(token_k, cos, sin)
+        token_q, token_k = apply_rotary(token_q, rotations), apply_rotary(token_k, rotations)
 
         token_self = F.scaled_dot_product_attention(token_q, token_k, token_v, is_causal=True)
         token_cross = F.scaled_dot_product_attention(token_cross_q, state_k, state_v)
@@ -444,8 +448,8 @@ class BlockRecurrentLayer(nn.Module):
         state = self.initial_state.to(hidden_states.dtype).expand(batch, -1, -1)
         outputs = []
         for block in hidden_states.split(self.block_size, dim=1):
-            cos, sin = rotary_tables(torch.arange(block.shape[1]), head_dim, block.device)
-            block_out, state = self.cell(block, state, cos, sin)
+            rotations = rotary_tables(torch.arange(block.shape[1]), head_dim, block.device)
+            block_out, state = self.cell(block, state, rotations)
             outputs.append(block_out)
         return torch.cat(outputs, dim=1)
 
@@ -556,6 +560,22 @@ def release_memory():
     allocator kept from earlier calls. (Tensors are freed by reference counting; no gc.collect() needed.)"""
     if LIBC is not None:
         LIBC.malloc_trim(0)
+
+
+def keep_freed_memory_mapped():
+    """Serve every allocation from glibc's heap and never shrink it automatically.
+
+    By default glibc maps each block above its mmap threshold (at most 32 MiB) fresh from the OS and unmaps it on
+    free, so every activation of a long sequence is page-faulted in again at each call: about 15% of a BST-SH or
+    sliding-window layer step at 16k on the 2-core machine, and more at 64k. `M_MMAP_MAX = 0` and a high
+    `M_TRIM_THRESHOLD` remove that for every model in the run alike (PyTorch's CPU performance guide gets the same
+    effect from jemalloc or tcmalloc). `release_memory()` still hands freed memory back between measurements.
+    Returns whether glibc accepted the settings.
+    """
+    if LIBC is None or not hasattr(LIBC, "mallopt"):
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4  # <malloc.h>
+    return bool(LIBC.mallopt(m_mmap_max, 0)) and bool(LIBC.mallopt(m_trim_threshold, 2**31 - 1))
 
 
 def resident_bytes():
@@ -1440,6 +1460,7 @@ def count_points(args):
 def main(argv=None):
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    malloc_tuned = False if args.default_malloc else keep_freed_memory_mapped()
     torch.manual_seed(args.seed)
     if any(s != "layer" for s in args.sections) or any(LAYER_SPECS[n][0] == "bst" for n in args.layers):
         import_bst()  # fail now, not after the baselines ran
@@ -1449,7 +1470,7 @@ def main(argv=None):
                                         (sys.argv[1:] if argv is None else list(argv))),
         "started_utc": started.isoformat(timespec="seconds"),
         "note": args.note,
-        "machine": machine_facts(args),
+        "machine": {**machine_facts(args), "malloc_keeps_freed_memory": malloc_tuned},
         "settings": {
             key: (str(value) if isinstance(value, Path) else value) for key, value in vars(args).items()
         },

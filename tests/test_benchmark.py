@@ -6,6 +6,8 @@ No timing assertions: only the JSON structure, finiteness of the ratios, and the
 import importlib.util
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -38,11 +40,19 @@ def quick_report(bench_script, tmp_path_factory):
         "--target-length", "128",
         "--scaling-lengths", "32", "128",
         "--threads", "1",
+        "--default-malloc",  # main() runs inside the pytest process: leave its allocator alone
         "--output", str(out / "bench.json"),
         "--figures-dir", str(out / "figures"),
     ]  # fmt: skip
     report = bench_script.main(argv)
     return report, out
+
+
+def test_malloc_setting_is_accepted_by_glibc():
+    """The benchmark's allocator setting (no per-call mmap/munmap of large blocks) works here; in a subprocess, since
+    it changes the allocator of the whole process."""
+    code = f"import sys; sys.path.insert(0, {str(SCRIPT.parent)!r}); import benchmark; assert benchmark.keep_freed_memory_mapped()"
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_parse_length(bench_script):
@@ -97,6 +107,7 @@ def test_baseline_models_match_bst_parameter_count(bench_script):
 
 def test_quick_run_json_structure(quick_report):
     report, out = quick_report
+    assert report["machine"]["malloc_keeps_freed_memory"] is False
     saved = json.loads((out / "bench.json").read_text())
     assert set(saved) >= {"command", "machine", "settings", "results", "ratios", "targets", "profile", "figures"}
     machine = saved["machine"]

@@ -11,7 +11,13 @@ from huggingface_hub.errors import StrictDataclassClassValidationError
 from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
 
 from modeling_bst import BSTConfig, BSTForCausalLM, BSTModel
-from modeling_bst.modeling_bst import BSTS4DKernel, causal_fft_conv, vandermonde_reduce, vandermonde_sum
+from modeling_bst.modeling_bst import (
+    BSTS4DKernel,
+    CausalFFTConvolution,
+    causal_fft_conv,
+    vandermonde_reduce,
+    vandermonde_sum,
+)
 
 
 def tiny_model(**overrides) -> BSTForCausalLM:
@@ -99,6 +105,24 @@ def test_fft_convolution_equals_direct_causal_convolution():
         # y[t] = sum_{s <= t} k[t - s] u[s]
         expected[..., t] = torch.einsum("bds,dcs->bdc", inputs[..., : t + 1], kernel[..., : t + 1].flip(-1))
     torch.testing.assert_close(causal_fft_conv(inputs, kernel), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_fft_convolution_gradients_equal_the_direct_convolution_gradients():
+    """The hand-written backward (correlations through real FFTs) against autograd through the direct sum, in fp64,
+    plus torch's numerical gradcheck."""
+    inputs = torch.randn(2, 3, 40, dtype=torch.float64, requires_grad=True)
+    kernel = torch.randn(3, 4, 40, dtype=torch.float64, requires_grad=True)
+    grad_output = torch.randn(2, 3, 4, 40, dtype=torch.float64)
+    direct = torch.stack(
+        [torch.einsum("bds,dcs->bdc", inputs[..., : t + 1], kernel[..., : t + 1].flip(-1)) for t in range(40)], -1
+    )
+    expected = torch.autograd.grad(direct, (inputs, kernel), grad_output)
+    fft = CausalFFTConvolution.apply(inputs, kernel)
+    torch.testing.assert_close(fft, direct)
+    for actual, reference in zip(torch.autograd.grad(fft, (inputs, kernel), grad_output), expected):
+        torch.testing.assert_close(actual, reference)
+    small = (inputs[:1, :2, :9].detach().requires_grad_(), kernel[:2, :2, :9].detach().requires_grad_())
+    assert torch.autograd.gradcheck(CausalFFTConvolution.apply, small)
 
 
 @pytest.mark.parametrize("length", [1, 7, 64, 1000])
@@ -273,6 +297,30 @@ def test_every_parameter_gets_a_gradient():
     model(input_ids, labels=input_ids).loss.backward()
     missing = [name for name, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
     assert missing == []
+
+
+def test_mh_context_projection_batched_path_equals_module_path():
+    """"mh" projects filter h with head h's rows only; a hooked projection (LoRA, FSDP) runs the module on every filter
+    and keeps the diagonal. Both must give the same logits and gradients."""
+    model = tiny_model(bst_variant="mh").train()
+    input_ids = torch.randint(0, 97, (2, 20))
+
+    def logits_and_grads():
+        model.zero_grad()
+        output = model(input_ids, labels=input_ids)
+        output.loss.backward()
+        return output.logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if "context" in n}
+
+    batched_logits, batched_grads = logits_and_grads()
+    projections = [m for n, m in model.named_modules() if n.endswith(("context_k_proj", "context_v_proj"))]
+    handles = [projection.register_forward_hook(lambda module, args, output: None) for projection in projections]
+    module_logits, module_grads = logits_and_grads()
+    for handle in handles:
+        handle.remove()
+    assert projections and batched_grads
+    torch.testing.assert_close(batched_logits, module_logits, rtol=1e-5, atol=1e-5)
+    for name in batched_grads:
+        torch.testing.assert_close(batched_grads[name], module_grads[name], rtol=1e-4, atol=1e-6)
 
 
 def test_bf16_autocast_forward_and_backward_are_finite():
