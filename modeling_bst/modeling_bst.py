@@ -354,7 +354,9 @@ class BlockLayout:
     is_single_step: bool  # one new token per row on top of a cache: queries stay out of the block layout
 
     @classmethod
-    def build(cls, token_mask: torch.Tensor, seen_tokens: torch.Tensor, block_size: int, has_cache: bool):
+    def build(
+        cls, token_mask: torch.Tensor, seen_tokens: torch.Tensor, block_size: int, has_cache: bool, has_padding: bool
+    ):
         batch, length = token_mask.shape
         offsets = seen_tokens % block_size
         if bool((offsets == 0).all()):
@@ -370,7 +372,7 @@ class BlockLayout:
             offsets=offsets,
             virtual_index=virtual_index,
             num_blocks=-(-span // block_size),
-            has_padding=not bool(token_mask.all()),
+            has_padding=has_padding,
             is_single_step=has_cache and length == 1,
         )
 
@@ -882,7 +884,8 @@ class BSTModel(BSTPreTrainedModel):
         # Move each row's real tokens to the front (stable order): padding then trails the real tokens and, every
         # sublayer being causal, cannot change them.
         compact_order = None
-        if not bool(token_mask.all()):
+        has_padding = not bool(token_mask.all())
+        if has_padding:
             compact_order = torch.argsort((~token_mask).to(torch.int8), dim=1, stable=True)  # (B, T)
             inputs_embeds = inputs_embeds.gather(1, compact_order[..., None].expand_as(inputs_embeds))
             token_mask = token_mask.gather(1, compact_order)
@@ -892,7 +895,9 @@ class BSTModel(BSTPreTrainedModel):
         if cache is not None and cache.seen_tokens.shape[0] != batch:
             raise ValueError(f"The cache holds {cache.seen_tokens.shape[0]} rows but the inputs have {batch}.")
         seen_tokens = cache.seen_tokens if cache is not None else torch.zeros(batch, dtype=torch.long, device=device)
-        layout = BlockLayout.build(token_mask, seen_tokens, self.config.block_size, has_cache=cache is not None)
+        layout = BlockLayout.build(
+            token_mask, seen_tokens, self.config.block_size, has_cache=cache is not None, has_padding=has_padding
+        )
         slots = (layout.offsets[:, None] + torch.arange(length, device=device)) % self.config.block_size
         rotations = self.rotary_emb(slots)
 
