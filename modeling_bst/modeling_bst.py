@@ -352,6 +352,8 @@ class BlockLayout:
     num_blocks: int
     has_padding: bool  # some token_mask entry is False
     is_single_step: bool  # one new token per row on top of a cache: queries stay out of the block layout
+    # RoPE rotation by -W (1, 1, head_dim/2): a previous-block key at slot j sits W - j + i before a query at slot i.
+    previous_block_rotation: torch.Tensor | None = None
 
     @classmethod
     def build(
@@ -413,6 +415,33 @@ class BlockLayout:
         """(B, 1, 1, W) keys a lone new token at slot `offsets` may see: the slots of its block up to itself."""
         slots = torch.arange(self.block_size, device=self.offsets.device)
         return (slots <= self.offsets[:, None]).view(-1, 1, 1, self.block_size)
+
+    def previous_of_last_block(self, blocks_with_previous: torch.Tensor) -> torch.Tensor:
+        """The block before the one holding each row's next token. `blocks_with_previous` (B, 1 + num_blocks, W, ...)
+        has the block before the chunk's first block in front: (B, W, ...)."""
+        index = self.current_block_index().view(-1, 1, *([1] * (blocks_with_previous.dim() - 2)))
+        return blocks_with_previous.gather(1, index.expand(-1, 1, *blocks_with_previous.shape[2:])).squeeze(1)
+
+    def previous_block_mask(self) -> torch.Tensor:
+        """(B * num_blocks, 1, W, 2W) keys each query may see when the previous block joins its own: all W slots of the
+        previous block (when the sequence has one), then the slots of its own block up to itself."""
+        block_size, device = self.block_size, self.offsets.device
+        first_block = self.seen_tokens // block_size  # absolute index of the chunk's first block
+        has_previous = (first_block[:, None] + torch.arange(self.num_blocks, device=device)) >= 1  # (B, N)
+        own = torch.ones(block_size, block_size, dtype=torch.bool, device=device).tril()
+        mask = torch.cat(
+            [
+                has_previous[:, :, None, None].expand(-1, -1, block_size, block_size),
+                own.expand(*has_previous.shape, -1, -1),
+            ],
+            dim=-1,
+        )  # (B, N, W, 2W)
+        return mask.flatten(0, 1).unsqueeze(1)
+
+    def single_step_previous_block_mask(self) -> torch.Tensor:
+        """(B, 1, 1, 2W): `previous_block_mask` for a lone new token at slot `offsets`."""
+        has_previous = (self.seen_tokens // self.block_size >= 1)[:, None].expand(-1, self.block_size)
+        return torch.cat([has_previous, self.single_step_mask().view(-1, self.block_size)], dim=-1).view(-1, 1, 1, 2 * self.block_size)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -499,6 +528,14 @@ class BSTMLP(nn.Module):
         return self.down_proj(self.act_fn(self.up_proj(hidden_states)))
 
 
+class BSTOutputProjection(nn.Linear):
+    """`o_proj` of a BST layer: the self-attention heads, then the cross-attention heads, mixed into the model width.
+    A plain linear map; its own class only so that initialisation can start the cross-attention half at zero."""
+
+    def __init__(self, inner_size: int, hidden_size: int):
+        super().__init__(2 * inner_size, hidden_size, bias=False)
+
+
 class BSTAttention(nn.Module):
     """Causal self-attention inside each block and, in BST layers, cross-attention to the block's context states.
 
@@ -528,7 +565,10 @@ class BSTAttention(nn.Module):
             if config.bst_variant == "mf":
                 self.initial_context = nn.Parameter(torch.empty(config.num_context_states, config.hidden_size))
                 self.context_ids = nn.Parameter(torch.empty(config.num_context_states, config.hidden_size))
-        self.o_proj = nn.Linear((2 if is_bst_layer else 1) * inner_size, config.hidden_size, bias=False)
+        if is_bst_layer:
+            self.o_proj = BSTOutputProjection(inner_size, config.hidden_size)
+        else:
+            self.o_proj = nn.Linear(inner_size, config.hidden_size, bias=False)
 
     def _attend(self, query, key, value, attention_mask=None, is_causal=False) -> torch.Tensor:
         """query (B, N, Q, H, d), key/value (B, N, K, H, d) -> (B, N, Q, H*d): one attention call over all blocks."""
@@ -567,6 +607,44 @@ class BSTAttention(nn.Module):
             output = self._attend(query[:, None], key_blocks, value_blocks, layout.single_step_mask())
             return output[:, 0]  # (B, 1, H*d)
         output = self._attend(layout.to_blocks(query), key_blocks, value_blocks, is_causal=True)
+        return layout.from_blocks(output, query.shape[1])
+
+    def _previous_block_attention(self, query, key, value, layout, layer_cache):
+        """Causal self-attention over the token's own block and the whole previous block (`attend_previous_block`):
+        (B, T, H, d) -> (B, T, H*d). The cache holds both blocks' keys/values (2W slots)."""
+        cached = {} if layer_cache is None else layer_cache
+        if layout.is_single_step and cached.get("keys") is not None:
+            rows = torch.arange(key.shape[0], device=key.device)
+            # A real token at slot 0 opens a new block: the full current block becomes the previous one.
+            opens_block = (layout.offsets == 0) & (layout.seen_tokens > 0) & layout.token_mask[:, 0]
+            if bool(opens_block.any()):
+                for name in ("keys", "values"):
+                    flag = opens_block.view(-1, *([1] * (cached[name].dim() - 1)))
+                    cached["previous_" + name] = torch.where(flag, cached[name], cached["previous_" + name])
+            cached["keys"][rows, layout.offsets] = key[:, 0]
+            cached["values"][rows, layout.offsets] = value[:, 0]
+            previous_keys = apply_rotary(cached["previous_keys"], layout.previous_block_rotation)
+            keys = torch.cat([previous_keys, cached["keys"]], dim=1)  # (B, 2W, H, d)
+            values = torch.cat([cached["previous_values"], cached["values"]], dim=1)
+            mask = layout.single_step_previous_block_mask()
+            return self._attend(query[:, None], keys[:, None], values[:, None], mask)[:, 0]  # (B, 1, H*d)
+
+        key_blocks = layout.to_blocks(key, cached.get("keys"))  # (B, N, W, H, d)
+        value_blocks = layout.to_blocks(value, cached.get("values"))
+        first_previous = [cached.get(name) for name in ("previous_keys", "previous_values")]
+        # The block before the chunk's first one: from the cache, or zeros (masked) at the sequence start.
+        key_blocks_with_previous, value_blocks_with_previous = (
+            torch.cat([(blocks[:, 0] * 0 if previous is None else previous)[:, None], blocks], dim=1)
+            for blocks, previous in zip((key_blocks, value_blocks), first_previous)
+        )  # (B, 1 + N, W, H, d)
+        if layer_cache is not None:
+            layer_cache["keys"], layer_cache["values"] = layout.last_block(key_blocks), layout.last_block(value_blocks)
+            layer_cache["previous_keys"] = layout.previous_of_last_block(key_blocks_with_previous)
+            layer_cache["previous_values"] = layout.previous_of_last_block(value_blocks_with_previous)
+        previous_keys = apply_rotary(key_blocks_with_previous[:, :-1].flatten(1, 2), layout.previous_block_rotation)
+        keys = torch.cat([previous_keys.view_as(key_blocks), key_blocks], dim=2)  # (B, N, 2W, H, d)
+        values = torch.cat([value_blocks_with_previous[:, :-1], value_blocks], dim=2)
+        output = self._attend(layout.to_blocks(query), keys, values, layout.previous_block_mask())
         return layout.from_blocks(output, query.shape[1])
 
     def _project_context(self, projection: nn.Linear, context_states: torch.Tensor) -> torch.Tensor:
@@ -613,7 +691,10 @@ class BSTAttention(nn.Module):
         query = apply_rotary(self.q_proj(hidden_states).view(hidden_shape), rotations)  # (B, T, H, d)
         key = apply_rotary(self.k_proj(hidden_states).view(hidden_shape), rotations)
         value = self.v_proj(hidden_states).view(hidden_shape)
-        output = self._block_attention(query, key, value, layout, layer_cache, "keys", "values")
+        if self.config.attend_previous_block:
+            output = self._previous_block_attention(query, key, value, layout, layer_cache)
+        else:
+            output = self._block_attention(query, key, value, layout, layer_cache, "keys", "values")
         if not self.is_bst_layer:
             return self.o_proj(output)
 
@@ -771,11 +852,17 @@ class BSTPreTrainedModel(PreTrainedModel):
         if isinstance(module, (BSTS4DKernel, BSTImplicitKernel)):
             module.reset_parameters()
         elif isinstance(module, BSTStateSpace):
-            init.ones_(module.skip)
+            # No skip term at the start: the context states are the SSM's history alone (docs/quality.md, "Recipe").
+            init.zeros_(module.skip)
             module._kernel_memo = module._discretized_memo = None
         elif isinstance(module, BSTAttention) and getattr(module, "initial_context", None) is not None:
             init.normal_(module.initial_context, std=std)
             init.normal_(module.context_ids, std=std)
+        if isinstance(module, BSTOutputProjection):
+            # The cross-attention half starts at zero: a BST layer starts as the same layer without its SSM, and the
+            # context path grows only as far as it helps (docs/quality.md, "Recipe").
+            cross_columns = torch.arange(module.in_features, device=module.weight.device) >= module.in_features // 2
+            init.copy_(module.weight, module.weight.masked_fill(cross_columns, 0.0))
         elif isinstance(module, BSTRotaryEmbedding):
             init.copy_(module.inv_freq, module.compute_inv_freq(module.config))
 
@@ -900,6 +987,8 @@ class BSTModel(BSTPreTrainedModel):
         )
         slots = (layout.offsets[:, None] + torch.arange(length, device=device)) % self.config.block_size
         rotations = self.rotary_emb(slots)
+        if self.config.attend_previous_block:
+            layout.previous_block_rotation = self.rotary_emb(torch.full((1, 1), -self.config.block_size, device=device))
 
         def restore_order(states: torch.Tensor) -> torch.Tensor:
             if compact_order is None:

@@ -61,6 +61,8 @@ logger = logging.getLogger(__name__)
 
 TEXT_FILE_EXTENSIONS = (".txt", ".text", ".md", ".rst", ".py")
 JSON_FILE_EXTENSIONS = (".jsonl", ".json")
+# The SSM parameters' learning rate as a multiple of the model's (docs/quality.md, "Recipe").
+SSM_LEARNING_RATE_SCALE = 0.5
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
@@ -93,6 +95,13 @@ class ModelArguments:
         metadata={"help": "Vocabulary size of the BPE trained on the corpus. Default: the preset's vocab_size."},
     )
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow model code shipped in a checkpoint."})
+    ssm_learning_rate_scale: float = field(
+        default=SSM_LEARNING_RATE_SCALE,
+        metadata={
+            "help": "Learning rate of the SSM sublayers' parameters (step sizes, state matrices, kernels, skip), as a "
+            "multiple of --learning_rate; they never get weight decay. See docs/quality.md."
+        },
+    )
 
 
 @dataclass
@@ -133,8 +142,59 @@ class DataArguments:
     )
 
 
+def optimizer_parameter_groups(model, weight_decay, learning_rate, ssm_learning_rate_scale):
+    """AdamW parameter groups: matrices with weight decay; vectors (norms, biases) without; the parameters of every
+    SSM sublayer (`BSTStateSpace`) without weight decay and at `ssm_learning_rate_scale` x the learning rate.
+
+    S4 and Mamba train their SSMs this way: weight decay would pull the log step sizes and the state matrices toward
+    zero, which means towards one fixed time scale, whatever the data asks for."""
+    ssm_parameters = {
+        id(parameter)
+        for module in model.modules()
+        if type(module).__name__ == "BSTStateSpace"
+        for parameter in module.parameters()
+    }
+    groups = {
+        "decay": {"params": [], "weight_decay": weight_decay, "lr": learning_rate},
+        "no_decay": {"params": [], "weight_decay": 0.0, "lr": learning_rate},
+        "ssm": {"params": [], "weight_decay": 0.0, "lr": learning_rate * ssm_learning_rate_scale},
+    }
+    for parameter in model.parameters():
+        if not parameter.requires_grad:
+            continue
+        if id(parameter) in ssm_parameters:
+            groups["ssm"]["params"].append(parameter)
+        elif parameter.dim() >= 2:
+            groups["decay"]["params"].append(parameter)
+        else:
+            groups["no_decay"]["params"].append(parameter)
+    return [group for group in groups.values() if group["params"]]
+
+
 class PerplexityTrainer(Trainer):
-    """Trainer that logs the validation perplexity, exp(eval_loss), next to every validation loss."""
+    """Trainer that logs the validation perplexity, exp(eval_loss), next to every validation loss, and trains with
+    `optimizer_parameter_groups` (the SSM parameters in a group of their own)."""
+
+    def __init__(self, *args, ssm_learning_rate_scale=1.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.ssm_learning_rate_scale = ssm_learning_rate_scale
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is not None:
+            return self.optimizer
+        model = self.model if model is None else model
+        optimizer_cls, optimizer_kwargs = self.optimizer_cls_and_kwargs or self.get_optimizer_cls_and_kwargs(
+            self.args, model
+        )
+        if not isinstance(optimizer_cls, type) or {"params", "model", "optimizer_dict"} & set(optimizer_kwargs):
+            # Optimizer factories and optimizers that group parameters themselves (GaLore, LOMO, layer-wise) keep
+            # Trainer's own grouping.
+            return super().create_optimizer(model)
+        groups = optimizer_parameter_groups(
+            model, self.args.weight_decay, optimizer_kwargs["lr"], self.ssm_learning_rate_scale
+        )
+        self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
+        return self.optimizer
 
     def log(self, logs, *args, **kwargs):
         if "eval_loss" in logs:
@@ -556,6 +616,7 @@ def main(argv=None):
         processing_class=tokenizer,
         data_collator=default_data_collator,
         callbacks=callbacks,
+        ssm_learning_rate_scale=model_args.ssm_learning_rate_scale,
     )
 
     train_result = trainer.train(resume_from_checkpoint=checkpoint)
