@@ -11,8 +11,18 @@ beyond its training length gets a lower perplexity at longer lengths, one that d
 
     python scripts/evaluate.py --model_name_or_path runs/quickstart --dataset_name data/books --split test
 
-Writes a Markdown table to stdout, `perplexity_vs_length.json` and `perplexity_vs_length.png` to `--output_dir`
-(default: the model folder).
+Loss by slot inside a block: window position t predicts token t + 1 and sits at slot t % W, W = config.block_size
+for a BST (or `--block_size`, which puts a model without blocks, such as Llama, on the same slots; without either the
+diagnostic is skipped). Self-attention never crosses a block boundary, so at the first slots only the SSM can bring
+context from earlier blocks: a block-attention model without SSM has a high loss at slot 0 that falls with the slot, a
+full-attention model is flat. Predictions in the first block of each window are left out (no model has anything
+before them). Reported for every length in the JSON and, at the training length, as a table by slot group, a plot, and
+the "context gain": mean loss at slots 0-3 minus mean loss over the last half of the block (nats).
+`--ssm_ablation` (BST) scores the training-length windows again with every SSM output replaced by zeros (forward
+hooks), which shows how much of that the SSM accounts for. `loss_by_slot()` is importable by other scripts.
+
+Writes Markdown tables to stdout, `perplexity_vs_length.json`, `perplexity_vs_length.png` and `loss_by_slot.png` to
+`--output_dir` (default: the model folder).
 """
 
 import argparse
@@ -255,10 +265,14 @@ def plot_slots(row, title, path):
     figure, axis = plt.subplots(figsize=(6, 4))
     for key, label in (("loss_by_slot", "model"), ("loss_by_slot_without_ssm", "SSM outputs zeroed")):
         if row.get(key) is not None:
-            axis.plot(range(len(row[key]["loss"])), row[key]["loss"], marker=".", label=label)
+            line = axis.plot(range(len(row[key]["loss"])), row[key]["loss"], marker=".", alpha=0.4, label=label)[0]
+            # Per-slot values are noisy (few predictions each); the group means carry the comparison.
+            for group in row[key]["groups"]:
+                first, last = (int(slot) for slot in group["slots"].split("-"))
+                axis.hlines(group["loss"], first, last, color=line.get_color(), linewidth=2.5)
     # symlog: the first slots, where a block has no context of its own yet, get as much room as the rest.
     axis.set_xscale("symlog", linthresh=4)
-    axis.set_xlabel("slot inside the block (position % block_size)")
+    axis.set_xlabel("slot inside the block (position % block_size); thick: mean over slot groups")
     axis.set_ylabel("next-token loss (nats)")
     axis.set_title(title, fontsize=9)
     axis.legend()
