@@ -168,10 +168,14 @@ def loss_by_slot(model, input_ids, block_size, batch_size, device, bf16=False, s
         nll_by_position += nll.double().sum(0).cpu()
         correct_by_position += (logits.argmax(-1) == targets).sum(0).cpu()
     count_by_position = torch.full((length - 1,), num_windows, dtype=torch.int64)
+
+    def by_slot(per_position):
+        return torch.zeros(block_size, dtype=per_position.dtype).index_add_(0, slots[counted], per_position[counted])
+
     return {
-        "nll": torch.zeros(block_size, dtype=torch.float64).index_add_(0, slots[counted], nll_by_position[counted]),
-        "correct": torch.zeros(block_size, dtype=torch.int64).index_add_(0, slots[counted], correct_by_position[counted]),
-        "count": torch.zeros(block_size, dtype=torch.int64).index_add_(0, slots[counted], count_by_position[counted]),
+        "nll": by_slot(nll_by_position),
+        "correct": by_slot(correct_by_position),
+        "count": by_slot(count_by_position),
         "total_nll": nll_by_position.sum().item(),
         "total_count": num_windows * (length - 1),
     }
@@ -219,7 +223,9 @@ def ssm_zeroed(model):
     its context states then carry nothing, neither from earlier blocks nor from the block itself. Forward hooks, so
     the model code is untouched; they are removed on exit."""
     ssm_modules = [module.ssm for module in model.modules() if isinstance(getattr(module, "ssm", None), nn.Module)]
-    handles = [ssm.register_forward_hook(lambda module, inputs, output: torch.zeros_like(output)) for ssm in ssm_modules]
+    handles = [
+        ssm.register_forward_hook(lambda module, inputs, output: torch.zeros_like(output)) for ssm in ssm_modules
+    ]
     try:
         yield len(ssm_modules)
     finally:

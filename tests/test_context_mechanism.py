@@ -18,7 +18,8 @@ from conftest import VARIANTS_AND_KERNELS
 from modeling_bst import BSTConfig, BSTForCausalLM
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_spec = importlib.util.spec_from_file_location("bst_scripts_evaluate", os.path.join(REPO_ROOT, "scripts", "evaluate.py"))
+_path = os.path.join(REPO_ROOT, "scripts", "evaluate.py")
+_spec = importlib.util.spec_from_file_location("bst_scripts_evaluate", _path)
 evaluate = importlib.util.module_from_spec(_spec)  # a private name: `evaluate` would shadow the Hugging Face library
 _spec.loader.exec_module(evaluate)
 

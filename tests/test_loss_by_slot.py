@@ -1,4 +1,4 @@
-"""scripts/evaluate.py's loss-by-slot diagnostic: counts, values, and the SSM ablation hooks. Tiny random models, CPU."""
+"""scripts/evaluate.py's loss-by-slot diagnostic: counts, values and the SSM ablation hooks. Tiny random models."""
 
 import importlib.util
 import math
@@ -17,7 +17,8 @@ CPU = torch.device("cpu")
 
 def load_evaluate():
     """scripts/evaluate.py under a private name: a module called `evaluate` would shadow the Hugging Face library."""
-    spec = importlib.util.spec_from_file_location("bst_scripts_evaluate", os.path.join(REPO_ROOT, "scripts", "evaluate.py"))
+    path = os.path.join(REPO_ROOT, "scripts", "evaluate.py")
+    spec = importlib.util.spec_from_file_location("bst_scripts_evaluate", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
