@@ -11,11 +11,22 @@ beyond its training length gets a lower perplexity at longer lengths, one that d
 
     python scripts/evaluate.py --model_name_or_path runs/quickstart --dataset_name data/books --split test
 
-Writes a Markdown table to stdout, `perplexity_vs_length.json` and `perplexity_vs_length.png` to `--output_dir`
-(default: the model folder).
+Loss by slot inside a block: window position t predicts token t + 1 and sits at slot t % W, W = config.block_size
+for a BST (or `--block_size`, which puts a model without blocks, such as Llama, on the same slots; without either the
+diagnostic is skipped). Self-attention never crosses a block boundary, so at the first slots only the SSM can bring
+context from earlier blocks: a block-attention model without SSM has a high loss at slot 0 that falls with the slot, a
+full-attention model is flat. Predictions in the first block of each window are left out (no model has anything
+before them). Reported for every length in the JSON and, at the training length, as a table by slot group, a plot, and
+the "context gain": mean loss at slots 0-3 minus mean loss over the last half of the block (nats).
+`--ssm_ablation` (BST) scores the training-length windows again with every SSM output replaced by zeros (forward
+hooks), which shows how much of that the SSM accounts for. `loss_by_slot()` is importable by other scripts.
+
+Writes Markdown tables to stdout, `perplexity_vs_length.json`, `perplexity_vs_length.png` and `loss_by_slot.png` to
+`--output_dir` (default: the model folder).
 """
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -25,6 +36,7 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -62,6 +74,19 @@ def parse_args(argv=None):
     )
     parser.add_argument(
         "--tokens_per_batch", type=int, default=16384, help="Batch size in tokens (at least 1 window)."
+    )
+    parser.add_argument(
+        "--block_size",
+        type=int,
+        default=None,
+        help="Block size W of the loss-by-slot diagnostic. Default: config.block_size (BST). Models without blocks "
+        "(Llama, Mistral) have no default: pass the W of the BST you compare them with, or the diagnostic is skipped.",
+    )
+    parser.add_argument(
+        "--ssm_ablation",
+        action="store_true",
+        help="BST only: score the training-length windows a second time with every SSM output replaced by zeros, "
+        "to show how much of the loss by slot the SSM accounts for (one more pass over the 1x windows).",
     )
     parser.add_argument("--bf16", action="store_true", help="Evaluate under bf16 autocast.")
     parser.add_argument("--device", default=None, help="Default: cuda when available, else cpu.")
@@ -110,19 +135,157 @@ def select_chunks(stream, chunk_length, max_tokens):
 
 
 @torch.no_grad()
-def score_windows(model, windows, tokens_per_batch, device, bf16):
-    """Summed next-token negative log-likelihood and number of predicted tokens over a set of windows."""
-    length = windows.shape[1]
-    batch_size = max(1, tokens_per_batch // length)
-    total_nll, total_predicted = 0.0, 0
-    for start in tqdm(range(0, len(windows), batch_size), desc=f"length {length}", leave=False):
-        input_ids = torch.from_numpy(windows[start : start + batch_size]).to(device)
+def loss_by_slot(model, input_ids, block_size, batch_size, device, bf16=False, skip_first_block=True):
+    """Next-token loss and accuracy by slot inside a block, plus the overall loss, in one pass over the windows.
+
+    `input_ids` is a (num_windows, length) LongTensor; every window is scored on its own, starting a fresh sequence.
+    Window position t predicts token t + 1 and sits at slot t % block_size of its block, so the last position of a
+    window predicts nothing and slot block_size - 1 gets one prediction fewer per window than the others.
+
+    With `skip_first_block` (the default) the per-slot sums leave out the predictions of the window's first block
+    (t < block_size): there no model, full attention included, has anything before the block to read, so they say
+    nothing about context across block boundaries. Every prediction that is counted then has at least block_size
+    earlier tokens in its window: a full-attention model is flat in slot, and a rise at the first slots is the cost
+    of the block boundary that only a BST's SSM can bridge.
+
+    Returns a dict: "nll" (block_size,) float64 summed negative log-likelihood per slot, "correct" (block_size,)
+    int64 top-1 hits, "count" (block_size,) int64 predictions, and "total_nll" (float) / "total_count" (int) over
+    ALL predicted positions of the windows (first block included: the loss that perplexity uses).
+    """
+    num_windows, length = input_ids.shape
+    if length < 2:
+        raise ValueError(f"Windows must hold at least 2 tokens, got length {length}.")
+    slots = torch.arange(length - 1) % block_size
+    counted = torch.arange(length - 1) >= (block_size if skip_first_block else 0)
+    nll_by_position = torch.zeros(length - 1, dtype=torch.float64)
+    correct_by_position = torch.zeros(length - 1, dtype=torch.int64)
+    for start in tqdm(range(0, num_windows, batch_size), desc=f"length {length}", leave=False):
+        batch = input_ids[start : start + batch_size].to(device)
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
-            logits = model(input_ids=input_ids, use_cache=False).logits
-        nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), input_ids[:, 1:].flatten(), reduction="sum")
-        total_nll += nll.item()
-        total_predicted += input_ids[:, 1:].numel()
-    return total_nll, total_predicted
+            logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
+        targets = batch[:, 1:]
+        nll = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")  # (batch, length - 1)
+        nll_by_position += nll.double().sum(0).cpu()
+        correct_by_position += (logits.argmax(-1) == targets).sum(0).cpu()
+    count_by_position = torch.full((length - 1,), num_windows, dtype=torch.int64)
+
+    def by_slot(per_position):
+        return torch.zeros(block_size, dtype=per_position.dtype).index_add_(0, slots[counted], per_position[counted])
+
+    return {
+        "nll": by_slot(nll_by_position),
+        "correct": by_slot(correct_by_position),
+        "count": by_slot(count_by_position),
+        "total_nll": nll_by_position.sum().item(),
+        "total_count": num_windows * (length - 1),
+    }
+
+
+def slot_groups(block_size):
+    """Slot ranges that grow geometrically (0-3, 4-15, 16-63, 64-255, ...), the last one cut at block_size - 1:
+    the loss changes fastest over the first slots of a block."""
+    bounds = [0, 4]
+    while bounds[-1] < block_size:
+        bounds.append(bounds[-1] * 4)
+    bounds = [bound for bound in bounds if bound < block_size] + [block_size]
+    return list(zip(bounds[:-1], bounds[1:]))  # half-open [first, end)
+
+
+def mean_loss(stats, first, end):
+    """Mean loss per prediction over slots [first, end); None when none of them was scored."""
+    count = stats["count"][first:end].sum().item()
+    return stats["nll"][first:end].sum().item() / count if count else None
+
+
+def summarise_slots(stats):
+    """JSON-ready summary of `loss_by_slot`'s output: per-slot loss, accuracy and count, the grouped loss, and the
+    context gain = mean loss at the first slots (0-3) minus mean loss over the last half of the block, in nats."""
+    block_size = len(stats["count"])
+    counts = stats["count"].tolist()
+    early = mean_loss(stats, 0, min(4, block_size // 2))
+    late = mean_loss(stats, block_size // 2, block_size)
+    return {
+        "block_size": block_size,
+        "loss": [nll / count if count else None for nll, count in zip(stats["nll"].tolist(), counts)],
+        "accuracy": [hits / count if count else None for hits, count in zip(stats["correct"].tolist(), counts)],
+        "count": counts,
+        "groups": [
+            {"slots": f"{first}-{end - 1}", "loss": mean_loss(stats, first, end), "count": sum(counts[first:end])}
+            for first, end in slot_groups(block_size)
+        ],
+        "context_gain": early - late if early is not None and late is not None else None,
+    }
+
+
+@contextlib.contextmanager
+def ssm_zeroed(model):
+    """Inside the block, every SSM sublayer (a module attribute named `ssm`, as BST decoder layers have) outputs zeros:
+    its context states then carry nothing, neither from earlier blocks nor from the block itself. Forward hooks, so
+    the model code is untouched; they are removed on exit."""
+    ssm_modules = [module.ssm for module in model.modules() if isinstance(getattr(module, "ssm", None), nn.Module)]
+    handles = [
+        ssm.register_forward_hook(lambda module, inputs, output: torch.zeros_like(output)) for ssm in ssm_modules
+    ]
+    try:
+        yield len(ssm_modules)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def format_slot_table(row, block_size):
+    """Markdown table of the loss by slot group at one evaluation length, with the SSM-ablated column when present."""
+    slots, ablated = row["loss_by_slot"], row.get("loss_by_slot_without_ssm")
+
+    def cell(value):
+        return "n/a" if value is None else f"{value:.4f}"
+
+    lines = [
+        f"Next-token loss by slot inside a block (block_size {block_size}) at length {row['length']}; slot = "
+        f"position % block_size of the predicting token; blocks after the first of each window:",
+        "",
+        "| slots | predictions | loss | " + ("loss without SSM | " if ablated else "") + "accuracy |",
+        "|---|---:|---:|" + ("---:|" if ablated else "") + "---:|",
+    ]
+    for index, group in enumerate(slots["groups"]):
+        first, end = (int(slot) for slot in group["slots"].split("-"))
+        hits = sum(a * c for a, c in zip(slots["accuracy"][first : end + 1], slots["count"][first : end + 1]) if c)
+        accuracy = hits / group["count"] if group["count"] else None
+        extra = f"{cell(ablated['groups'][index]['loss'])} | " if ablated else ""
+        lines.append(f"| {group['slots']} | {group['count']} | {cell(group['loss'])} | {extra}{cell(accuracy)} |")
+    early_end = min(4, block_size // 2) - 1
+    extra = f"{cell(ablated['context_gain'])} | " if ablated else ""
+    lines.append(
+        f"| context gain (slots 0-{early_end} minus {block_size // 2}-{block_size - 1}, nats) | | "
+        f"{cell(slots['context_gain'])} | {extra}|"
+    )
+    return "\n".join(lines)
+
+
+def plot_slots(row, title, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(6, 4))
+    for key, label in (("loss_by_slot", "model"), ("loss_by_slot_without_ssm", "SSM outputs zeroed")):
+        if row.get(key) is not None:
+            line = axis.plot(range(len(row[key]["loss"])), row[key]["loss"], marker=".", alpha=0.4, label=label)[0]
+            # Per-slot values are noisy (few predictions each); the group means carry the comparison.
+            for group in row[key]["groups"]:
+                first, last = (int(slot) for slot in group["slots"].split("-"))
+                axis.hlines(group["loss"], first, last, color=line.get_color(), linewidth=2.5)
+    # symlog: the first slots, where a block has no context of its own yet, get as much room as the rest.
+    axis.set_xscale("symlog", linthresh=4)
+    axis.set_xlabel("slot inside the block (position % block_size); thick: mean over slot groups")
+    axis.set_ylabel("next-token loss (nats)")
+    axis.set_title(title, fontsize=9)
+    axis.legend()
+    axis.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
 
 
 def plot(results, training_length, title, path):
@@ -173,6 +336,14 @@ def main(argv=None):
         )
     training_length = args.training_length or model.config.max_position_embeddings
     lengths = evaluation_lengths(args, training_length)
+    block_size = args.block_size or getattr(model.config, "block_size", None)
+    if block_size is not None and block_size < 2:
+        raise ValueError(f"--block_size must be at least 2, got {block_size}.")
+    if args.ssm_ablation and model.config.model_type != "bst":
+        raise ValueError(f"--ssm_ablation needs a BST model; this one is {model.config.model_type!r}.")
+    # The slot table, plot and SSM ablation use the training length (or the evaluated length closest to it); every
+    # length gets its per-slot arrays in the JSON.
+    slot_length = min(lengths, key=lambda length: abs(length - training_length))
 
     if args.eval_file is not None:
         split = "validation"
@@ -187,27 +358,44 @@ def main(argv=None):
         f"{args.model_name_or_path}: {len(documents)} {split} documents, {len(stream)} tokens; scoring "
         f"{chunks.size} of them at lengths {lengths} (training length {training_length})"
     )
+    if block_size is None:
+        print("No block size (the config has none and --block_size was not given): no loss by slot.")
+
+    def score(windows, length):
+        """One pass over the windows: overall loss, and the per-slot summary when there is a block size."""
+        batch_size = max(1, args.tokens_per_batch // length)
+        if block_size is None:  # the overall loss only; one "block" as long as the window keeps every position
+            return loss_by_slot(model, windows, length, batch_size, device, args.bf16, skip_first_block=False), None
+        stats = loss_by_slot(model, windows, block_size, batch_size, device, args.bf16)
+        return stats, summarise_slots(stats) if stats["count"].sum() > 0 else None
 
     results = []
     for length in lengths:
         # Cut every chunk into non-overlapping windows of `length` tokens (any remainder is dropped).
         per_chunk = chunks.shape[1] // length
-        windows = chunks[:, : per_chunk * length].reshape(-1, length)
+        windows = torch.from_numpy(chunks[:, : per_chunk * length].reshape(-1, length))
         start = time.perf_counter()
-        nll, predicted = score_windows(model, windows, args.tokens_per_batch, device, args.bf16)
+        stats, slots = score(windows, length)
         seconds = time.perf_counter() - start
-        loss = nll / predicted
-        results.append(
-            {
-                "length": length,
-                "times_training_length": length / training_length,
-                "windows": len(windows),
-                "predicted_tokens": predicted,
-                "loss": loss,
-                "perplexity": math.exp(loss),
-                "tokens_per_second": windows.size / seconds,
-            }
-        )
+        loss = stats["total_nll"] / stats["total_count"]
+        row = {
+            "length": length,
+            "times_training_length": length / training_length,
+            "windows": len(windows),
+            "predicted_tokens": stats["total_count"],
+            "loss": loss,
+            "perplexity": math.exp(loss),
+            "tokens_per_second": windows.numel() / seconds,
+        }
+        if block_size is not None:
+            # Blocks after the first of each window only (see loss_by_slot); None when the window holds one block.
+            row["loss_by_slot"] = slots
+        if args.ssm_ablation and length == slot_length:
+            with ssm_zeroed(model):
+                ablated_stats, ablated_slots = score(windows, length)
+            row["loss_without_ssm"] = ablated_stats["total_nll"] / ablated_stats["total_count"]
+            row["loss_by_slot_without_ssm"] = ablated_slots
+        results.append(row)
 
     print()
     print("| length | x training | windows | predicted tokens | loss | perplexity | tokens/s |")
@@ -218,6 +406,13 @@ def main(argv=None):
             f"{row['loss']:.4f} | {row['perplexity']:.2f} | {row['tokens_per_second']:.0f} |"
         )
 
+    slot_row = next(row for row in results if row["length"] == slot_length)
+    if block_size is not None and slot_row["loss_by_slot"] is None:
+        print(f"\nNo loss by slot: windows of {slot_length} tokens hold a single block of {block_size}.")
+    elif block_size is not None:
+        print()
+        print(format_slot_table(slot_row, block_size))
+
     output_dir = args.output_dir or args.model_name_or_path
     os.makedirs(output_dir, exist_ok=True)
     report = {
@@ -226,6 +421,8 @@ def main(argv=None):
         "documents": len(documents),
         "split_tokens": int(len(stream)),
         "training_length": training_length,
+        "block_size": block_size,
+        "loss_by_slot_length": slot_length if block_size is not None else None,
         "device": str(device),
         "bf16": args.bf16,
         "results": results,
@@ -239,6 +436,10 @@ def main(argv=None):
         title = f"{os.path.basename(os.path.normpath(args.model_name_or_path))} on {report['data']}"
         plot(results, training_length, title, png_path)
         print(f"Wrote {png_path}")
+        if block_size is not None and slot_row["loss_by_slot"] is not None:
+            slots_path = os.path.join(output_dir, "loss_by_slot.png")
+            plot_slots(slot_row, f"{title}, length {slot_length}", slots_path)
+            print(f"Wrote {slots_path}")
     return report
 
 

@@ -147,6 +147,32 @@ def test_continue_from_checkpoint_and_evaluate_lengths(trained, corpus, tmp_path
     assert os.path.getsize(tmp_path / "perplexity_vs_length.png") > 1000
 
 
+def test_evaluate_reports_loss_by_slot_with_and_without_ssm(trained, corpus, tmp_path):
+    output_dir, _ = trained
+    report = evaluate.main(
+        ["--model_name_or_path", str(output_dir), "--dataset_name", str(corpus), "--max_tokens", "1024",
+         "--ssm_ablation", "--output_dir", str(tmp_path)]
+    )  # fmt: skip
+    assert report["block_size"] == 8 and report["loss_by_slot_length"] == 32
+    first, longest = report["results"][0], report["results"][-1]
+    slots = first["loss_by_slot"]
+    # 32 windows of 32 tokens; positions 8..30 are counted (after the first block): slot 7 predicts twice per window.
+    assert slots["count"] == [96] * 7 + [64]
+    assert [group["slots"] for group in slots["groups"]] == ["0-3", "4-7"]
+    mean = lambda a, b: sum(l * c for l, c in zip(slots["loss"][a:b], slots["count"][a:b])) / sum(slots["count"][a:b])
+    assert slots["groups"][0]["loss"] == pytest.approx(mean(0, 4))
+    assert slots["context_gain"] == pytest.approx(mean(0, 4) - mean(4, 8))
+    # The ablation runs at the training length only, on the same windows, and zeroing the SSM changes the loss.
+    without = first["loss_by_slot_without_ssm"]
+    assert without["count"] == slots["count"] and "loss_by_slot_without_ssm" not in longest
+    assert abs(first["loss_without_ssm"] - first["loss"]) > 1e-3
+    assert longest["loss_by_slot"]["count"] == [2 * (512 // 8 - 1)] * 7 + [2 * (512 // 8 - 1) - 2]
+    with open(tmp_path / "perplexity_vs_length.json") as f:
+        assert json.load(f)["results"][0]["loss_by_slot"]["loss"] == pytest.approx(slots["loss"])
+    assert os.path.getsize(tmp_path / "loss_by_slot.png") > 1000
+
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Bad input: a clear error before any training starts
 # ----------------------------------------------------------------------------------------------------------------
