@@ -155,3 +155,90 @@ def test_a_passed_cache_under_gradient_checkpointing_in_training_is_refused():
     model.train()
     with pytest.raises(ValueError, match="gradient checkpointing"):
         model(input_ids[:, 6:], past_key_values=cache)
+
+
+# --- 6: precision at long lengths -----------------------------------------------------------------------------------
+
+
+def reference_s4_kernel(module: BSTS4DKernel, length: int) -> torch.Tensor:
+    """K[l] = 2 Re(sum_n C_n dB_n dA_n^l) from the same parameters, all in float64, with the naive table of powers."""
+    a = torch.complex(-torch.exp(module.log_neg_a_real.double()), module.a_imag.double())
+    dt_a = torch.exp(module.log_dt.double())[:, None] * a
+    c_db = torch.view_as_complex(module.c.double().contiguous()) * torch.expm1(dt_a) / a
+    pieces = []
+    for start in range(0, length, 8192):
+        steps = torch.arange(start, min(length, start + 8192), dtype=torch.float64)
+        pieces.append(2 * (c_db[..., None] * torch.exp(dt_a[..., None] * steps)).sum(-2).real)
+    return torch.cat(pieces, -1)
+
+
+def relative_kernel_error(kernel: torch.Tensor, reference: torch.Tensor) -> float:
+    """Worst channel's max |error| over its max |tap|."""
+    return float(((kernel.detach().double() - reference.detach()).abs().amax(-1) / reference.abs().amax(-1)).max())
+
+
+def slow_s4_kernel(channels: int = 12) -> BSTS4DKernel:
+    """Step sizes over four decades and modes that barely decay: the phase of dA^l then matters at every l."""
+    module = BSTS4DKernel(tiny_config(), channels)
+    module.reset_parameters()
+    with torch.no_grad():
+        module.log_dt.copy_(torch.linspace(math.log(1e-4), math.log(1.0), channels))
+        module.log_neg_a_real[: channels // 2].fill_(math.log(1e-4))  # slow modes; the rest keep A = -1/2 + i pi n
+    return module
+
+
+def test_s4_kernel_is_accurate_to_1e_5_at_64k_tokens_for_any_step_size():
+    # Before: exp(l log dA) in complex64, 1.4e-3 at 16k and 2.9e-3 at 64k. Now ~4e-7.
+    module = slow_s4_kernel()
+    with torch.no_grad():
+        kernel = module(65536)
+    assert kernel.dtype == torch.float32
+    assert relative_kernel_error(kernel, reference_s4_kernel(module, 65536)) < 1e-5
+
+
+def test_cached_equals_full_forward_at_16k_tokens_with_slow_modes():
+    model = tiny_model(num_hidden_layers=1, ssm_state_size=64)
+    generator = model.model.layers[0].ssm.kernel_generator
+    with torch.no_grad():
+        generator.log_neg_a_real.fill_(math.log(1e-5))
+        generator.log_dt.copy_(torch.linspace(math.log(1e-3), math.log(1e-1), generator.log_dt.shape[0]))
+    context_states = []
+    model.model.layers[0].ssm.register_forward_hook(lambda module, args, output: context_states.append(output))
+    input_ids = torch.randint(2, 97, (1, 16384))
+    with torch.no_grad():
+        full = model(input_ids, use_cache=False).logits
+        cache = model(input_ids[:, :16380], use_cache=True).past_key_values
+        decoded = torch.cat([model(input_ids[:, t : t + 1], past_key_values=cache).logits for t in range(16380, 16384)], 1)
+        cache = model(input_ids[:, :5000], use_cache=True).past_key_values
+        chunked = model(input_ids[:, 5000:], past_key_values=cache).logits
+    full_states = context_states[0]
+    decoded_states = torch.cat(context_states[2:6], 1)
+    chunked_states = context_states[-1]
+    scale = full_states.abs().max()
+    # Before: 9.9e-3 (3.5e-5 of the states' scale) after a 16k prefill. Now ~3e-7 of the scale.
+    assert (decoded_states - full_states[:, -4:]).abs().max() / scale < 1e-5
+    assert (chunked_states - full_states[:, 5000:]).abs().max() / scale < 1e-5
+    assert (decoded - full[:, -4:]).abs().max() < 1e-4
+    assert (chunked - full[:, 5000:]).abs().max() < 1e-4
+
+
+def test_a_float64_model_computes_the_ssm_and_its_ffts_in_float64():
+    model = tiny_model(num_hidden_layers=1).double()
+    ssm = model.model.layers[0].ssm
+    dtypes = []
+    ssm.register_forward_hook(lambda module, args, output: dtypes.append(output.dtype))
+    input_ids = torch.randint(2, 97, (2, 40))
+    with torch.no_grad():
+        kernel = ssm.kernel_generator(2000)
+        full = model(input_ids).logits
+        embeds = model.model.embed_tokens(input_ids)
+        from_embeds = model(inputs_embeds=embeds).logits
+        cache = model(input_ids[:, :13], use_cache=True).past_key_values
+        continued = torch.cat([model(input_ids[:, t : t + 1], past_key_values=cache).logits for t in range(13, 40)], 1)
+    assert kernel.dtype == torch.float64 and set(dtypes) == {torch.float64}
+    # float32 anywhere on the way would leave errors of ~1e-7.
+    assert relative_kernel_error(kernel, reference_s4_kernel(ssm.kernel_generator, 2000)) < 1e-12
+    assert full.dtype == torch.float64
+    torch.testing.assert_close(from_embeds, full, rtol=0, atol=1e-12)
+    # The RMS norms and RoPE compute in float32 whatever the model's dtype (as in Llama): ~5e-8 here.
+    torch.testing.assert_close(continued, full[:, 13:], rtol=0, atol=1e-6)
