@@ -242,3 +242,29 @@ def test_a_float64_model_computes_the_ssm_and_its_ffts_in_float64():
     torch.testing.assert_close(from_embeds, full, rtol=0, atol=1e-12)
     # The RMS norms and RoPE compute in float32 whatever the model's dtype (as in Llama): ~5e-8 here.
     torch.testing.assert_close(continued, full[:, 13:], rtol=0, atol=1e-6)
+
+
+# --- 5: SSM parameters stay fp32 in a bf16 model --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kernel", ["s4", "unstructured"])
+def test_from_pretrained_in_bf16_keeps_the_ssm_parameters_in_fp32(kernel, tmp_path):
+    model = tiny_model(bst_variant="mh", ssm_kernel=kernel)
+    model.save_pretrained(tmp_path)
+    loaded = BSTForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
+    dtypes = {name: p.dtype for name, p in loaded.named_parameters()}
+    assert {dtypes[name] for name in dtypes if ".ssm." in name} == {torch.float32}
+    assert {dtypes[name] for name in dtypes if ".ssm." not in name} == {torch.bfloat16}
+    for name, parameter in model.named_parameters():
+        if ".ssm." in name:
+            assert torch.equal(loaded.get_parameter(name), parameter), name  # not rounded on the way
+    input_ids = torch.randint(2, 97, (2, 200))
+    with torch.no_grad():
+        reference = model(input_ids).logits
+        kept = loaded(input_ids).logits.float()
+        cache = loaded(input_ids[:, :150], use_cache=True).past_key_values
+        continued = loaded(input_ids[:, 150:], past_key_values=cache).logits.float()
+        rounded = model.to(torch.bfloat16)(input_ids).logits.float()  # a plain cast rounds the SSM parameters too
+    assert (kept - reference).abs().max() < (rounded - reference).abs().max()
+    assert (kept - reference).abs().max() < 0.02
+    assert (continued - kept[:, 150:]).abs().max() < 0.02
