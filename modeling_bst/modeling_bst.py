@@ -21,6 +21,7 @@ keys/values, the current block's context states, and the SSM state ("s4") or the
 
 import copy
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -815,6 +816,14 @@ class BSTCache(Cache):
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+# Parameters that exist only for a given SSM/context configuration: a checkpoint that lacks them, or has others, was
+# saved for another `ssm_kernel`, `bst_variant`, `bst_layers` or `num_context_states`.
+SSM_AND_CONTEXT_KEYS = re.compile(
+    r"(^|\.)(ssm|attention\.(context_norm|cross_q_proj|context_k_proj|context_v_proj|initial_context|context_ids))\."
+    r"|\.attention\.(initial_context|context_ids)$"
+)
+
+
 class BSTPreTrainedModel(PreTrainedModel):
     config: BSTConfig
     config_class = BSTConfig
@@ -830,6 +839,25 @@ class BSTPreTrainedModel(PreTrainedModel):
     # get dtype=bfloat16/float16: bf16 rounds log_dt and A by up to 0.4%, and the kernel's phase dt*Im(A)*l
     # multiplies that by the position. (A plain `model.to(torch.bfloat16)` casts them all the same.)
     _keep_in_fp32_modules_strict = ["ssm"]
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """`PreTrainedModel.from_pretrained`, plus an error when the checkpoint's SSM or context weights do not match the
+        configuration: freshly initialised SSM layers would otherwise load with a warning only and give other outputs."""
+        output_loading_info = kwargs.pop("output_loading_info", False)
+        model, loading_info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        missing = sorted(k for k in loading_info["missing_keys"] if SSM_AND_CONTEXT_KEYS.search(k))
+        unexpected = sorted(k for k in loading_info["unexpected_keys"] if SSM_AND_CONTEXT_KEYS.search(k))
+        if missing or unexpected:
+            config = model.config
+            raise ValueError(
+                f"The checkpoint's SSM/context weights do not fit its configuration (ssm_kernel={config.ssm_kernel!r}, "
+                f"bst_variant={config.bst_variant!r}, bst_layers={config.bst_layers}, "
+                f"num_context_states={config.num_context_states}): missing {missing[:8]}"
+                f"{' ...' if len(missing) > 8 else ''}, unexpected {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}. "
+                "Was config.json edited after the weights were saved?"
+            )
+        return (model, loading_info) if output_loading_info else model
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
@@ -1092,6 +1120,24 @@ class BSTForCausalLM(BSTPreTrainedModel, GenerationMixin):
             loss=loss, logits=logits, past_key_values=outputs.past_key_values, hidden_states=outputs.hidden_states
         )
         return output if return_dict else output.to_tuple()
+
+    def _prepare_position_ids_for_generation(self, inputs_tensor, model_kwargs):
+        """generate() drops an all-ones attention mask before the first forward, so its shape is checked here, the last
+        point where generate() holds both."""
+        attention_mask = model_kwargs.get("attention_mask")
+        if attention_mask is not None:
+            cache = model_kwargs.get("past_key_values")
+            past = 0 if cache is None else cache.get_seq_length()
+            batch, length = inputs_tensor.shape[:2]
+            if attention_mask.dim() != 2 or attention_mask.shape[0] != batch or attention_mask.shape[1] not in (
+                length,
+                past + length,
+            ):
+                raise ValueError(
+                    f"`attention_mask` must have the inputs' shape (batch, length) = ({batch}, {length}); "
+                    f"got {tuple(attention_mask.shape)}."
+                )
+        return super()._prepare_position_ids_for_generation(inputs_tensor, model_kwargs)
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs) -> None:
         """generate() would build a DynamicCache; BST needs its own bounded state."""

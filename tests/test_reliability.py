@@ -268,3 +268,93 @@ def test_from_pretrained_in_bf16_keeps_the_ssm_parameters_in_fp32(kernel, tmp_pa
     assert (kept - reference).abs().max() < (rounded - reference).abs().max()
     assert (kept - reference).abs().max() < 0.02
     assert (continued - kept[:, 150:]).abs().max() < 0.02
+
+
+# --- 8: clear errors for what does not fit ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        (dict(ssm_dt_max=math.inf), "ssm_dt_max"),
+        (dict(ssm_dt_min=math.nan), "ssm_dt_min"),
+        (dict(rms_norm_eps=-1e-6), "rms_norm_eps"),
+        (dict(rms_norm_eps=0.0), "rms_norm_eps"),
+        (dict(rope_theta=0.0), "rope_theta"),
+        (dict(rope_theta=-10.0), "rope_theta"),
+        (dict(rope_theta=math.inf), "rope_theta"),
+        (dict(hidden_act="nope"), "hidden_act.*gelu"),
+    ],
+)
+def test_config_values_that_would_give_nan_or_key_errors_are_rejected_by_name(fields, message):
+    from huggingface_hub.errors import StrictDataclassClassValidationError
+
+    with pytest.raises((ValueError, StrictDataclassClassValidationError), match=message):
+        tiny_config(**fields)
+
+
+def test_empty_inputs_and_mismatched_embedding_dtypes_raise_clear_errors():
+    model = tiny_model()
+    with pytest.raises(ValueError, match="`input_ids` is empty"):
+        model(torch.zeros(2, 0, dtype=torch.long))
+    with pytest.raises(ValueError, match="`input_ids` is empty"):
+        model(torch.zeros(0, 5, dtype=torch.long))
+    with pytest.raises(ValueError, match="`inputs_embeds` is empty"):
+        model(inputs_embeds=torch.zeros(1, 0, 32))
+    with pytest.raises(TypeError, match="torch.float64.*torch.float32"):
+        model(inputs_embeds=torch.randn(1, 5, 32, dtype=torch.float64))
+
+
+@pytest.mark.parametrize(
+    "other",
+    [
+        dict(ssm_kernel="unstructured"),  # same tensor shapes, different state: silently restarted at zero before
+        dict(bst_variant="mf"),
+        dict(ssm_state_size=4),
+        dict(block_size=4),
+        dict(bst_layers=[1]),
+    ],
+)
+def test_a_cache_made_by_another_configuration_is_refused(other):
+    maker, user = tiny_model(**other), tiny_model()
+    input_ids = torch.randint(2, 97, (1, 12))
+    with torch.no_grad():
+        cache = maker(input_ids, use_cache=True).past_key_values
+        field = next(iter(other))
+        with pytest.raises(ValueError, match=f"another model configuration: {field}="):
+            user(input_ids[:, :1], past_key_values=cache)
+        with pytest.raises(ValueError, match=field):
+            user.generate(input_ids, past_key_values=cache, max_new_tokens=2)
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [dict(ssm_kernel="unstructured"), dict(ssm_kernel="s4")],
+)
+def test_a_checkpoint_whose_config_was_edited_fails_to_load(edit, tmp_path):
+    import json
+
+    saved_kernel = "unstructured" if edit.get("ssm_kernel") == "s4" else "s4"
+    tiny_model(ssm_kernel=saved_kernel).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config.update(edit)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    field = next(iter(edit))
+    with pytest.raises(ValueError, match=f"SSM/context weights do not fit.*{field}.*missing.*unexpected"):
+        BSTForCausalLM.from_pretrained(tmp_path)
+
+
+def test_loading_info_is_still_returned_on_request(tmp_path):
+    tiny_model().save_pretrained(tmp_path)
+    model, info = BSTForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
+    assert isinstance(model, BSTForCausalLM) and not info["missing_keys"] and not info["unexpected_keys"]
+
+
+def test_generate_refuses_an_attention_mask_shorter_than_the_input():
+    model = tiny_model()
+    input_ids = torch.randint(2, 97, (1, 10))
+    with pytest.raises(ValueError, match=r"attention_mask.*\(1, 10\).*\(1, 4\)"):
+        model.generate(input_ids, attention_mask=torch.ones(1, 4, dtype=torch.long), max_new_tokens=3)
+    with torch.no_grad():
+        generated = model.generate(input_ids, attention_mask=torch.ones(1, 10, dtype=torch.long), max_new_tokens=3)
+    assert generated.shape == (1, 13)
