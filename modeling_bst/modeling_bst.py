@@ -20,7 +20,10 @@ keys/values, the current block's context states, and the SSM state ("s4") or the
 """
 
 import copy
+import glob
+import json
 import math
+import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -816,6 +819,27 @@ class BSTCache(Cache):
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+def safetensors_problem(path: str) -> str | None:
+    """Why a .safetensors file cannot be read in full, or None. A kill during a save leaves a file shorter than its
+    header says; the safetensors library then reports "incomplete metadata" without naming the file."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            return f"{size} bytes, too short to hold a header"
+        header_length = int.from_bytes(prefix, "little")
+        if 8 + header_length > size:
+            return f"truncated inside its header ({size} bytes)"
+        try:
+            header = json.loads(f.read(header_length))
+            end = max((entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"), default=0)
+        except (ValueError, KeyError, TypeError, IndexError):
+            return "its header is not valid safetensors JSON"
+    if 8 + header_length + end != size:
+        return f"truncated: its header describes {8 + header_length + end} bytes, the file has {size}"
+    return None
+
+
 # Parameters that exist only for a given SSM/context configuration: a checkpoint that lacks them, or has others, was
 # saved for another `ssm_kernel`, `bst_variant`, `bst_layers` or `num_context_states`.
 SSM_AND_CONTEXT_KEYS = re.compile(
@@ -842,10 +866,20 @@ class BSTPreTrainedModel(PreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
-        """`PreTrainedModel.from_pretrained`, plus an error when the checkpoint's SSM or context weights do not match the
-        configuration: freshly initialised SSM layers would otherwise load with a warning only and give other outputs."""
+        """`PreTrainedModel.from_pretrained`, plus an error when the checkpoint's SSM or context weights do not fit the
+        configuration (freshly initialised SSM layers would load with a warning only and give other outputs), and
+        errors that name a truncated weights file."""
         output_loading_info = kwargs.pop("output_loading_info", False)
-        model, loading_info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        try:
+            model, loading_info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        except Exception as error:
+            if type(error).__name__ != "SafetensorError":
+                raise
+            name_or_path = args[0] if args else kwargs.get("pretrained_model_name_or_path", "")
+            folder = os.path.join(name_or_path, kwargs.get("subfolder", ""))
+            paths = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
+            broken = [f"{path} ({problem})" for path in paths if (problem := safetensors_problem(path))]
+            raise OSError(f"Unreadable weights: {', '.join(broken) or folder}: {error}") from error
         missing = sorted(k for k in loading_info["missing_keys"] if SSM_AND_CONTEXT_KEYS.search(k))
         unexpected = sorted(k for k in loading_info["unexpected_keys"] if SSM_AND_CONTEXT_KEYS.search(k))
         if missing or unexpected:
@@ -853,9 +887,8 @@ class BSTPreTrainedModel(PreTrainedModel):
             raise ValueError(
                 f"The checkpoint's SSM/context weights do not fit its configuration (ssm_kernel={config.ssm_kernel!r}, "
                 f"bst_variant={config.bst_variant!r}, bst_layers={config.bst_layers}, "
-                f"num_context_states={config.num_context_states}): missing {missing[:8]}"
-                f"{' ...' if len(missing) > 8 else ''}, unexpected {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}. "
-                "Was config.json edited after the weights were saved?"
+                f"num_context_states={config.num_context_states}): missing {len(missing)} {missing[:6]}, "
+                f"unexpected {len(unexpected)} {unexpected[:6]}. Was config.json edited after the weights were saved?"
             )
         return (model, loading_info) if output_loading_info else model
 
@@ -988,9 +1021,9 @@ class BSTModel(BSTPreTrainedModel):
         if self.gradient_checkpointing and self.training:
             if past_key_values is not None:
                 # The recomputation in the backward pass would advance the cache a second time.
-                raise ValueError("A `past_key_values` cache cannot be continued under gradient checkpointing in training.")
+                raise ValueError("A passed `past_key_values` cannot be continued under gradient checkpointing.")
             if use_cache:
-                logger.warning_once("`use_cache=True` is incompatible with gradient checkpointing; using `use_cache=False`.")
+                logger.warning_once("`use_cache=True` is incompatible with gradient checkpointing; not caching.")
                 use_cache = False
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)

@@ -44,7 +44,7 @@ def tensors_held_outside_parameters(model: torch.nn.Module) -> list[str]:
     return found
 
 
-# --- 1, 3, 4: no state hidden on modules -------------------------------------------------------------------------------
+# --- 1, 3, 4: no state hidden on modules ---------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("kernel", ["s4", "unstructured"])
@@ -208,7 +208,8 @@ def test_cached_equals_full_forward_at_16k_tokens_with_slow_modes():
     with torch.no_grad():
         full = model(input_ids, use_cache=False).logits
         cache = model(input_ids[:, :16380], use_cache=True).past_key_values
-        decoded = torch.cat([model(input_ids[:, t : t + 1], past_key_values=cache).logits for t in range(16380, 16384)], 1)
+        steps = [model(input_ids[:, t : t + 1], past_key_values=cache).logits for t in range(16380, 16384)]
+        decoded = torch.cat(steps, 1)
         cache = model(input_ids[:, :5000], use_cache=True).past_key_values
         chunked = model(input_ids[:, 5000:], past_key_values=cache).logits
     full_states = context_states[0]
