@@ -259,6 +259,8 @@ def test_from_pretrained_in_bf16_keeps_the_ssm_parameters_in_fp32(kernel, tmp_pa
     for name, parameter in model.named_parameters():
         if ".ssm." in name:
             assert torch.equal(loaded.get_parameter(name), parameter), name  # not rounded on the way
+    in_fp16 = BSTForCausalLM.from_pretrained(tmp_path, dtype=torch.float16)
+    assert {p.dtype for name, p in in_fp16.named_parameters() if ".ssm." in name} == {torch.float32}
     input_ids = torch.randint(2, 97, (2, 200))
     with torch.no_grad():
         reference = model(input_ids).logits
