@@ -118,11 +118,12 @@ def scaled_complex_exp(log_z: torch.Tensor, scale: torch.Tensor, real_dtype: tor
 
     The exponent is formed in float64 and its angle reduced modulo 2 pi before the cast: in float32 the phase
     scale * theta carries an error of ~6e-8 * scale * |theta| rad (1e-3 rad for a slow mode at 16k tokens), and that
-    is the kernel's relative error. After the reduction the cast costs at most ~4e-7 rad at any length.
+    is the kernel's relative error. After the reduction the cast costs at most ~4e-7 rad at any length. The
+    exponentials themselves run in `real_dtype`, so autograd saves no float64 tables.
     """
-    magnitude = torch.exp(log_z.real.double() * scale)
-    angle = torch.remainder(log_z.imag.double() * scale, 2 * math.pi)
-    return torch.polar(magnitude.to(real_dtype), angle.to(real_dtype))
+    log_magnitude = (log_z.real.double() * scale).to(real_dtype)
+    angle = torch.remainder(log_z.imag.double() * scale, 2 * math.pi).to(real_dtype)
+    return torch.polar(torch.exp(log_magnitude), angle)
 
 
 def _split_powers(log_z: torch.Tensor, length: int, real_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -882,7 +883,9 @@ class BSTPreTrainedModel(PreTrainedModel):
             raise OSError(f"Unreadable weights: {', '.join(broken) or folder}: {error}") from error
         missing = sorted(k for k in loading_info["missing_keys"] if SSM_AND_CONTEXT_KEYS.search(k))
         unexpected = sorted(k for k in loading_info["unexpected_keys"] if SSM_AND_CONTEXT_KEYS.search(k))
-        if missing or unexpected:
+        # A checkpoint with no weights at all for this model (an empty state dict) is a deliberate fresh start.
+        loaded_any = any(name not in loading_info["missing_keys"] for name, _ in model.named_parameters())
+        if unexpected or (missing and loaded_any):
             config = model.config
             raise ValueError(
                 f"The checkpoint's SSM/context weights do not fit its configuration (ssm_kernel={config.ssm_kernel!r}, "
