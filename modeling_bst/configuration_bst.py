@@ -1,6 +1,9 @@
 """Configuration of the Block-State Transformer (Fathi et al., 2023, arXiv 2306.09539)."""
 
+import math
+
 from huggingface_hub.dataclasses import strict
+from transformers.activations import ACT2FN
 from transformers.configuration_utils import PreTrainedConfig
 
 
@@ -128,6 +131,13 @@ class BSTConfig(PreTrainedConfig):
             value = getattr(self, name)
             if value is None or value <= 0:
                 raise ValueError(f"`{name}` must be a positive integer, got {value}.")
+        for name in ("ssm_dt_min", "ssm_dt_max", "rope_theta", "rms_norm_eps"):
+            # inf or a negative value is accepted by the arithmetic and turns into NaN outputs later.
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ValueError(f"`{name}` must be a finite positive number, got {value}.")
+        if self.hidden_act not in ACT2FN:
+            raise ValueError(f"`hidden_act` must be one of {sorted(ACT2FN)}, got {self.hidden_act!r}.")
         if self.hidden_size % self.num_attention_heads != 0:
             raise ValueError(
                 f"`hidden_size` ({self.hidden_size}) must be divisible by `num_attention_heads` "

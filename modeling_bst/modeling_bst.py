@@ -19,7 +19,12 @@ layers, and scatters the outputs back. Generation keeps a bounded state per row 
 keys/values, the current block's context states, and the SSM state ("s4") or the SSM input history ("unstructured").
 """
 
+import copy
+import glob
+import json
 import math
+import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -82,15 +87,25 @@ class CausalFFTConvolution(torch.autograd.Function):
         return grad_inputs, grad_kernel
 
 
+COMPLEX_DTYPES = {torch.float32: torch.complex64, torch.float64: torch.complex128}
+
+
+def ssm_compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The real dtype the SSM and its FFTs compute in: float64 in a float64 model, float32 otherwise (bf16/fp16 lose
+    the small, long-range taps that are the reason to have an SSM)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def causal_fft_conv(inputs: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
     """Causal linear convolution y[..., c, t] = sum_{s <= t} kernel[d, c, t - s] * inputs[b, d, s].
 
-    inputs (B, D, L), kernel (D, C, >= L) -> (B, D, C, L), float32. FFTs run in fp32 even under autocast: bf16/fp16
-    FFTs lose the small, long-range taps that are the reason to have an SSM.
+    inputs (B, D, L), kernel (D, C, >= L) -> (B, D, C, L), in float32 (float64 when either operand is float64). FFTs
+    run in fp32 even under autocast.
     """
     length = inputs.shape[-1]
+    dtype = ssm_compute_dtype(torch.promote_types(inputs.dtype, kernel.dtype))
     with torch.autocast(device_type=inputs.device.type, enabled=False):
-        return CausalFFTConvolution.apply(inputs.float(), kernel[..., :length].float())
+        return CausalFFTConvolution.apply(inputs.to(dtype), kernel[..., :length].to(dtype))
 
 
 def complex_exp(exponent: torch.Tensor) -> torch.Tensor:
@@ -98,24 +113,38 @@ def complex_exp(exponent: torch.Tensor) -> torch.Tensor:
     return torch.polar(torch.exp(exponent.real), exponent.imag)
 
 
-def _split_powers(log_z: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+def scaled_complex_exp(log_z: torch.Tensor, scale: torch.Tensor, real_dtype: torch.dtype) -> torch.Tensor:
+    """z^scale = exp(scale * log z), complex with `real_dtype` parts, for large real `scale` (powers up to the length).
+
+    The exponent is formed in float64 and its angle reduced modulo 2 pi before the cast: in float32 the phase
+    scale * theta carries an error of ~6e-8 * scale * |theta| rad (1e-3 rad for a slow mode at 16k tokens), and that
+    is the kernel's relative error. After the reduction the cast costs at most ~4e-7 rad at any length. The
+    exponentials themselves run in `real_dtype`, so autograd saves no float64 tables.
+    """
+    log_magnitude = (log_z.real.double() * scale).to(real_dtype)
+    angle = torch.remainder(log_z.imag.double() * scale, 2 * math.pi).to(real_dtype)
+    return torch.polar(torch.exp(log_magnitude), angle)
+
+
+def _split_powers(log_z: torch.Tensor, length: int, real_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """Powers z^l for l in [0, length) split as l = b*j + i with b ~ sqrt(length):
     low powers z^i (H, N, b) and high powers z^(b*j) (H, J, N), so z^l = high[j] * low[i]."""
     low_count = max(1, math.isqrt(max(length - 1, 0)) + 1)
     high_count = -(-length // low_count)
-    steps = torch.arange(max(low_count, high_count), device=log_z.device, dtype=log_z.real.dtype)
-    low_powers = complex_exp(log_z.unsqueeze(-1) * steps[:low_count])  # (H, N, b)
-    high_powers = complex_exp(log_z.unsqueeze(-2) * (low_count * steps[:high_count, None]))  # (H, J, N)
+    steps = torch.arange(max(low_count, high_count), device=log_z.device, dtype=torch.float64)
+    low_powers = scaled_complex_exp(log_z.unsqueeze(-1), steps[:low_count], real_dtype)  # (H, N, b)
+    high_powers = scaled_complex_exp(log_z.unsqueeze(-2), low_count * steps[:high_count, None], real_dtype)  # (H, J, N)
     return low_powers, high_powers
 
 
 def vandermonde_sum(coefficients: torch.Tensor, log_z: torch.Tensor, length: int) -> torch.Tensor:
-    """sum_n coefficients[..., h, n] * z[h, n] ** l for l in [0, length): (..., H, N) -> (..., H, length), complex.
+    """sum_n coefficients[..., h, n] * z[h, n] ** l for l in [0, length): (..., H, N) -> (..., H, length), complex of
+    the coefficients' dtype.
 
     The naive (H, N, L) table of powers costs seconds at long L. With l = b*j + i, z^l = z^(b*j) * z^i, so the sum is
     one batched matmul of a (J, N) by an (N, b) matrix per channel, and only (J + b) * N powers are exponentiated.
     """
-    low_powers, high_powers = _split_powers(log_z, length)
+    low_powers, high_powers = _split_powers(log_z, length, coefficients.real.dtype)
     weighted = coefficients.unsqueeze(-2) * high_powers  # (..., H, J, N)
     return (weighted @ low_powers).flatten(-2)[..., :length]  # (..., H, J*b) -> (..., H, length)
 
@@ -123,9 +152,10 @@ def vandermonde_sum(coefficients: torch.Tensor, log_z: torch.Tensor, length: int
 def vandermonde_reduce(values: torch.Tensor, log_z: torch.Tensor) -> torch.Tensor:
     """sum_l values[..., h, l] * z[h, n] ** l: (..., H, L) real -> (..., H, N) complex, with the same power split."""
     length = values.shape[-1]
-    low_powers, high_powers = _split_powers(log_z, length)
+    real_dtype = ssm_compute_dtype(values.dtype)
+    low_powers, high_powers = _split_powers(log_z, length, real_dtype)
     low_count, high_count = low_powers.shape[-1], high_powers.shape[-2]
-    values = F.pad(values.float(), (0, low_count * high_count - length))
+    values = F.pad(values.to(real_dtype), (0, low_count * high_count - length))
     values = values.unflatten(-1, (high_count, low_count)).to(low_powers.dtype)  # (..., H, J, b)
     inner = values @ low_powers.transpose(-1, -2)  # (..., H, J, N)
     return (inner * high_powers).sum(-2)
@@ -159,11 +189,16 @@ class BSTS4DKernel(nn.Module):
         init.normal_(self.c, std=0.5**0.5)
 
     def discretize(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns log(dA) = dt A and C dB, both (H, N/2) complex64."""
-        a = torch.complex(-torch.exp(self.log_neg_a_real.float()), self.a_imag.float())
-        dt_a = torch.exp(self.log_dt.float()).unsqueeze(-1) * a
-        c_db = torch.view_as_complex(self.c.float().contiguous()) * torch.expm1(dt_a) / a
-        return dt_a, c_db
+        """Returns log(dA) = dt A, (H, N/2) complex128, and C dB, (H, N/2) complex64 (complex128 in a float64 model).
+
+        log(dA) stays in float64: powers dA^l up to the sequence length multiply its rounding error by l. It is
+        (H, N/2) numbers, so this costs nothing next to the kernel itself.
+        """
+        real_dtype = ssm_compute_dtype(self.log_dt.dtype)
+        a = torch.complex(-torch.exp(self.log_neg_a_real.double()), self.a_imag.double())
+        dt_a = torch.exp(self.log_dt.double()).unsqueeze(-1) * a
+        c_db = torch.view_as_complex(self.c.double().contiguous()) * torch.expm1(dt_a) / a
+        return dt_a, c_db.to(COMPLEX_DTYPES[real_dtype])
 
     def forward(self, length: int) -> torch.Tensor:
         log_da, c_db = self.discretize()
@@ -202,14 +237,15 @@ class BSTImplicitKernel(nn.Module):
     def forward(self, length: int) -> torch.Tensor:
         features = self.config.implicit_filter_features
         device = self.log_decay.device
-        positions = torch.arange(length, device=device, dtype=torch.float32)
+        dtype = ssm_compute_dtype(self.log_decay.dtype)
+        positions = torch.arange(length, device=device, dtype=dtype)
         frequencies = torch.exp(-math.log(1e4) * torch.arange(features, device=device) / features)
         angles = positions[:, None] * frequencies  # (L, F)
         features = torch.cat([angles.sin(), angles.cos()], dim=-1).to(self.filter_in.weight.dtype)
         hidden = torch.sin(self.filter_in(features))
         hidden = torch.sin(self.filter_hidden(hidden))
-        response = self.filter_out(hidden).float().transpose(0, 1)  # (H, L)
-        return response * torch.exp(-torch.exp(self.log_decay.float())[:, None] * positions)
+        response = self.filter_out(hidden).to(dtype).transpose(0, 1)  # (H, L)
+        return response * torch.exp(-torch.exp(self.log_decay.to(dtype))[:, None] * positions)
 
 
 class BSTStateSpace(nn.Module):
@@ -218,6 +254,11 @@ class BSTStateSpace(nn.Module):
     Runs as one FFT convolution. With a cache it continues from the cached state: for "s4" the state term
     2 Re(sum_n dA^(t+1) s0) is added and the final state returned; for "unstructured" the new inputs are appended to
     the cached input history and the convolution is taken over all of it.
+
+    Nothing is kept on the module: a forward without a cache computes its kernel from the current parameters (a few
+    percent of the layer's time), so in-place or `.data` edits, inference mode and autograd can never meet a stale or
+    foreign tensor. What decoding reuses (the discretisation, the "unstructured" taps) lives in the cache's
+    `layer_kernels`, computed on the cache's first use and kept for the life of that cache.
     """
 
     def __init__(self, config: BSTConfig):
@@ -229,87 +270,84 @@ class BSTStateSpace(nn.Module):
         kernel_class = BSTS4DKernel if config.ssm_kernel == "s4" else BSTImplicitKernel
         self.kernel_generator = kernel_class(config, channels)
         self.skip = nn.Parameter(torch.empty(self.hidden_size, self.num_filters))
-        # (parameter versions, value): valid only while the parameters do not change
-        self._kernel_memo = None
-        self._discretized_memo = None
-
-    def _memo_key(self) -> tuple | None:
-        """Identifies the current parameter values, or None while autograd must see the computation."""
-        parameters = list(self.kernel_generator.parameters())
-        if torch.is_grad_enabled() and any(p.requires_grad for p in parameters):
-            return None
-        return tuple((p.data_ptr(), p._version) for p in parameters)
 
     def kernel(self, length: int) -> torch.Tensor:
-        """(D, C, length) filter taps. Without autograd (eval, generation) the taps are memoised at a power-of-two
-        length and sliced: a longer kernel starts with the shorter one, so decoding token by token reuses them."""
-        key = self._memo_key()
-        if key is None:
-            return self.kernel_generator(length).view(self.hidden_size, self.num_filters, length)
-        memo = self._kernel_memo
-        if memo is None or memo[0] != key or memo[1].shape[-1] < length:
-            capacity = 1 << max(length - 1, 1).bit_length()
-            taps = self.kernel_generator(capacity).view(self.hidden_size, self.num_filters, capacity)
-            self._kernel_memo = memo = (key, taps)
-        return memo[1][..., :length]
+        """(D, C, length) filter taps from the current parameters."""
+        return self.kernel_generator(length).view(self.hidden_size, self.num_filters, length)
 
-    def discretized(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The "s4" kernel's (log dA, C dB), memoised like the taps: decoding needs them at every token."""
-        key = self._memo_key()
-        if key is None:
-            return self.kernel_generator.discretize()
-        if self._discretized_memo is None or self._discretized_memo[0] != key:
-            self._discretized_memo = (key, self.kernel_generator.discretize())
-        return self._discretized_memo[1]
-
-    def forward(self, inputs: torch.Tensor, layout: "BlockLayout", layer_cache: dict | None) -> torch.Tensor:
-        """inputs (B, T, D), real tokens first in each row -> context states (B, T, D, C) in fp32."""
-        inputs = inputs.float()
+    def forward(
+        self,
+        inputs: torch.Tensor,
+        layout: "BlockLayout",
+        layer_cache: dict | None,
+        kernel_cache: dict | None = None,
+    ) -> torch.Tensor:
+        """inputs (B, T, D), real tokens first in each row -> context states (B, T, D, C) in fp32 (fp64 in a float64
+        model). `layer_cache` holds this layer's per-row state and `kernel_cache` its per-cache kernel values."""
+        inputs = inputs.to(ssm_compute_dtype(self.skip.dtype))
         if layout.has_padding:
             # Padding must not enter the state (left-padded generation would otherwise leak it into later tokens).
             inputs = inputs * layout.token_mask.unsqueeze(-1)
         if self.config.ssm_kernel == "unstructured":
-            convolved = self._forward_with_history(inputs, layout, layer_cache)
+            convolved = self._forward_with_history(inputs, layout, layer_cache, kernel_cache)
         else:
-            convolved = self._forward_with_state(inputs, layout, layer_cache)
-        return torch.addcmul(convolved, inputs.unsqueeze(-1), self.skip.float())  # + skip * u, (B, T, D, C)
+            convolved = self._forward_with_state(inputs, layout, layer_cache, kernel_cache)
+        return torch.addcmul(convolved, inputs.unsqueeze(-1), self.skip.to(inputs.dtype))  # + skip * u, (B, T, D, C)
 
-    def _forward_with_state(self, inputs, layout, layer_cache):
+    def _discretized(self, kernel_cache: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The "s4" (log dA, C dB, dA) of this cache: computed on its first use, then reused by every decoding step."""
+        if "log_da" not in kernel_cache:
+            log_da, c_db = self.kernel_generator.discretize()
+            kernel_cache["log_da"], kernel_cache["c_db"] = log_da, c_db
+            kernel_cache["da"] = complex_exp(log_da)  # complex128: one step's rounding would otherwise add up per token
+        return kernel_cache["log_da"], kernel_cache["c_db"], kernel_cache["da"]
+
+    def _forward_with_state(self, inputs, layout, layer_cache, kernel_cache):
         """With "s4" kernels: the convolution, continued from and into the cached SSM state when there is a cache."""
         batch, length, _ = inputs.shape
+        if layer_cache is None:
+            convolved = causal_fft_conv(inputs.transpose(1, 2), self.kernel(length))  # (B, D, C, T)
+            return convolved.permute(0, 3, 1, 2)  # (B, T, D, C)
 
-        state = None if layer_cache is None else layer_cache.get("ssm_state")
+        log_da, c_db, da = self._discretized(kernel_cache)
+        state = layer_cache.get("ssm_state")
         if state is not None and length == 1:
             # One decoding step is the recurrence itself: s = dA s + (C dB) u,  y = 2 Re(sum_n s).
-            log_da, c_db = self.discretized()
             channel_inputs = inputs[:, 0, :, None].expand(-1, -1, self.num_filters).reshape(batch, -1, 1)  # (B, H, 1)
-            new_state = complex_exp(log_da) * state + c_db * channel_inputs
+            new_state = (da * state).to(state.dtype) + c_db * channel_inputs
             new_state = torch.where(layout.token_mask[:, :1, None], new_state, state)
             layer_cache["ssm_state"] = new_state
             return 2 * new_state.sum(-1).real.view(batch, 1, self.hidden_size, self.num_filters)
 
-        convolved = causal_fft_conv(inputs.transpose(1, 2), self.kernel(length))  # (B, D, C, T)
+        taps = 2 * vandermonde_sum(c_db, log_da, length).real  # the cache's kernel, (H, T)
+        convolved = causal_fft_conv(inputs.transpose(1, 2), taps.view(self.hidden_size, self.num_filters, length))
         outputs = convolved.permute(0, 3, 1, 2)  # (B, T, D, C)
-        if layer_cache is None:
-            return outputs
-
-        log_da, c_db = self.discretized()
         if state is not None:
             # y_t += 2 Re(sum_n dA_n^(t+1) s0_n): the cached state's contribution to every new position.
-            carried = 2 * vandermonde_sum(state * complex_exp(log_da), log_da, length).real  # (B, H, T)
+            carried = 2 * vandermonde_sum((da * state).to(state.dtype), log_da, length).real  # (B, H, T)
             outputs = outputs + carried.view(batch, self.hidden_size, self.num_filters, length).permute(0, 3, 1, 2)
         else:
-            state = torch.zeros(batch, *log_da.shape, dtype=log_da.dtype, device=inputs.device)
+            state = torch.zeros(batch, *c_db.shape, dtype=c_db.dtype, device=inputs.device)
         # Final state after each row's last real token: s = dA^len s0 + C dB sum_j dA^(len-1-j) u_j.
         lengths = layout.lengths
         reverse_index = (lengths[:, None] - 1 - torch.arange(length, device=inputs.device)).clamp(min=0)
         reversed_inputs = inputs.gather(1, reverse_index[..., None].expand_as(inputs)) * layout.token_mask[..., None]
         channel_inputs = reversed_inputs.transpose(1, 2).repeat_interleave(self.num_filters, dim=1)  # (B, H, T)
-        decayed = complex_exp(log_da * lengths[:, None, None])
+        decayed = scaled_complex_exp(log_da, lengths.view(-1, 1, 1).double(), inputs.dtype)
         layer_cache["ssm_state"] = decayed * state + c_db * vandermonde_reduce(channel_inputs, log_da)
         return outputs
 
-    def _forward_with_history(self, inputs, layout, layer_cache):
+    def _cached_taps(self, kernel_cache: dict, length: int) -> torch.Tensor:
+        """The "unstructured" taps of this cache, at least `length` long. A longer kernel starts with the shorter one,
+        so they are regenerated only when the history outgrows them, at twice the length: decoding n tokens
+        regenerates them O(log n) times, not once per token."""
+        taps = kernel_cache.get("taps")
+        if taps is None or taps.shape[-1] < length:
+            capacity = length if taps is None else max(length, 2 * taps.shape[-1])
+            taps = kernel_cache["taps"] = self.kernel(capacity)
+        return taps[..., :length]
+
+    def _forward_with_history(self, inputs, layout, layer_cache, kernel_cache):
         if layer_cache is None:
             convolved = causal_fft_conv(inputs.transpose(1, 2), self.kernel(inputs.shape[1]))
             return convolved.permute(0, 3, 1, 2)
@@ -323,7 +361,8 @@ class BSTStateSpace(nn.Module):
             combined[:, :past_length] = history
         index = (seen[:, None] + torch.arange(length, device=inputs.device))[..., None].expand_as(inputs)
         combined = combined.scatter(1, index, inputs)
-        convolved = causal_fft_conv(combined.transpose(1, 2), self.kernel(combined.shape[1])).permute(0, 3, 1, 2)
+        taps = self._cached_taps(kernel_cache, combined.shape[1])
+        convolved = causal_fft_conv(combined.transpose(1, 2), taps).permute(0, 3, 1, 2)
         layer_cache["ssm_history"] = combined[:, : int((seen + layout.lengths).max())]
         return convolved.gather(1, index[..., None].expand(-1, -1, -1, self.num_filters))
 
@@ -741,10 +780,11 @@ class BSTDecoderLayer(GradientCheckpointingLayer):
         rotations: torch.Tensor,
         layout: BlockLayout,
         layer_cache: dict | None = None,
+        kernel_cache: dict | None = None,
     ) -> torch.Tensor:
         residual = hidden_states
         hidden_states = self.input_layernorm(hidden_states)
-        context_states = self.ssm(hidden_states, layout, layer_cache) if self.is_bst_layer else None
+        context_states = self.ssm(hidden_states, layout, layer_cache, kernel_cache) if self.is_bst_layer else None
         hidden_states = self.attention(hidden_states, rotations, layout, context_states, layer_cache)
         hidden_states = residual + hidden_states
         return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
@@ -755,16 +795,42 @@ class BSTDecoderLayer(GradientCheckpointingLayer):
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+# The configuration fields that decide the shapes and meaning of a cache's tensors.
+CACHE_SIGNATURE_FIELDS = (
+    "num_hidden_layers",
+    "hidden_size",
+    "num_attention_heads",
+    "head_dim",
+    "block_size",
+    "attend_previous_block",
+    "bst_variant",
+    "ssm_kernel",
+    "ssm_state_size",
+    "num_context_states",
+    "bst_layers",
+)
+
+
+def cache_signature(config: BSTConfig) -> dict:
+    return {name: copy.deepcopy(getattr(config, name)) for name in CACHE_SIGNATURE_FIELDS}
+
+
 class BSTCache(Cache):
     """Decoding state of a BST model; its size does not depend on the context length for "s4" kernels.
 
-    Per row: `seen_tokens` (real tokens so far). Per layer, a dict of tensors with the batch first:
+    Per row: `seen_tokens` (real tokens so far). Per layer, in `layer_states`, a dict of tensors with the batch first:
     `keys`/`values` (B, W, H, d): the current block's self-attention keys/values;
+    `previous_keys`/`previous_values` (B, W, H, d) (`attend_previous_block`): the previous block's;
     `context_keys`/`context_values` (B, W, H, d) ("sh"/"mh"): the current block's projected context states;
     `context_states` (B, S, D) ("mf"): the context of the block holding the next token;
     `ssm_state` (B, D*C, N/2) complex ("s4"), or `ssm_history` (B, L, D) ("unstructured": the SSM inputs so far,
     which grow with the context - that kernel family has no finite state).
     Only the block's slots up to a row's current position are ever read; a new block overwrites them.
+
+    Per layer, in `layer_kernels`, what decoding reuses and no row owns: the "s4" discretisation (`log_da`, `c_db`,
+    `da`) or the "unstructured" kernel `taps`. They are computed from the parameters when the cache is first used and
+    kept for the life of the cache (until `reset`): a cache continues the model as it was when the cache started.
+    `model_signature` records the configuration fields the cache was made for; a model with others refuses it.
     """
 
     is_compileable = False
@@ -772,7 +838,9 @@ class BSTCache(Cache):
     def __init__(self, config: BSTConfig):
         super().__init__(layers=[])
         self.config = config
+        self.model_signature = cache_signature(config)
         self.layer_states: list[dict[str, torch.Tensor]] = [{} for _ in range(config.num_hidden_layers)]
+        self.layer_kernels: list[dict[str, torch.Tensor]] = [{} for _ in range(config.num_hidden_layers)]
         self.seen_tokens: torch.Tensor | None = None  # (B,)
         self.sequence_length = 0  # positions consumed, padding included (what generate() slices inputs by)
 
@@ -795,7 +863,7 @@ class BSTCache(Cache):
 
     def nbytes(self) -> int:
         """Total bytes of all tensors held."""
-        tensors = [t for states in self.layer_states for t in states.values()]
+        tensors = [t for states in self.layer_states + self.layer_kernels for t in states.values()]
         if self.seen_tokens is not None:
             tensors.append(self.seen_tokens)
         return sum(t.numel() * t.element_size() for t in tensors)
@@ -819,6 +887,7 @@ class BSTCache(Cache):
 
     def reset(self) -> None:
         self.layer_states = [{} for _ in range(self.config.num_hidden_layers)]
+        self.layer_kernels = [{} for _ in range(self.config.num_hidden_layers)]
         self.seen_tokens = None
         self.sequence_length = 0
 
@@ -834,6 +903,35 @@ class BSTCache(Cache):
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+def safetensors_problem(path: str) -> str | None:
+    """Why a .safetensors file cannot be read in full, or None. A kill during a save leaves a file shorter than its
+    header says; the safetensors library then reports "incomplete metadata" without naming the file."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            return f"{size} bytes, too short to hold a header"
+        header_length = int.from_bytes(prefix, "little")
+        if 8 + header_length > size:
+            return f"truncated inside its header ({size} bytes)"
+        try:
+            header = json.loads(f.read(header_length))
+            end = max((entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"), default=0)
+        except (ValueError, KeyError, TypeError, IndexError):
+            return "its header is not valid safetensors JSON"
+    if 8 + header_length + end != size:
+        return f"truncated: its header describes {8 + header_length + end} bytes, the file has {size}"
+    return None
+
+
+# Parameters that exist only for a given SSM/context configuration: a checkpoint that lacks them, or has others, was
+# saved for another `ssm_kernel`, `bst_variant`, `bst_layers` or `num_context_states`.
+SSM_AND_CONTEXT_KEYS = re.compile(
+    r"(^|\.)(ssm|attention\.(context_norm|cross_q_proj|context_k_proj|context_v_proj|initial_context|context_ids))\."
+    r"|\.attention\.(initial_context|context_ids)$"
+)
+
+
 class BSTPreTrainedModel(PreTrainedModel):
     config: BSTConfig
     config_class = BSTConfig
@@ -845,6 +943,40 @@ class BSTPreTrainedModel(PreTrainedModel):
     _supports_attention_backend = True
     _can_compile_fullgraph = False
     _is_stateful = True
+    # The SSM parameters (step sizes, A, C, the implicit filter, the skip) stay fp32 when from_pretrained/from_config
+    # get dtype=bfloat16/float16: bf16 rounds log_dt and A by up to 0.4%, and the kernel's phase dt*Im(A)*l
+    # multiplies that by the position. (A plain `model.to(torch.bfloat16)` casts them all the same.)
+    _keep_in_fp32_modules_strict = ["ssm"]
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """`PreTrainedModel.from_pretrained`, plus an error when the checkpoint's SSM or context weights do not fit the
+        configuration (freshly initialised SSM layers would load with a warning only and give other outputs), and
+        errors that name a truncated weights file."""
+        output_loading_info = kwargs.pop("output_loading_info", False)
+        try:
+            model, loading_info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        except Exception as error:
+            if type(error).__name__ != "SafetensorError":
+                raise
+            name_or_path = args[0] if args else kwargs.get("pretrained_model_name_or_path", "")
+            folder = os.path.join(name_or_path, kwargs.get("subfolder", ""))
+            paths = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
+            broken = [f"{path} ({problem})" for path in paths if (problem := safetensors_problem(path))]
+            raise OSError(f"Unreadable weights: {', '.join(broken) or folder}: {error}") from error
+        missing = sorted(k for k in loading_info["missing_keys"] if SSM_AND_CONTEXT_KEYS.search(k))
+        unexpected = sorted(k for k in loading_info["unexpected_keys"] if SSM_AND_CONTEXT_KEYS.search(k))
+        # A checkpoint with no weights at all for this model (an empty state dict) is a deliberate fresh start.
+        loaded_any = any(name not in loading_info["missing_keys"] for name, _ in model.named_parameters())
+        if unexpected or (missing and loaded_any):
+            config = model.config
+            raise ValueError(
+                f"The checkpoint's SSM/context weights do not fit its configuration (ssm_kernel={config.ssm_kernel!r}, "
+                f"bst_variant={config.bst_variant!r}, bst_layers={config.bst_layers}, "
+                f"num_context_states={config.num_context_states}): missing {len(missing)} {missing[:6]}, "
+                f"unexpected {len(unexpected)} {unexpected[:6]}. Was config.json edited after the weights were saved?"
+            )
+        return (model, loading_info) if output_loading_info else model
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
@@ -854,17 +986,16 @@ class BSTPreTrainedModel(PreTrainedModel):
         elif isinstance(module, BSTStateSpace):
             # No skip term at the start: the context states are the SSM's history alone (docs/quality.md, "Recipe").
             init.zeros_(module.skip)
-            module._kernel_memo = module._discretized_memo = None
         elif isinstance(module, BSTAttention) and getattr(module, "initial_context", None) is not None:
             init.normal_(module.initial_context, std=std)
             init.normal_(module.context_ids, std=std)
-        if isinstance(module, BSTOutputProjection):
+        elif isinstance(module, BSTRotaryEmbedding):
+            init.copy_(module.inv_freq, module.compute_inv_freq(module.config))
+        if isinstance(module, BSTOutputProjection):  # after the plain-Linear initialisation of the parent class
             # The cross-attention half starts at zero: a BST layer starts as the same layer without its SSM, and the
             # context path grows only as far as it helps (docs/quality.md, "Recipe").
             cross_columns = torch.arange(module.in_features, device=module.weight.device) >= module.in_features // 2
             init.copy_(module.weight, module.weight.masked_fill(cross_columns, 0.0))
-        elif isinstance(module, BSTRotaryEmbedding):
-            init.copy_(module.inv_freq, module.compute_inv_freq(module.config))
 
 
 class BSTModel(BSTPreTrainedModel):
@@ -888,6 +1019,11 @@ class BSTModel(BSTPreTrainedModel):
     def _check_inputs(self, input_ids, inputs_embeds, attention_mask, past_key_values):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of `input_ids` and `inputs_embeds`.")
+        inputs, name = (input_ids, "input_ids") if input_ids is not None else (inputs_embeds, "inputs_embeds")
+        if inputs.dim() >= 2 and (inputs.shape[0] == 0 or inputs.shape[1] == 0):
+            raise ValueError(
+                f"`{name}` is empty: shape {tuple(inputs.shape)}; need at least one row and one token per row."
+            )
         if input_ids is not None:
             if input_ids.dim() != 2:
                 raise ValueError(f"`input_ids` must have shape (batch, length), got {tuple(input_ids.shape)}.")
@@ -907,11 +1043,31 @@ class BSTModel(BSTPreTrainedModel):
                 )
             if not inputs_embeds.is_floating_point():
                 raise TypeError(f"`inputs_embeds` must be floating point, got dtype {inputs_embeds.dtype}.")
+            model_dtype = self.embed_tokens.weight.dtype
+            if inputs_embeds.dtype != model_dtype and not torch.is_autocast_enabled(inputs_embeds.device.type):
+                raise TypeError(
+                    f"`inputs_embeds` has dtype {inputs_embeds.dtype} but the model's weights are {model_dtype}: "
+                    f"pass `inputs_embeds.to({model_dtype})` (or run under `torch.autocast`)."
+                )
         if past_key_values is not None and not isinstance(past_key_values, BSTCache):
             raise TypeError(
                 f"BST models keep their decoding state in a `BSTCache`, got {type(past_key_values).__name__}. "
                 "Pass `past_key_values=None` (with `use_cache=True`) and the model creates one."
             )
+        if past_key_values is not None:
+            made_for = getattr(past_key_values, "model_signature", {})
+            differences = [
+                f"{field}={made_for.get(field)!r} (this model: {value!r})"
+                for field, value in cache_signature(self.config).items()
+                if made_for.get(field) != value
+            ]
+            if differences:
+                raise ValueError(
+                    "`past_key_values` is a BSTCache made for another model configuration: "
+                    + ", ".join(differences)
+                    + ". A cache continues only a model with the configuration that made it; pass "
+                    "`past_key_values=None` to start a new one."
+                )
         if attention_mask is not None:
             batch, length = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
             past = 0 if past_key_values is None else past_key_values.get_seq_length()
@@ -953,15 +1109,21 @@ class BSTModel(BSTPreTrainedModel):
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         if kwargs.get("output_attentions"):
             logger.warning_once("BST does not return attention weights; `output_attentions` is ignored.")
-        if self.gradient_checkpointing and self.training and use_cache:
-            logger.warning_once("`use_cache=True` is incompatible with gradient checkpointing; using `use_cache=False`.")
-            use_cache = False
         self._check_inputs(input_ids, inputs_embeds, attention_mask, past_key_values)
+        if self.gradient_checkpointing and self.training:
+            if past_key_values is not None:
+                # The recomputation in the backward pass would advance the cache a second time.
+                raise ValueError("A passed `past_key_values` cannot be continued under gradient checkpointing.")
+            if use_cache:
+                logger.warning_once("`use_cache=True` is incompatible with gradient checkpointing; not caching.")
+                use_cache = False
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         if use_cache and past_key_values is None:
             past_key_values = BSTCache(self.config)
-        cache = past_key_values if use_cache else None
+        # A cache that is passed in is continued and advanced whatever `use_cache` says (as in Llama): dropping it would
+        # silently restart the sequence, and configs saved after gradient-checkpointed training carry use_cache=False.
+        cache = past_key_values
 
         batch, length = inputs_embeds.shape[:2]
         device = inputs_embeds.device
@@ -1010,7 +1172,8 @@ class BSTModel(BSTPreTrainedModel):
             hidden_states = record(hidden_states)
         for layer_idx, decoder_layer in enumerate(self.layers):
             layer_cache = cache.layer_states[layer_idx] if cache is not None else None
-            hidden_states = decoder_layer(hidden_states, rotations, layout, layer_cache)
+            kernel_cache = cache.layer_kernels[layer_idx] if cache is not None else None
+            hidden_states = decoder_layer(hidden_states, rotations, layout, layer_cache, kernel_cache)
             if output_hidden_states:
                 hidden_states = record(hidden_states)
         hidden_states = restore_order(self.norm(hidden_states))
@@ -1084,6 +1247,24 @@ class BSTForCausalLM(BSTPreTrainedModel, GenerationMixin):
             loss=loss, logits=logits, past_key_values=outputs.past_key_values, hidden_states=outputs.hidden_states
         )
         return output if return_dict else output.to_tuple()
+
+    def _prepare_position_ids_for_generation(self, inputs_tensor, model_kwargs):
+        """generate() drops an all-ones attention mask before the first forward, so its shape is checked here, the last
+        point where generate() holds both."""
+        attention_mask = model_kwargs.get("attention_mask")
+        if attention_mask is not None:
+            cache = model_kwargs.get("past_key_values")
+            past = 0 if cache is None else cache.get_seq_length()
+            batch, length = inputs_tensor.shape[:2]
+            if attention_mask.dim() != 2 or attention_mask.shape[0] != batch or attention_mask.shape[1] not in (
+                length,
+                past + length,
+            ):
+                raise ValueError(
+                    f"`attention_mask` must have the inputs' shape (batch, length) = ({batch}, {length}); "
+                    f"got {tuple(attention_mask.shape)}."
+                )
+        return super()._prepare_position_ids_for_generation(inputs_tensor, model_kwargs)
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs) -> None:
         """generate() would build a DynamicCache; BST needs its own bounded state."""

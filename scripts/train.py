@@ -23,13 +23,16 @@ See docs/training.md for GPUs, FSDP and Accelerate.
 """
 
 import argparse
+import glob
 import hashlib
 import json
 import logging
 import math
 import os
+import re
 import sys
 import time
+import zipfile
 from dataclasses import dataclass, field
 from itertools import chain
 
@@ -47,7 +50,7 @@ from transformers import (
     default_data_collator,
     set_seed,
 )
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 try:
     import modeling_bst  # noqa: F401  (registers model_type "bst" with the Auto classes)
@@ -55,6 +58,7 @@ except ImportError:  # a source checkout without `pip install -e .`
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     import modeling_bst  # noqa: F401
 
+from modeling_bst.modeling_bst import safetensors_problem
 from train_tokenizer import train_bpe_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -257,6 +261,65 @@ def check_arguments(model_args, data_args, training_args):
         raise ValueError(
             f"--validation_split_percentage must lie in (0, 100), got {data_args.validation_split_percentage}."
         )
+
+
+def checkpoint_problem(folder):
+    """Why a Trainer checkpoint folder cannot be resumed from, or None when it is complete. The Trainer writes
+    trainer_state.json last, so a save that was killed leaves a folder without it (or with truncated files)."""
+    state_path = os.path.join(folder, "trainer_state.json")
+    if not os.path.isfile(state_path):
+        return "no trainer_state.json (the save did not finish)"
+    try:
+        with open(state_path, encoding="utf-8") as f:
+            json.load(f)
+    except ValueError:
+        return "trainer_state.json is not valid JSON"
+    index_path = os.path.join(folder, "model.safetensors.index.json")
+    if os.path.isfile(index_path):
+        try:
+            with open(index_path, encoding="utf-8") as f:
+                weight_files = sorted(set(json.load(f)["weight_map"].values()))
+        except (ValueError, KeyError):
+            return "model.safetensors.index.json is not a valid index"
+    elif os.path.isfile(os.path.join(folder, "model.safetensors")):
+        weight_files = ["model.safetensors"]
+    elif os.path.isfile(os.path.join(folder, "pytorch_model.bin")):
+        weight_files = []  # no cheap check of a pickle; the Trainer reports problems with it
+    else:
+        return "no model weights (model.safetensors)"
+    for name in weight_files:
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path):
+            return f"{name} is missing"
+        problem = safetensors_problem(path)
+        if problem:
+            return f"{name} is {problem}" if problem.startswith("truncated") else f"{name}: {problem}"
+    # torch.save writes zip archives; a truncated one has lost the central directory at its end.
+    torch_files = ["optimizer.pt", "scheduler.pt", "scaler.pt"] + glob.glob(os.path.join(folder, "rng_state*.pth"))
+    for name in torch_files:
+        path = os.path.join(folder, name)
+        if os.path.isfile(path) and not zipfile.is_zipfile(path):
+            return f"{os.path.basename(path)} is truncated (not a complete torch archive)"
+    return None
+
+
+def find_resumable_checkpoint(output_dir):
+    """The newest complete checkpoint-* folder in `output_dir` and the (folder, reason) pairs skipped on the way."""
+    pattern = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
+    steps = {}
+    if os.path.isdir(output_dir):
+        for name in os.listdir(output_dir):
+            match = pattern.match(name)
+            if match and os.path.isdir(os.path.join(output_dir, name)):
+                steps[name] = int(match.group(1))
+    skipped = []
+    for name in sorted(steps, key=steps.get, reverse=True):
+        folder = os.path.join(output_dir, name)
+        problem = checkpoint_problem(folder)
+        if problem is None:
+            return folder, skipped
+        skipped.append((folder, problem))
+    return None, skipped
 
 
 def check_block_size(config, sequence_length):
@@ -544,14 +607,24 @@ def main(argv=None):
     )
     set_seed(training_args.seed)
 
-    # Which checkpoint to resume from: an explicit path, or "last"/"true" for the newest in --output_dir.
+    # Which checkpoint to resume from: an explicit path, or "last"/"true" for the newest complete one in --output_dir.
     checkpoint = training_args.resume_from_checkpoint
     if checkpoint is not None and checkpoint.lower() in ("last", "true"):
-        checkpoint = get_last_checkpoint(training_args.output_dir) if os.path.isdir(training_args.output_dir) else None
+        checkpoint, skipped = find_resumable_checkpoint(training_args.output_dir)
+        for folder, problem in skipped:
+            logger.warning(f"--resume_from_checkpoint last: skipping {folder}: {problem}")
         if checkpoint is None:
-            raise ValueError(f"--resume_from_checkpoint last: no checkpoint-* folder in {training_args.output_dir!r}.")
-    if checkpoint is not None and not os.path.isdir(checkpoint):
-        raise ValueError(f"--resume_from_checkpoint {checkpoint!r} is not a folder.")
+            raise ValueError(
+                f"--resume_from_checkpoint last: no complete checkpoint-* folder in {training_args.output_dir!r}"
+                + (f" ({len(skipped)} incomplete ones skipped)." if skipped else ".")
+            )
+        logger.info(f"Resuming from {checkpoint}")
+    elif checkpoint is not None:
+        if not os.path.isdir(checkpoint):
+            raise ValueError(f"--resume_from_checkpoint {checkpoint!r} is not a folder.")
+        problem = checkpoint_problem(checkpoint)
+        if problem:
+            raise ValueError(f"--resume_from_checkpoint {checkpoint!r} cannot be resumed from: {problem}.")
 
     # The config first (cheap), so that shape mismatches fail before the data and the weights are loaded.
     from_checkpoint = model_args.model_name_or_path is not None

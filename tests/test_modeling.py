@@ -151,19 +151,7 @@ def test_s4_kernel_equals_its_recurrence_unrolled():
         for step in range(length):
             state = torch.exp(log_da) * state + c_db * (1.0 if step == 0 else 0.0)
             responses.append(2 * state.sum(-1).real)
-    torch.testing.assert_close(kernel, torch.stack(responses, -1), atol=1e-5, rtol=1e-4)
-
-
-def test_kernel_is_memoised_without_autograd_and_refreshed_after_an_update():
-    model = tiny_model()
-    ssm = model.model.layers[0].ssm
-    with torch.no_grad():
-        first = ssm.kernel(20)
-        assert ssm.kernel(17).data_ptr() == first.data_ptr()  # sliced from the memo
-        ssm.kernel_generator.log_dt.add_(0.5)
-        refreshed = ssm.kernel(20)
-    assert not torch.allclose(first, refreshed)
-    torch.testing.assert_close(refreshed, ssm.kernel_generator(20).view_as(refreshed).detach())
+    torch.testing.assert_close(kernel, torch.stack(responses, -1).float(), atol=1e-5, rtol=1e-4)
 
 
 # --- causality, lengths, padding -------------------------------------------------------------------------------------

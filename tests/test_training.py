@@ -5,6 +5,7 @@ import importlib.util
 import json
 import math
 import os
+import shutil
 import sys
 import sysconfig
 
@@ -127,6 +128,37 @@ def test_resume_from_checkpoint(corpus, tmp_path):
     assert state["global_step"] == 4
     # The resumed run logged only steps 3 and 4: it did not start over.
     assert [entry["step"] for entry in state["log_history"] if "loss" in entry] == [1, 2, 3, 4]
+
+
+def test_resume_last_skips_checkpoints_whose_save_was_interrupted(corpus, tmp_path, caplog):
+    train.main(base_argv(corpus, tmp_path, "--max_steps", "2", "--save_strategy", "steps", "--save_steps", "1"))
+    # checkpoint-2: killed before trainer_state.json (written last); checkpoint-3: a truncated model.safetensors.
+    shutil.copytree(tmp_path / "checkpoint-2", tmp_path / "checkpoint-3")
+    os.remove(tmp_path / "checkpoint-2" / "trainer_state.json")
+    weights = tmp_path / "checkpoint-3" / "model.safetensors"
+    size = weights.stat().st_size
+    weights.write_bytes(weights.read_bytes()[: size // 2])
+    assert train.find_resumable_checkpoint(str(tmp_path)) == (
+        str(tmp_path / "checkpoint-1"),
+        [
+            (str(tmp_path / "checkpoint-3"),
+             f"model.safetensors is truncated: its header describes {size} bytes, the file has {size // 2}"),
+            (str(tmp_path / "checkpoint-2"), "no trainer_state.json (the save did not finish)"),
+        ],
+    )  # fmt: skip
+    with caplog.at_level("WARNING", logger="train"):
+        train.main(base_argv(corpus, tmp_path, "--max_steps", "3", "--resume_from_checkpoint", "last"))
+    assert "skipping" in caplog.text and "checkpoint-3: model.safetensors is truncated" in caplog.text
+    with open(tmp_path / "trainer_state.json") as f:
+        state = json.load(f)
+    assert state["global_step"] == 3
+    assert [entry["step"] for entry in state["log_history"] if "loss" in entry] == [1, 2, 3]  # resumed after step 1
+
+    # Naming the broken checkpoint explicitly fails before any work, naming the file.
+    with pytest.raises(ValueError, match="checkpoint-3.*model.safetensors is truncated"):
+        train.main(base_argv(corpus, tmp_path, "--resume_from_checkpoint", str(tmp_path / "checkpoint-3")))
+    with pytest.raises(OSError, match="checkpoint-3/model.safetensors \\(truncated"):
+        BSTForCausalLM.from_pretrained(tmp_path / "checkpoint-3")
 
 
 def test_continue_from_checkpoint_and_evaluate_lengths(trained, corpus, tmp_path):
