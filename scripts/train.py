@@ -134,12 +134,27 @@ class DataArguments:
 
 
 class PerplexityTrainer(Trainer):
-    """Trainer that logs the validation perplexity, exp(eval_loss), next to every validation loss."""
+    """Trainer that logs the validation perplexity, exp(eval_loss), next to every validation loss, and saves the
+    config users generate with."""
 
     def log(self, logs, *args, **kwargs):
         if "eval_loss" in logs:
             logs["eval_perplexity"] = perplexity(logs["eval_loss"])
         super().log(logs, *args, **kwargs)
+
+    def save_model(self, output_dir=None, _internal_call=False):
+        # Trainer sets `config.use_cache = args.use_cache` (False: no cache is needed to train), and save_model would
+        # write that into config.json, so the saved model would return no `past_key_values` and generate() would
+        # re-run the whole prefix at every step. Save the inference setting; training goes on without a cache.
+        config = getattr(self.model, "config", None)
+        if config is None:
+            return super().save_model(output_dir, _internal_call=_internal_call)
+        training_use_cache = config.use_cache
+        config.use_cache = True
+        try:
+            super().save_model(output_dir, _internal_call=_internal_call)
+        finally:
+            config.use_cache = training_use_cache
 
 
 class TimeLimitCallback(TrainerCallback):

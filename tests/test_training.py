@@ -111,6 +111,17 @@ def test_training_lowers_the_loss_and_saves_model_and_tokenizer(trained):
     assert model.config.max_position_embeddings == 32
 
 
+def test_saved_config_is_the_inference_config(trained):
+    """Trainer turns the cache off for training; the saved model must still return one (generate() relies on it)."""
+    output_dir, _ = trained
+    with open(output_dir / "config.json") as f:
+        assert json.load(f)["use_cache"] is True
+    model = AutoModelForCausalLM.from_pretrained(output_dir).eval()
+    with torch.no_grad():
+        outputs = model(input_ids=torch.tensor([[5, 6, 7, 8, 9]]))
+    assert outputs.past_key_values is not None
+
+
 def test_saved_folder_generates_through_pipeline(trained):
     output_dir, _ = trained
     generator = pipeline("text-generation", model=str(output_dir), device="cpu")
@@ -121,6 +132,8 @@ def test_saved_folder_generates_through_pipeline(trained):
 def test_resume_from_checkpoint(corpus, tmp_path):
     train.main(base_argv(corpus, tmp_path, "--max_steps", "2", "--save_strategy", "steps", "--save_steps", "2"))
     assert os.path.isdir(tmp_path / "checkpoint-2")
+    with open(tmp_path / "checkpoint-2" / "config.json") as f:
+        assert json.load(f)["use_cache"] is True  # intermediate checkpoints serve too
     train.main(base_argv(corpus, tmp_path, "--max_steps", "4", "--resume_from_checkpoint", "last"))
     with open(tmp_path / "trainer_state.json") as f:
         state = json.load(f)
