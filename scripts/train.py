@@ -120,7 +120,7 @@ class DataArguments:
     )
     sequence_length: int | None = field(
         default=None,
-        metadata={"help": "Tokens per packed training sequence. Default: the config's max_position_embeddings."},
+        metadata={"help": "Tokens per packed training sequence. Default: the config's training_length."},
     )
     max_train_samples: int | None = field(default=None, metadata={"help": "Keep this many packed training sequences."})
     max_eval_samples: int | None = field(
@@ -516,7 +516,9 @@ def main(argv=None):
         )
     else:
         config = load_preset_config(model_args)
-    sequence_length = data_args.sequence_length or config.max_position_embeddings
+    sequence_length = data_args.sequence_length or getattr(config, "training_length", None)
+    if sequence_length is None:
+        raise ValueError("The config records no training_length: give --sequence_length.")
     check_block_size(config, sequence_length)
 
     raw_datasets = load_raw_datasets(data_args)
@@ -541,7 +543,9 @@ def main(argv=None):
     config.bos_token_id = tokenizer.bos_token_id
     config.eos_token_id = tokenizer.eos_token_id
     config.pad_token_id = tokenizer.pad_token_id
-    config.max_position_embeddings = sequence_length
+    # Only `training_length` records it: `max_position_embeddings` stays the (unbounded) input length generate()
+    # and lm-evaluation-harness read, since BST runs at any length.
+    config.training_length = sequence_length
 
     packed = tokenize_and_pack(raw_datasets, tokenizer, sequence_length, data_args, training_args)
     train_dataset = packed["train"]

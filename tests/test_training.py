@@ -108,7 +108,8 @@ def test_training_lowers_the_loss_and_saves_model_and_tokenizer(trained):
     # vocab_size follows the trained tokenizer, special ids and the training length are recorded in the config.
     assert model.config.vocab_size == len(tokenizer) == 300
     assert (model.config.pad_token_id, model.config.eos_token_id) == (tokenizer.pad_token_id, tokenizer.eos_token_id)
-    assert model.config.max_position_embeddings == 32
+    assert model.config.training_length == 32
+    assert model.config.max_position_embeddings == 2**20  # no maximum length: generate() and lm-eval read this
 
 
 def test_saved_config_is_the_inference_config(trained):
