@@ -35,6 +35,7 @@ from itertools import chain
 
 import datasets
 import numpy as np
+import torch
 import transformers
 from transformers import (
     AutoConfig,
@@ -93,6 +94,14 @@ class ModelArguments:
         metadata={"help": "Vocabulary size of the BPE trained on the corpus. Default: the preset's vocab_size."},
     )
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow model code shipped in a checkpoint."})
+    sample_prompt: str | None = field(
+        default=None,
+        metadata={
+            "help": "Print a pipeline('text-generation') sample for this prompt before and after training (sampled "
+            "with a fixed seed, outside the training random state)."
+        },
+    )
+    sample_new_tokens: int = field(default=60, metadata={"help": "Tokens generated for --sample_prompt."})
 
 
 @dataclass
@@ -172,6 +181,20 @@ class TimeLimitCallback(TrainerCallback):
             logger.info(f"Time budget of {self.max_seconds / 60:g} minutes spent after {state.global_step} steps.")
             control.should_training_stop = True
         return control
+
+
+def print_sample(model, tokenizer, prompt, max_new_tokens, title):
+    """A pipeline sample from the model as it is now. Runs in a forked random state so that asking for a sample
+    does not change the training run."""
+    from transformers import pipeline
+
+    was_training = model.training
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        generator = pipeline("text-generation", model=model.eval(), tokenizer=tokenizer, device=model.device)
+        text = generator(prompt, max_new_tokens=max_new_tokens, do_sample=True, temperature=0.8, top_k=50)
+    model.train(was_training)
+    print(f"--- {title} ---\n{text[0]['generated_text']}\n---", flush=True)
 
 
 def perplexity(loss):
@@ -577,7 +600,12 @@ def main(argv=None):
         callbacks=callbacks,
     )
 
+    sample = model_args.sample_prompt is not None and trainer.is_world_process_zero()
+    if sample:
+        print_sample(model, tokenizer, model_args.sample_prompt, model_args.sample_new_tokens, "Sample before training")
     train_result = trainer.train(resume_from_checkpoint=checkpoint)
+    if sample:
+        print_sample(model, tokenizer, model_args.sample_prompt, model_args.sample_new_tokens, "Sample after training")
     trainer.save_model()  # model (safetensors) + tokenizer + config in --output_dir
     train_metrics = dict(train_result.metrics, train_sequences=len(train_dataset), sequence_length=sequence_length)
     trainer.log_metrics("train", train_metrics)
@@ -590,6 +618,11 @@ def main(argv=None):
     trainer.log_metrics("eval", eval_metrics)
     trainer.save_metrics("eval", eval_metrics)
     if trainer.is_world_process_zero():
+        if trainer.state.global_step < trainer.state.max_steps:
+            print(
+                f"Training stopped after {trainer.state.global_step} of {trainer.state.max_steps} steps "
+                "(--max_train_minutes): the model is less trained than planned."
+            )
         print(
             f"Validation perplexity: {eval_metrics['eval_perplexity']:.2f} (loss {eval_metrics['eval_loss']:.4f} "
             f"over {len(eval_dataset)} sequences of {sequence_length} tokens); model and tokenizer saved in "

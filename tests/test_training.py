@@ -130,6 +130,24 @@ def test_saved_folder_generates_through_pipeline(trained):
     assert text.startswith("import json\n") and len(text) > len("import json\n")
 
 
+def test_sample_before_and_after_training_leaves_the_run_unchanged(corpus, tmp_path, capsys):
+    def losses(output_dir):
+        with open(output_dir / "trainer_state.json") as f:
+            return [entry["loss"] for entry in json.load(f)["log_history"] if "loss" in entry]
+
+    train.main(base_argv(corpus, tmp_path / "plain", "--max_steps", "3"))
+    capsys.readouterr()
+    prompt = "import json\n"
+    argv = base_argv(corpus, tmp_path / "sampled", "--max_steps", "3")
+    train.main(argv + ["--sample_prompt", prompt, "--sample_new_tokens", "8"])
+    output = capsys.readouterr().out
+    before = output.split("--- Sample before training ---\n")[1].split("\n---")[0]
+    after = output.split("--- Sample after training ---\n")[1].split("\n---")[0]
+    assert before.startswith(prompt) and after.startswith(prompt) and len(after) > len(prompt)
+    # The samples draw from a forked random state: training is exactly the run without them.
+    assert losses(tmp_path / "sampled") == losses(tmp_path / "plain")
+
+
 def test_resume_from_checkpoint(corpus, tmp_path):
     train.main(base_argv(corpus, tmp_path, "--max_steps", "2", "--save_strategy", "steps", "--save_steps", "2"))
     assert os.path.isdir(tmp_path / "checkpoint-2")
