@@ -8,6 +8,10 @@ from transformers.configuration_utils import PreTrainedConfig
 
 
 BST_VARIANTS = ("sh", "mh", "mf")
+# What `max_position_embeddings` says for a model without a maximum length. Tools read that field as the longest input
+# the model accepts (generate() warns past it and caps its default `max_length` with it, lm-evaluation-harness cuts
+# log-likelihoods into windows of it); BST has no absolute positions, so it gets a bound no input comes near.
+NO_MAXIMUM_LENGTH = 2**20
 SSM_KERNELS = ("s4", "unstructured")
 
 
@@ -59,8 +63,14 @@ class BSTConfig(PreTrainedConfig):
         rope_theta (`float`, defaults to 10000.0): base of the rotary position embedding used inside a block.
         rms_norm_eps (`float`, defaults to 1e-6): epsilon of the RMS norms.
         attention_dropout (`float`, defaults to 0.0): dropout on attention probabilities in training.
-        max_position_embeddings (`int`, defaults to 4096): the training length. Informational only: BST has no
-            absolute positions and runs far beyond it.
+        training_length (`int`, *optional*): the sequence length the model was trained at (scripts/train.py records
+            `--sequence_length`). Informational: evaluation by length (scripts/evaluate.py) and the model card read
+            it; nothing in the model depends on it.
+        max_position_embeddings (`int`, defaults to 2**20): the longest input the model accepts, as the ecosystem
+            reads it. BST has no absolute positions and no maximum length, so this is a bound no input comes near.
+            Configs written before `training_length` existed used this field for the training length: when
+            `training_length` is missing, a `max_position_embeddings` other than 2**20 is read as the training length
+            and `max_position_embeddings` becomes 2**20.
         initializer_range (`float`, defaults to 0.02): standard deviation of the normal weight initialisation.
         use_cache (`bool`, defaults to `True`): whether forward returns a `BSTCache` for generation.
         tie_word_embeddings (`bool`, defaults to `True`): share the input embedding and the LM head.
@@ -95,7 +105,8 @@ class BSTConfig(PreTrainedConfig):
     rope_theta: float = 10000.0
     rms_norm_eps: float = 1e-6
     attention_dropout: float = 0.0
-    max_position_embeddings: int = 4096
+    training_length: int | None = None
+    max_position_embeddings: int = NO_MAXIMUM_LENGTH
     initializer_range: float = 0.02
     use_cache: bool = True
     pad_token_id: int | None = None
@@ -110,6 +121,11 @@ class BSTConfig(PreTrainedConfig):
             self.num_context_states = {"sh": 1, "mh": self.num_attention_heads, "mf": 32}.get(self.bst_variant, 1)
         if self.bst_layers is None:
             self.bst_layers = list(range(self.num_hidden_layers))
+        if self.training_length is None and self.max_position_embeddings != NO_MAXIMUM_LENGTH:
+            # An older config (or caller) that used max_position_embeddings for the training length: keep the
+            # information where it belongs, and stop telling generate() and lm-eval that inputs are capped there.
+            self.training_length = self.max_position_embeddings
+            self.max_position_embeddings = NO_MAXIMUM_LENGTH
         super().__post_init__(**kwargs)
 
     def validate_architecture(self):
@@ -138,6 +154,8 @@ class BSTConfig(PreTrainedConfig):
                 raise ValueError(f"`{name}` must be a finite positive number, got {value}.")
         if self.hidden_act not in ACT2FN:
             raise ValueError(f"`hidden_act` must be one of {sorted(ACT2FN)}, got {self.hidden_act!r}.")
+        if self.training_length is not None and self.training_length <= 0:
+            raise ValueError(f"`training_length` must be a positive integer, got {self.training_length}.")
         if self.hidden_size % self.num_attention_heads != 0:
             raise ValueError(
                 f"`hidden_size` ({self.hidden_size}) must be divisible by `num_attention_heads` "
@@ -176,4 +194,4 @@ class BSTConfig(PreTrainedConfig):
             raise ValueError(f"`attention_dropout` must lie in [0, 1), got {self.attention_dropout}.")
 
 
-__all__ = ["BSTConfig"]
+__all__ = ["BSTConfig", "NO_MAXIMUM_LENGTH"]

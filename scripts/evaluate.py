@@ -6,7 +6,7 @@ From that stream, `--max_tokens` tokens are taken as evenly spaced chunks of the
 evaluation length L cuts the same chunks into non-overlapping windows of L tokens and evaluates each window on its
 own (no state carried between windows). All lengths therefore score the same text, and the differences between them
 come from how much context the model gets. The default lengths are 1x, 4x and 16x the training length
-(`config.max_position_embeddings`, which scripts/train.py sets to `--sequence_length`): a model that generalises
+(`config.training_length`, which scripts/train.py sets to `--sequence_length`): a model that generalises
 beyond its training length gets a lower perplexity at longer lengths, one that does not gets a higher one.
 
     python scripts/evaluate.py --model_name_or_path runs/quickstart --dataset_name data/books --split test
@@ -56,7 +56,7 @@ def parse_args(argv=None):
         "--training_length",
         type=int,
         default=None,
-        help="The length the model was trained at. Default: config.max_position_embeddings.",
+        help="The length the model was trained at. Default: config.training_length.",
     )
     parser.add_argument(
         "--length_multipliers",
@@ -334,7 +334,15 @@ def main(argv=None):
             f"The tokenizer has {len(tokenizer)} tokens, more than the model's vocab_size "
             f"({model.config.vocab_size}): it does not belong to this model."
         )
-    training_length = args.training_length or model.config.max_position_embeddings
+    # Older BST configs stored the training length in max_position_embeddings; BSTConfig moves it to
+    # training_length on load. Other models have no training_length: fall back to their maximum length.
+    training_length = (
+        args.training_length
+        or getattr(model.config, "training_length", None)
+        or getattr(model.config, "max_position_embeddings", None)
+    )
+    if not training_length:
+        raise ValueError("The config records no training length: give --training_length.")
     lengths = evaluation_lengths(args, training_length)
     block_size = args.block_size or getattr(model.config, "block_size", None)
     if block_size is not None and block_size < 2:

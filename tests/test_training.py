@@ -109,7 +109,19 @@ def test_training_lowers_the_loss_and_saves_model_and_tokenizer(trained):
     # vocab_size follows the trained tokenizer, special ids and the training length are recorded in the config.
     assert model.config.vocab_size == len(tokenizer) == 300
     assert (model.config.pad_token_id, model.config.eos_token_id) == (tokenizer.pad_token_id, tokenizer.eos_token_id)
-    assert model.config.max_position_embeddings == 32
+    assert model.config.training_length == 32
+    assert model.config.max_position_embeddings == 2**20  # no maximum length: generate() and lm-eval read this
+
+
+def test_saved_config_is_the_inference_config(trained):
+    """Trainer turns the cache off for training; the saved model must still return one (generate() relies on it)."""
+    output_dir, _ = trained
+    with open(output_dir / "config.json") as f:
+        assert json.load(f)["use_cache"] is True
+    model = AutoModelForCausalLM.from_pretrained(output_dir).eval()
+    with torch.no_grad():
+        outputs = model(input_ids=torch.tensor([[5, 6, 7, 8, 9]]))
+    assert outputs.past_key_values is not None
 
 
 def test_saved_folder_generates_through_pipeline(trained):
@@ -119,9 +131,29 @@ def test_saved_folder_generates_through_pipeline(trained):
     assert text.startswith("import json\n") and len(text) > len("import json\n")
 
 
+def test_sample_before_and_after_training_leaves_the_run_unchanged(corpus, tmp_path, capsys):
+    def losses(output_dir):
+        with open(output_dir / "trainer_state.json") as f:
+            return [entry["loss"] for entry in json.load(f)["log_history"] if "loss" in entry]
+
+    train.main(base_argv(corpus, tmp_path / "plain", "--max_steps", "3"))
+    capsys.readouterr()
+    prompt = "import json\n"
+    argv = base_argv(corpus, tmp_path / "sampled", "--max_steps", "3")
+    train.main(argv + ["--sample_prompt", prompt, "--sample_new_tokens", "8"])
+    output = capsys.readouterr().out
+    before = output.split("--- Sample before training ---\n")[1].split("\n---")[0]
+    after = output.split("--- Sample after training ---\n")[1].split("\n---")[0]
+    assert before.startswith(prompt) and after.startswith(prompt) and len(after) > len(prompt)
+    # The samples draw from a forked random state: training is exactly the run without them.
+    assert losses(tmp_path / "sampled") == losses(tmp_path / "plain")
+
+
 def test_resume_from_checkpoint(corpus, tmp_path):
     train.main(base_argv(corpus, tmp_path, "--max_steps", "2", "--save_strategy", "steps", "--save_steps", "2"))
     assert os.path.isdir(tmp_path / "checkpoint-2")
+    with open(tmp_path / "checkpoint-2" / "config.json") as f:
+        assert json.load(f)["use_cache"] is True  # intermediate checkpoints serve too
     train.main(base_argv(corpus, tmp_path, "--max_steps", "4", "--resume_from_checkpoint", "last"))
     with open(tmp_path / "trainer_state.json") as f:
         state = json.load(f)

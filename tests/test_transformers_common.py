@@ -186,7 +186,7 @@ class BSTModelTester:
             implicit_filter_features=4,
             implicit_filter_hidden_size=16,
             bst_layers=[1],  # layer 0 is a plain block-attention layer, layer 1 a BST layer: both kinds are tested
-            max_position_embeddings=16,
+            training_length=16,
             pad_token_id=0,
             bos_token_id=1,
             eos_token_id=2,
