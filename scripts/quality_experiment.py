@@ -1,35 +1,36 @@
 #!/usr/bin/env python
-"""Small-scale reproduction of the *shape* of the BST paper's quality comparison (Fathi et al. 2023, Table 1), with
-length generalisation.
+"""Does BST's SSM pay off? BST against the models a user would pick instead, at a budget a CPU affords, with length
+generalisation and the loss by slot inside a block.
 
 Every model is trained under the same budget (non-embedding parameters matched within 5% by solving each model's
-`intermediate_size`, the same tokens in the same order, the same optimiser and schedule), on a book corpus and on a
-code corpus, at a training length of 1024 tokens, and evaluated on held-out documents at 1x, 4x and 16x that length.
+`intermediate_size`, the same tokens in the same order, the same optimiser and schedule: scripts/train.py's parameter
+groups), on a book corpus and on a code corpus, at a training length of 512 tokens, and evaluated on held-out
+documents at 1x, 4x and 16x that length.
 
-Models (`--models`, all by default):
+Models (`--models`; the default is bst-sh-s4, slide, mistral-swa, recurrentgemma, llama):
 
 * `bst-sh-s4`, `bst-mh-s4`, `bst-mf-s4`: BST, single-head / multi-head / multi-filter, S4D kernels;
 * `bst-sh-unstructured`, `bst-mf-unstructured`: BST with implicit (Hyena-style) kernels;
-* `slide`: the paper's "Slide" stand-in, the same BST code with `bst_layers=[]`: plain block attention (a token
-  sees the earlier tokens of its own block of `block_size`), no SSM, no cross-attention;
+* `slide`: the same BST code with `bst_layers=[]`: plain block attention (a token sees the earlier tokens of its own
+  block of `block_size`), no SSM, no cross-attention - BST without its SSM;
 * `mistral-swa`: Transformers' `MistralForCausalLM` with `sliding_window=block_size` (a token sees the previous
-  `block_size` tokens), a true sliding-window Transformer;
+  `block_size` tokens), a true sliding-window Transformer, the paper's "Slide";
+* `recurrentgemma`: Transformers' RecurrentGemma (Griffin), RG-LRU recurrence and local attention over `block_size`;
 * `llama`: Transformers' `LlamaForCausalLM`, full attention, its RoPE used as is beyond the training length.
 
 Evaluation: the held-out documents (id order, separated by the end-of-text token) form one token stream; `--eval_spans`
-non-overlapping spans of 16x1024 tokens are taken evenly spaced over it, and every span is scored as 16 windows of
-1024, 4 windows of 4096 and 1 window of 16384 tokens. The same tokens are predicted at every length, so the numbers
-differ only by how much context each prediction gets.
+non-overlapping spans of 16 x 512 tokens are taken evenly spaced over it, and every span is scored as windows of 1x,
+4x and 16x the training length: the same tokens are predicted at every length, so the numbers differ only by how
+much context each prediction gets. At 1x the loss by slot inside a block is kept too (early slots 0-3 against the
+second half of the block), and a validation perplexity every `--eval_every` steps gives the learning curves.
 
-After the first seed of every model on a corpus, the BST model with the best validation perplexity and the two
-baselines (`slide`, `llama`) get the extra seeds (`--extra_seeds`). Then a small ablation runs on the first corpus.
-Results go to `--output_json` after every run (a partial run still yields results; `--resume` skips finished runs),
-the figures (`quality_perplexity_vs_length.png`, `quality_training_loss.png`) to `--figure_dir`, and the tables into
-`--markdown` between the `<!-- results:begin -->` and `<!-- results:end -->` markers (the rest of that page is left
-alone). `--report_only` rewrites the figures and tables from the JSON without training.
+Every model gets every seed of `--seeds`, seed by seed. Then a small ablation (the recipe, previous-block attention)
+runs on the first corpus. Results go to `--output_json` after every run (`--resume` skips finished runs; two
+processes, one per core, can share the work with different `--seeds` and be merged with `--merge_json`), the figures
+to `--figure_dir`, and the tables into `--markdown` between the `<!-- results:begin -->` and `<!-- results:end -->`
+markers. `--report_only` rewrites the figures and tables from the JSON without training. docs/quality.md has the
+commands that produced its figures.
 
-    python scripts/prepare_data.py --corpus books && python scripts/prepare_data.py --corpus code
-    nice -n 10 python scripts/quality_experiment.py --resume 2>&1 | tee runs/quality.log   # ~1 hour on 2 CPU cores
     python scripts/quality_experiment.py --quick --work_dir /tmp/q --output_json /tmp/q/r.json \
         --figure_dir /tmp/q --markdown /tmp/q/q.md   # toy sizes, checks the plumbing
 """
@@ -908,7 +909,7 @@ def main(argv=None):
         "runs": [],
         "targets": {},
     }
-    if args.report_only and not os.path.isfile(args.output_json):
+    if args.report_only and not args.merge_json and not os.path.isfile(args.output_json):
         raise SystemExit(f"--report_only: {args.output_json} does not exist.")
     resumed = [args.output_json] if (args.resume or args.report_only or args.merge_json) else []
     for path in [p for p in resumed + args.merge_json if os.path.isfile(p)]:
@@ -941,7 +942,9 @@ def main(argv=None):
         write_markdown(results, args.markdown, figures)
 
     if args.report_only:
-        results["command"], results["settings"] = previous["command"], previous["settings"]
+        results["settings"] = previous["settings"]
+        results["settings"]["seeds"] = sorted({run["seed"] for run in results["runs"]})
+        results["command"] = args.command if args.merge_json else previous["command"]
         checkpoint(previous["status"])
         print_summary(results)
         return results

@@ -346,3 +346,24 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     assert reference.keys() == checkpointed.keys()
     for name in reference:
         torch.testing.assert_close(checkpointed[name], reference[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_ssm_parameters_get_their_own_optimiser_group(tmp_path):
+    """No weight decay and `ssm_learning_rate_scale` x the learning rate for every SSM parameter, in the optimiser
+    that Trainer builds; everything else as Trainer would group it (matrices decayed, vectors not)."""
+    sys.path.insert(0, os.path.join(REPO_ROOT, "tests"))
+    from conftest import tiny_config
+
+    from modeling_bst import BSTForCausalLM
+
+    model = BSTForCausalLM(tiny_config(num_hidden_layers=3, bst_layers=[1]))
+    args = TrainingArguments(output_dir=str(tmp_path), learning_rate=1e-3, weight_decay=0.1, use_cpu=True, report_to=[])
+    trainer = train.PerplexityTrainer(model=model, args=args, ssm_learning_rate_scale=0.25)
+    optimizer = trainer.create_optimizer()
+    ssm_ids = {id(p) for p in model.model.layers[1].ssm.parameters()}
+    groups = {(group["lr"], group["weight_decay"]): {id(p) for p in group["params"]} for group in optimizer.param_groups}
+    assert groups[(0.25e-3, 0.0)] == ssm_ids
+    decayed = groups[(1e-3, 0.1)]
+    assert id(model.model.layers[0].attention.q_proj.weight) in decayed and not decayed & ssm_ids
+    assert id(model.model.norm.weight) in groups[(1e-3, 0.0)]
+    assert sum(len(ids) for ids in groups.values()) == len(list(model.parameters()))
