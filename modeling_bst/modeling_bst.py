@@ -480,7 +480,8 @@ class BlockLayout:
     def single_step_previous_block_mask(self) -> torch.Tensor:
         """(B, 1, 1, 2W): `previous_block_mask` for a lone new token at slot `offsets`."""
         has_previous = (self.seen_tokens // self.block_size >= 1)[:, None].expand(-1, self.block_size)
-        return torch.cat([has_previous, self.single_step_mask().view(-1, self.block_size)], dim=-1).view(-1, 1, 1, 2 * self.block_size)
+        own = self.single_step_mask().view(-1, self.block_size)
+        return torch.cat([has_previous, own], dim=-1).view(-1, 1, 1, 2 * self.block_size)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -932,6 +933,20 @@ SSM_AND_CONTEXT_KEYS = re.compile(
 )
 
 
+def check_attention_mask_shape(attention_mask: torch.Tensor, inputs: torch.Tensor, cache: Cache | None) -> None:
+    """The mask covers this chunk's (batch, length) or the whole sequence so far (batch, past + length)."""
+    batch, length = inputs.shape[:2]
+    past = 0 if cache is None else cache.get_seq_length()
+    if attention_mask.dim() != 2 or attention_mask.shape[0] != batch or attention_mask.shape[1] not in (
+        length,
+        past + length,
+    ):
+        raise ValueError(
+            f"`attention_mask` must be 2D with shape (batch, length) = ({batch}, {length}) or "
+            f"(batch, past + length) = ({batch}, {past + length}); got {tuple(attention_mask.shape)}."
+        )
+
+
 class BSTPreTrainedModel(PreTrainedModel):
     config: BSTConfig
     config_class = BSTConfig
@@ -1069,16 +1084,8 @@ class BSTModel(BSTPreTrainedModel):
                     "`past_key_values=None` to start a new one."
                 )
         if attention_mask is not None:
-            batch, length = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
-            past = 0 if past_key_values is None else past_key_values.get_seq_length()
-            if attention_mask.dim() != 2 or attention_mask.shape[0] != batch or attention_mask.shape[1] not in (
-                length,
-                past + length,
-            ):
-                raise ValueError(
-                    f"`attention_mask` must be 2D with shape (batch, length) = ({batch}, {length}) or "
-                    f"(batch, past + length) = ({batch}, {past + length}); got {tuple(attention_mask.shape)}."
-                )
+            inputs = input_ids if input_ids is not None else inputs_embeds
+            check_attention_mask_shape(attention_mask, inputs, past_key_values)
 
     def forward(
         self,
@@ -1253,17 +1260,7 @@ class BSTForCausalLM(BSTPreTrainedModel, GenerationMixin):
         point where generate() holds both."""
         attention_mask = model_kwargs.get("attention_mask")
         if attention_mask is not None:
-            cache = model_kwargs.get("past_key_values")
-            past = 0 if cache is None else cache.get_seq_length()
-            batch, length = inputs_tensor.shape[:2]
-            if attention_mask.dim() != 2 or attention_mask.shape[0] != batch or attention_mask.shape[1] not in (
-                length,
-                past + length,
-            ):
-                raise ValueError(
-                    f"`attention_mask` must have the inputs' shape (batch, length) = ({batch}, {length}); "
-                    f"got {tuple(attention_mask.shape)}."
-                )
+            check_attention_mask_shape(attention_mask, inputs_tensor, model_kwargs.get("past_key_values"))
         return super()._prepare_position_ids_for_generation(inputs_tensor, model_kwargs)
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs) -> None:

@@ -231,7 +231,8 @@ def describe_corpus(manifest):
     sources = manifest["sources"]
     python_version = manifest.get("python_version") or "(unrecorded version)"
     long_names = [
-        CORPUS_SOURCE_DESCRIPTIONS.get(source, f"`{source}`").format(python_version=python_version) for source in sources
+        CORPUS_SOURCE_DESCRIPTIONS.get(source, f"`{source}`").format(python_version=python_version)
+        for source in sources
     ]
     short_name = f"{manifest['corpus']} corpus: " + " + ".join(CORPUS_SOURCE_SHORT_NAMES.get(s, s) for s in sources)
     splits = manifest["splits"]

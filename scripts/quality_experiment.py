@@ -154,7 +154,9 @@ def parse_args(argv=None):
     train.add_argument("--data_seed", type=int, default=1234, help="Fixes the order of the training sequences.")
     train.add_argument("--seeds", default="0,1,2", help="Initialisation seeds of every model.")
     train.add_argument(
-        "--extra_seeds", default="", help="More seeds for the best BST model (by validation at the first seed) and the baselines."
+        "--extra_seeds",
+        default="",
+        help="More seeds for the best BST model (by validation at the first seed) and the baselines.",
     )
     train.add_argument(
         "--eval_every", type=int, default=50, help="Validation perplexity every this many steps (the learning curves)."
@@ -626,7 +628,9 @@ def evaluate_targets(results):
         if best is None:
             continue
         bst = runs_of(corpus, best)
-        slide, mistral, griffin, llama = (runs_of(corpus, n) for n in ("slide", "mistral-swa", "recurrentgemma", "llama"))
+        slide, mistral, griffin, llama = (
+            runs_of(corpus, name) for name in ("slide", "mistral-swa", "recurrentgemma", "llama")
+        )
         rows = [
             (
                 "never behind Slide at any validation after warm-up (largest gap)",

@@ -28,6 +28,19 @@ def tiny_config(**overrides) -> BSTConfig:
     return BSTConfig(**fields)
 
 
+def run_in_chunks(model, input_ids, chunk_sizes, attention_mask=None):
+    """Feeds `input_ids` chunk by chunk through one cache; returns the concatenated logits and the cache."""
+    cache, logits, start = None, [], 0
+    for size in chunk_sizes:
+        mask = None if attention_mask is None else attention_mask[:, : start + size]
+        output = model(input_ids[:, start : start + size], attention_mask=mask, past_key_values=cache, use_cache=True)
+        cache = output.past_key_values
+        logits.append(output.logits)
+        start += size
+    assert start == input_ids.shape[1]
+    return torch.cat(logits, dim=1), cache
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

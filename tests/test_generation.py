@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import VARIANTS_AND_KERNELS, tiny_config
+from conftest import VARIANTS_AND_KERNELS, run_in_chunks, tiny_config
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast, pipeline
 
@@ -14,19 +14,6 @@ LENGTH = 37  # four full blocks of 8 and a partial one
 
 def tiny_model(**overrides) -> BSTForCausalLM:
     return BSTForCausalLM(tiny_config(**overrides)).eval()
-
-
-def run_in_chunks(model, input_ids, chunk_sizes, attention_mask=None):
-    """Feeds `input_ids` chunk by chunk through one cache; returns the concatenated logits and the cache."""
-    cache, logits, start = None, [], 0
-    for size in chunk_sizes:
-        mask = None if attention_mask is None else attention_mask[:, : start + size]
-        output = model(input_ids[:, start : start + size], attention_mask=mask, past_key_values=cache, use_cache=True)
-        cache = output.past_key_values
-        logits.append(output.logits)
-        start += size
-    assert start == input_ids.shape[1]
-    return torch.cat(logits, dim=1), cache
 
 
 @pytest.mark.parametrize("variant, kernel", VARIANTS_AND_KERNELS)
@@ -43,9 +30,10 @@ def test_full_forward_equals_prefill_plus_decode_equals_chunked_prefill(variant,
     assert (aligned - full).abs().max() < 1e-4
 
 
+@pytest.mark.parametrize("attend_previous_block", [False, True])
 @pytest.mark.parametrize("variant, kernel", VARIANTS_AND_KERNELS)
-def test_chunks_with_left_padding_equal_each_row_alone(variant, kernel):
-    model = tiny_model(bst_variant=variant, ssm_kernel=kernel)
+def test_chunks_with_left_padding_equal_each_row_alone(variant, kernel, attend_previous_block):
+    model = tiny_model(bst_variant=variant, ssm_kernel=kernel, attend_previous_block=attend_previous_block)
     short, long = torch.randint(2, 97, (1, 12)), torch.randint(2, 97, (1, 23))
     batch = torch.zeros(2, 23, dtype=torch.long)
     mask = torch.zeros(2, 23, dtype=torch.long)

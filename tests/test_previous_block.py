@@ -1,12 +1,13 @@
 """`attend_previous_block`: self-attention over the token's own block and the whole previous block.
 
 Checked against a dense reference (RoPE at absolute positions, an explicit (L, L) mask), for its receptive field,
-and for generation: cached, chunked and left-padded paths equal the full forward pass, compared as logits."""
+and for generation: cached and chunked paths equal the full forward pass, compared as logits (left padding:
+tests/test_generation.py)."""
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import VARIANTS_AND_KERNELS, tiny_config
+from conftest import VARIANTS_AND_KERNELS, run_in_chunks, tiny_config
 
 from modeling_bst import BSTForCausalLM
 from modeling_bst.modeling_bst import apply_rotary
@@ -17,16 +18,6 @@ BLOCK = 8
 
 def tiny_model(**overrides) -> BSTForCausalLM:
     return BSTForCausalLM(tiny_config(attend_previous_block=True, **overrides)).eval()
-
-
-def run_in_chunks(model, input_ids, chunk_sizes, attention_mask=None):
-    cache, logits, start = None, [], 0
-    for size in chunk_sizes:
-        mask = None if attention_mask is None else attention_mask[:, : start + size]
-        output = model(input_ids[:, start : start + size], attention_mask=mask, past_key_values=cache, use_cache=True)
-        cache, start = output.past_key_values, start + size
-        logits.append(output.logits)
-    return torch.cat(logits, dim=1), cache
 
 
 def test_equals_dense_rope_attention_masked_to_the_previous_and_own_block():
@@ -78,21 +69,6 @@ def test_cached_and_chunked_paths_equal_the_full_forward(variant, kernel):
             assert (logits - full).abs().max() < 1e-4, chunks
     # The cache holds two blocks of keys/values per layer, whatever the length.
     assert cache.layer_states[1]["previous_keys"].shape[1] == BLOCK
-
-
-@pytest.mark.parametrize("variant", ["sh", "mf"])
-def test_left_padded_chunks_equal_each_row_alone(variant):
-    model = tiny_model(bst_variant=variant)
-    short, long = torch.randint(2, 97, (1, 12)), torch.randint(2, 97, (1, 23))
-    batch = torch.zeros(2, 23, dtype=torch.long)
-    mask = torch.zeros(2, 23, dtype=torch.long)
-    batch[0, 11:], mask[0, 11:] = short[0], 1
-    batch[1], mask[1] = long[0], 1
-    with torch.no_grad():
-        alone_short, alone_long = model(short).logits[0], model(long).logits[0]
-        batched, _ = run_in_chunks(model, batch, [7, 5, 1, 1, 9], attention_mask=mask)
-    assert (batched[0, 11:] - alone_short).abs().max() < 1e-4
-    assert (batched[1] - alone_long).abs().max() < 1e-4
 
 
 def test_generate_equals_the_full_forward():

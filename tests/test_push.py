@@ -204,7 +204,8 @@ def test_hub_dataset_id_and_free_text_training_data(trained_folder):
     metadata = yaml.safe_load(card.split("---\n")[1])
     assert metadata["datasets"] == ["someone/shakespeare-kjv"]
     dataset = metadata["model-index"][0]["results"][0]["dataset"]
-    assert (dataset["type"], dataset["name"]) == ("someone/shakespeare-kjv", "books corpus: Shakespeare's plays + King James Bible")
+    expected = ("someone/shakespeare-kjv", "books corpus: Shakespeare's plays + King James Bible")
+    assert (dataset["type"], dataset["name"]) == expected
     assert "Thirty-eight plays and one Bible." in card
 
 

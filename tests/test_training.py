@@ -361,7 +361,9 @@ def test_ssm_parameters_get_their_own_optimiser_group(tmp_path):
     trainer = train.PerplexityTrainer(model=model, args=args, ssm_learning_rate_scale=0.25)
     optimizer = trainer.create_optimizer()
     ssm_ids = {id(p) for p in model.model.layers[1].ssm.parameters()}
-    groups = {(group["lr"], group["weight_decay"]): {id(p) for p in group["params"]} for group in optimizer.param_groups}
+    groups = {
+        (group["lr"], group["weight_decay"]): {id(p) for p in group["params"]} for group in optimizer.param_groups
+    }
     assert groups[(0.25e-3, 0.0)] == ssm_ids
     decayed = groups[(1e-3, 0.1)]
     assert id(model.model.layers[0].attention.q_proj.weight) in decayed and not decayed & ssm_ids
