@@ -174,6 +174,11 @@ def parse_args(argv=None):
     output.add_argument("--figure_dir", default="docs/figures")
     output.add_argument("--markdown", default="docs/quality.md", help="Page whose results section is (re)written.")
     output.add_argument("--no_ablation", action="store_true", help="Skip the ablation runs.")
+    output.add_argument(
+        "--ablations",
+        default=None,
+        help="Run only these ablations (names as in ABLATIONS, separated by ';'), e.g. on other seeds than the first.",
+    )
     output.add_argument("--resume", action="store_true", help="Keep finished runs of --output_json, run the rest.")
     output.add_argument(
         "--merge_json",
@@ -239,6 +244,9 @@ def check_args(parser, args):
         )
     if not args.seeds:
         parser.error("--seeds must list at least one seed.")
+    unknown_ablations = set((args.ablations or "").split(";")) - {name for name, _, _ in ABLATIONS} - {""}
+    if unknown_ablations:
+        parser.error(f"--ablations: unknown {sorted(unknown_ablations)}; choose from {[n for n, _, _ in ABLATIONS]}.")
     if not args.eval_multipliers or args.eval_multipliers[0] < 1:
         parser.error(f"--eval_multipliers must be positive integers, got {args.eval_multipliers}.")
     bad_layers = [i for i in args.bst_layers if not 0 <= i < args.num_layers]
@@ -561,6 +569,8 @@ def aggregate(results, corpus, name):
         "low": {n: min(r["test_perplexity"][n] for r in runs) for n in lengths},
         "high": {n: max(r["test_perplexity"][n] for r in runs) for n in lengths},
         "validation": mean([r["validation_perplexity"] for r in runs]),
+        "early_slot_loss": mean([r["early_slot_loss"] for r in runs]),
+        "late_slot_loss": mean([r["late_slot_loss"] for r in runs]),
         "train_seconds": mean([r["train_seconds"] for r in runs]),
         "run": runs[0],
     }
@@ -754,8 +764,7 @@ def format_table(results, corpus):
     header = (
         "| model | seeds | "
         + " | ".join(f"test ppl @ {n} (min-max)" for n in lengths)
-        + " | val ppl @ 1x | params (non-emb.) | "
-        "FFN | tokens seen | train s / run |"
+        + " | early-slot loss | late-slot loss | val ppl @ 1x | params (non-emb.) | FFN | tokens seen | train s / run |"
     )
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for name in ALL_MODELS:
@@ -771,26 +780,29 @@ def format_table(results, corpus):
             cells.append(cell)
         parameters = f"{run['parameters'] / 1e6:.3f}M ({run['non_embedding_parameters'] / 1e6:.3f}M)"
         lines.append(
-            f"| {name} | {','.join(map(str, summary['seeds']))} | {' | '.join(cells)} | {summary['validation']:.2f} | "
+            f"| {name} | {','.join(map(str, summary['seeds']))} | {' | '.join(cells)} | "
+            f"{summary['early_slot_loss']:.3f} | {summary['late_slot_loss']:.3f} | {summary['validation']:.2f} | "
             f"{parameters} | {run['intermediate_size']} | {run['tokens_seen']:,} | {summary['train_seconds']:.0f} |"
         )
     return "\n".join(lines)
 
 
 def format_ablation(results):
-    runs = [r for r in results["runs"] if r["ablation"]]
+    runs = sorted((r for r in results["runs"] if r["ablation"]), key=lambda r: (r["name"], r["seed"]))
     if not runs:
         return "(no ablation runs yet)"
     corpus = runs[0]["corpus"]
     lengths = list(runs[0]["test_perplexity"])
     lines = [
         (
-            f"Corpus `{corpus}`, seed {runs[0]['seed']}; each row changes one default of the main runs (first row of "
-            "each pair: the default, from the main table)."
+            f"Corpus `{corpus}`; each ablation run changes one default of the main runs and is shown under the main "
+            "run of its base model with the same seed (marked \"default\")."
         ),
         "",
-        "| run | val ppl @ 1x | " + " | ".join(f"test ppl @ {n}" for n in lengths) + " | params (non-emb.) | FFN |",
-        "|---|---|" + "---|" * len(lengths) + "---|---|",
+        "| run | seed | val ppl @ 1x | "
+        + " | ".join(f"test ppl @ {n}" for n in lengths)
+        + " | early-slot loss | late-slot loss | params (non-emb.) | FFN |",
+        "|---|---|---|" + "---|" * len(lengths) + "---|---|---|---|",
     ]
     for run in runs:
         default = next(
@@ -807,8 +819,9 @@ def format_ablation(results):
         for row in ([default] if default else []) + [run]:
             label = row["name"] + (" (default)" if row is default else "")
             lines.append(
-                f"| {label} | {row['validation_perplexity']:.2f} | "
+                f"| {label} | {row['seed']} | {row['validation_perplexity']:.2f} | "
                 + " | ".join(f"{row['test_perplexity'][n]:.2f}" for n in lengths)
+                + f" | {row['early_slot_loss']:.3f} | {row['late_slot_loss']:.3f}"
                 + f" | {row['non_embedding_parameters'] / 1e6:.3f}M | {row['intermediate_size']} |"
             )
     return "\n".join(lines)
@@ -841,8 +854,9 @@ def write_markdown(results, path, figures):
         "",
         f"Command: `{results['command']}`  ",
         (
-            f"Status: {results['status']}; {len(results['runs'])} runs; total wall time "
-            f"{results['wall_seconds'] / 60:.1f} min on {settings['machine']}."
+            f"Status: {results['status']}; {len(results['runs'])} runs; "
+            f"{sum(r['train_seconds'] + r['eval_seconds'] for r in results['runs']) / 60:.0f} min of training and "
+            f"evaluation in all (summed over runs, which may have shared the machine) on {settings['machine']}."
         ),
         "",
     ]
@@ -921,7 +935,15 @@ def main(argv=None):
             previous = json.load(f)
         # Settings that only select which runs happen may differ; anything that changes a run's result may not.
         selection_only = (
-            "machine", "models", "corpora", "seeds", "extra_seeds", "no_ablation", "report_only", "merge_json"
+            "machine",
+            "models",
+            "corpora",
+            "seeds",
+            "extra_seeds",
+            "no_ablation",
+            "ablations",
+            "report_only",
+            "merge_json",
         )
         changed = sorted(
             k
@@ -1053,7 +1075,7 @@ def main(argv=None):
         )
         target = count_parameters(reference)[1]
         for name, base_model, overrides in ABLATIONS:
-            if base_model in args.models:
+            if base_model in args.models and (args.ablations is None or name in args.ablations.split(";")):
                 run_one(corpus, corpus_data[corpus], name, base_model, args.seeds[0], overrides)
 
     checkpoint("finished")
