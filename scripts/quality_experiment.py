@@ -714,7 +714,7 @@ def plot_results(results, figure_dir):
             if summary is None:
                 continue
             lengths = [int(n) for n in summary["perplexity"]]
-            style = "--" if name in ("slide", "mistral-swa", "llama") else "-"
+            style = "--" if name in BASELINES else "-"
             axis.plot(lengths, list(summary["perplexity"].values()), style, marker="o", label=name)
         axis.set_xscale("log", base=2)
         axis.set_yscale("log")

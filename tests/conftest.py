@@ -28,6 +28,16 @@ def tiny_config(**overrides) -> BSTConfig:
     return BSTConfig(**fields)
 
 
+def open_context_path(model):
+    """A new BST layer starts as its SSM-free self: the cross-attention half of `o_proj` is zero, so nothing reaches
+    the output (or gets a gradient) through the context states. Tests of that path give it the self half's scale."""
+    with torch.no_grad():
+        for layer in model.model.layers:
+            if layer.is_bst_layer:
+                torch.nn.init.normal_(layer.attention.o_proj.weight, std=model.config.initializer_range)
+    return model
+
+
 def run_in_chunks(model, input_ids, chunk_sizes, attention_mask=None):
     """Feeds `input_ids` chunk by chunk through one cache; returns the concatenated logits and the cache."""
     cache, logits, start = None, [], 0

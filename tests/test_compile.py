@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import open_context_path, tiny_config
 
 from modeling_bst import BSTForCausalLM
 
@@ -32,7 +32,8 @@ def _fresh_dynamo():
     "variant,kernel", [("sh", "s4"), ("mf", "unstructured")], ids=["sh-s4", "mf-unstructured"]
 )
 def test_compiled_forward_matches_eager(variant, kernel):
-    model = BSTForCausalLM(tiny_config(bst_variant=variant, ssm_kernel=kernel, bst_layers=[1])).eval()
+    config = tiny_config(bst_variant=variant, ssm_kernel=kernel, bst_layers=[1])
+    model = open_context_path(BSTForCausalLM(config)).eval()
     input_ids = torch.randint(2, model.config.vocab_size, (2, 21))  # 2 full blocks of 8 + a partial one
     compiled = torch.compile(model)
     with torch.no_grad():
@@ -44,7 +45,7 @@ def test_compiled_forward_matches_eager(variant, kernel):
 def test_compiled_decoding_steps_match_eager():
     """The generation hot path: decoding steps through a compiled forward on a cache filled by an eager prefill of a
     left-padded batch. (Compiling the padded prefill itself works too but takes ~30 s on 2 cores.)"""
-    model = BSTForCausalLM(tiny_config(bst_layers=[1])).eval()
+    model = open_context_path(BSTForCausalLM(tiny_config(bst_layers=[1]))).eval()
     input_ids = torch.randint(2, model.config.vocab_size, (2, 13))
     attention_mask = torch.ones_like(input_ids)
     attention_mask[0, :3] = 0  # left padding, as batched generation uses

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import VARIANTS_AND_KERNELS, run_in_chunks, tiny_config
+from conftest import VARIANTS_AND_KERNELS, open_context_path, run_in_chunks, tiny_config
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast, pipeline
 
@@ -13,7 +13,8 @@ LENGTH = 37  # four full blocks of 8 and a partial one
 
 
 def tiny_model(**overrides) -> BSTForCausalLM:
-    return BSTForCausalLM(tiny_config(**overrides)).eval()
+    """A tiny model with its context path open (conftest.open_context_path), so that the SSM reaches the logits."""
+    return open_context_path(BSTForCausalLM(tiny_config(**overrides))).eval()
 
 
 @pytest.mark.parametrize("variant, kernel", VARIANTS_AND_KERNELS)

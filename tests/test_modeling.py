@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import VARIANTS_AND_KERNELS, tiny_config
+from conftest import VARIANTS_AND_KERNELS, open_context_path, tiny_config
 from huggingface_hub.errors import StrictDataclassClassValidationError
 from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
 
@@ -21,7 +21,8 @@ from modeling_bst.modeling_bst import (
 
 
 def tiny_model(**overrides) -> BSTForCausalLM:
-    return BSTForCausalLM(tiny_config(**overrides)).eval()
+    """A tiny model with its context path open (conftest.open_context_path), so that the SSM reaches the logits."""
+    return open_context_path(BSTForCausalLM(tiny_config(**overrides))).eval()
 
 
 # --- configuration -----------------------------------------------------------------------------------------------
@@ -423,3 +424,21 @@ def test_inputs_embeds_equal_input_ids_path():
     ids = torch.randint(0, 97, (2, 11))
     with torch.no_grad():
         torch.testing.assert_close(model(inputs_embeds=model.model.embed_tokens(ids)).logits, model(ids).logits)
+
+
+@pytest.mark.parametrize("variant", ["sh", "mh", "mf"])
+def test_a_new_bst_model_computes_what_the_same_model_without_ssm_computes(variant):
+    """The cross-attention half of o_proj and the skip term start at zero: before training, a BST layer is its
+    SSM-free self, so the context path grows only as far as training finds it useful (docs/quality.md)."""
+    model = BSTForCausalLM(tiny_config(bst_variant=variant)).eval()
+    layer = model.model.layers[0]
+    inner = layer.attention.o_proj.in_features // 2
+    weight = layer.attention.o_proj.weight
+    assert weight[:, inner:].abs().max() == 0 and weight[:, :inner].std() > 0
+    assert layer.ssm.skip.abs().max() == 0
+    input_ids = torch.randint(2, 97, (2, 29))
+    with torch.no_grad():
+        logits = model(input_ids).logits
+        for layer in model.model.layers:
+            layer.ssm.register_forward_hook(lambda module, inputs, output: torch.zeros_like(output))
+        torch.testing.assert_close(model(input_ids).logits, logits, rtol=0, atol=0)

@@ -8,7 +8,7 @@ Module names (per layer, `model.layers.<i>.attention.<name>`):
 
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import open_context_path, tiny_config
 
 from modeling_bst import BSTForCausalLM
 
@@ -23,7 +23,7 @@ def train_lora(config, target_modules, steps=5):
     """Wraps a tiny model with LoRA, trains a few steps; returns the PEFT model, the base weights before training and
     a batch."""
     torch.manual_seed(0)
-    model = BSTForCausalLM(config)
+    model = open_context_path(BSTForCausalLM(config))  # LoRA on the context path must reach the output
     base_state = {name: tensor.clone() for name, tensor in model.state_dict().items()}
     lora_config = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=target_modules)
     peft_model = peft.get_peft_model(model, lora_config)
@@ -114,7 +114,8 @@ def test_saved_adapter_reloads(tmp_path):
     peft_model, _, input_ids, _ = train_lora(config, ATTENTION_MODULES + CONTEXT_MODULES, steps=2)
     peft_model.save_pretrained(tmp_path / "adapter")
     torch.manual_seed(0)
-    reloaded = peft.PeftModel.from_pretrained(BSTForCausalLM(config), tmp_path / "adapter").eval()
+    base = open_context_path(BSTForCausalLM(config))  # the same base weights as train_lora's
+    reloaded = peft.PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
     with torch.no_grad():
         torch.testing.assert_close(
             reloaded(input_ids=input_ids).logits, peft_model(input_ids=input_ids).logits, rtol=0, atol=1e-6

@@ -7,7 +7,7 @@ tests/test_generation.py)."""
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import VARIANTS_AND_KERNELS, run_in_chunks, tiny_config
+from conftest import VARIANTS_AND_KERNELS, open_context_path, run_in_chunks, tiny_config
 
 from modeling_bst import BSTForCausalLM
 from modeling_bst.modeling_bst import apply_rotary
@@ -17,7 +17,8 @@ BLOCK = 8
 
 
 def tiny_model(**overrides) -> BSTForCausalLM:
-    return BSTForCausalLM(tiny_config(attend_previous_block=True, **overrides)).eval()
+    """A tiny model with its context path open (conftest.open_context_path), so that the SSM reaches the logits."""
+    return open_context_path(BSTForCausalLM(tiny_config(attend_previous_block=True, **overrides))).eval()
 
 
 def test_equals_dense_rope_attention_masked_to_the_previous_and_own_block():

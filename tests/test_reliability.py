@@ -5,14 +5,15 @@ import math
 
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import open_context_path, tiny_config
 
 from modeling_bst import BSTCache, BSTForCausalLM
 from modeling_bst.modeling_bst import BSTS4DKernel
 
 
 def tiny_model(**overrides) -> BSTForCausalLM:
-    return BSTForCausalLM(tiny_config(**overrides)).eval()
+    """With the context path open (conftest.open_context_path): these tests need the SSM to reach the output."""
+    return open_context_path(BSTForCausalLM(tiny_config(**overrides))).eval()
 
 
 def fresh_copy(model: BSTForCausalLM) -> BSTForCausalLM:

@@ -15,7 +15,7 @@ import sys
 
 import pytest
 import torch
-from conftest import VARIANTS_AND_KERNELS, tiny_config
+from conftest import VARIANTS_AND_KERNELS, open_context_path, tiny_config
 
 from modeling_bst import BSTConfig, BSTForCausalLM
 
@@ -69,7 +69,8 @@ def save_checkpoints(tmp_path):
     for variant, kernel in VARIANTS_AND_KERNELS:
         torch.manual_seed(0)
         # bst_layers=[1]: a plain block-attention layer and a BST layer; 21 tokens = 2 full blocks of 8 + a partial.
-        model = BSTForCausalLM(tiny_config(bst_variant=variant, ssm_kernel=kernel, bst_layers=[1])).eval()
+        config = tiny_config(bst_variant=variant, ssm_kernel=kernel, bst_layers=[1])
+        model = open_context_path(BSTForCausalLM(config)).eval()
         folder = tmp_path / f"bst-{variant}-{kernel}"
         model.save_pretrained(folder)
         input_ids = torch.randint(2, model.config.vocab_size, (2, 21))
@@ -164,7 +165,7 @@ def test_registered_package_loads_the_same_folder(tmp_path):
     """With the package imported, the Auto classes use it (no trust_remote_code needed), same logits."""
     from transformers import AutoModelForCausalLM
 
-    model = BSTForCausalLM(tiny_config(bst_variant="mf", ssm_kernel="s4")).eval()
+    model = open_context_path(BSTForCausalLM(tiny_config(bst_variant="mf", ssm_kernel="s4"))).eval()
     model.save_pretrained(tmp_path)
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     assert type(loaded) is BSTForCausalLM
