@@ -25,8 +25,8 @@ CODE_FILES = ("configuration_bst.py", "modeling_bst.py")
 # huggingface_hub (a hard dependency of transformers, whose own configs import `strict` from it).
 ALLOWED_TOP_LEVEL_IMPORTS = set(sys.stdlib_module_names) | {"torch", "transformers", "huggingface_hub"}
 
-# Runs in the fresh interpreter. argv: a JSON list of [folder, input_ids.pt, output.pt] triples.
-LOAD_WITHOUT_PACKAGE = r"""
+# The start of every script run in a fresh interpreter: this package cannot be imported there.
+BLOCK_PACKAGE = r"""
 import importlib.abc, json, sys
 
 class BlockBSTPackage(importlib.abc.MetaPathFinder):
@@ -36,6 +36,10 @@ class BlockBSTPackage(importlib.abc.MetaPathFinder):
         return None
 
 sys.meta_path.insert(0, BlockBSTPackage())
+"""
+
+# Runs in the fresh interpreter. argv: a JSON list of [folder, input_ids.pt, output.pt] triples.
+LOAD_WITHOUT_PACKAGE = BLOCK_PACKAGE + r"""
 try:
     import modeling_bst
     raise SystemExit("modeling_bst was importable: the block did not work")
@@ -175,16 +179,7 @@ def test_registered_package_loads_the_same_folder(tmp_path):
         torch.testing.assert_close(loaded(input_ids=input_ids).logits, expected, rtol=0, atol=0)
 
 
-TOKENIZER_WITHOUT_CODE = r"""
-import importlib.abc, json, sys
-
-class BlockBSTPackage(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name == "modeling_bst" or name.startswith("modeling_bst."):
-            raise ImportError(f"{name} is blocked in this process")
-        return None
-
-sys.meta_path.insert(0, BlockBSTPackage())
+TOKENIZER_WITHOUT_CODE = BLOCK_PACKAGE + r"""
 from transformers import AutoTokenizer
 
 tokenizer = AutoTokenizer.from_pretrained(sys.argv[1], trust_remote_code=False)
