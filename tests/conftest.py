@@ -1,3 +1,6 @@
+import logging
+from contextlib import contextmanager
+
 import pytest
 import torch
 
@@ -36,6 +39,19 @@ def open_context_path(model):
             if layer.is_bst_layer:
                 torch.nn.init.normal_(layer.attention.o_proj.weight, std=model.config.initializer_range)
     return model
+
+
+@contextmanager
+def logged_messages(logger: logging.Logger):
+    """Collects the messages `logger` emits inside the block (libraries' loggers need not propagate to caplog)."""
+    messages = []
+    handler = logging.Handler()
+    handler.emit = lambda record: messages.append(record.getMessage())
+    logger.addHandler(handler)
+    try:
+        yield messages
+    finally:
+        logger.removeHandler(handler)
 
 
 def run_in_chunks(model, input_ids, chunk_sizes, attention_mask=None):

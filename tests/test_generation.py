@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import VARIANTS_AND_KERNELS, open_context_path, run_in_chunks, tiny_config
+from conftest import VARIANTS_AND_KERNELS, logged_messages, open_context_path, run_in_chunks, tiny_config
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast, pipeline
 
@@ -198,23 +198,13 @@ def test_text_generation_pipeline(tmp_path):
 def test_generate_neither_warns_nor_stops_at_the_training_length():
     """generate() reads `max_position_embeddings` as the longest input: it warns past it and caps its default
     `max_length` with it. BST has no maximum length, so neither may happen at the training length (32 here)."""
-    import logging
-
     from transformers.utils import logging as transformers_logging
 
     model = tiny_model()
     assert model.config.training_length == 32 and model.config.max_position_embeddings == 2**20
-    messages = []
-    handler = logging.Handler()
-    handler.emit = lambda record: messages.append(record.getMessage())
-    transformers_logger = transformers_logging.get_logger("transformers")
-    transformers_logger.addHandler(handler)
-    try:
-        with torch.no_grad():
-            long_run = model.generate(torch.randint(2, 97, (1, 4)), max_new_tokens=60, min_new_tokens=60)
-            default_run = model.generate(torch.randint(2, 97, (1, 40)))  # default: 20 new tokens
-    finally:
-        transformers_logger.removeHandler(handler)
+    with logged_messages(transformers_logging.get_logger("transformers")) as messages, torch.no_grad():
+        long_run = model.generate(torch.randint(2, 97, (1, 4)), max_new_tokens=60, min_new_tokens=60)
+        default_run = model.generate(torch.randint(2, 97, (1, 40)))  # default: 20 new tokens
     assert long_run.shape == (1, 64)
     assert default_run.shape == (1, 60)  # an old config (max_position_embeddings=32) stopped this at 32 tokens
     assert not [message for message in messages if "predefined maximum length" in message]

@@ -12,7 +12,7 @@ import sysconfig
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_config
+from conftest import logged_messages, tiny_config
 
 from modeling_bst import BSTForCausalLM
 
@@ -29,19 +29,12 @@ def lm():
         tokenizer = train_bpe_tokenizer([f.read()], vocab_size=300, show_progress=False)
     torch.manual_seed(0)
     model = BSTForCausalLM(tiny_config(vocab_size=300, bst_layers=[1], pad_token_id=0, eos_token_id=1)).eval()
-    messages = []
-    handler = logging.Handler()
-    handler.emit = lambda record: messages.append(record.getMessage())
-    lm_eval_logger = logging.getLogger("lm_eval")
-    lm_eval_logger.addHandler(handler)
-    try:
+    with logged_messages(logging.getLogger("lm_eval")) as messages:
         # backend="causal": BST is a causal LM that Transformers' own registries do not list; saying so replaces
         # lm-eval's "HF model type is neither marked as CausalLM or Seq2SeqLM" guess with a statement.
         wrapped = lm_eval_huggingface.HFLM(
             pretrained=model, tokenizer=tokenizer, backend="causal", device="cpu", batch_size=2
         )
-    finally:
-        lm_eval_logger.removeHandler(handler)
     assert not [message for message in messages if "neither marked as CausalLM" in message]
     return wrapped, model, tokenizer
 
