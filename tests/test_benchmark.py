@@ -20,10 +20,25 @@ SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "benchmark.py"
 
 @pytest.fixture(scope="module")
 def bench_script():
+    """scripts/benchmark.py (its `main`), loaded by path; loading it puts scripts/ on sys.path for `bst_benchmark`."""
     spec = importlib.util.spec_from_file_location("benchmark_script", SCRIPT)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="module")
+def settings(bench_script):
+    from bst_benchmark import settings
+
+    return settings
+
+
+@pytest.fixture(scope="module")
+def baselines(bench_script):
+    from bst_benchmark import baselines
+
+    return baselines
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +54,7 @@ def quick_report(bench_script, tmp_path_factory):
         "--profile-lengths", "64",
         "--target-length", "128",
         "--scaling-lengths", "32", "128",
+        "--variant-lengths", "32", "128",
         "--threads", "1",
         "--default-malloc",  # main() runs inside the pytest process: leave its allocator alone
         "--output", str(out / "bench.json"),
@@ -51,42 +67,45 @@ def quick_report(bench_script, tmp_path_factory):
 def test_malloc_setting_is_accepted_by_glibc():
     """The benchmark's allocator setting (no per-call mmap/munmap of large blocks) works here; in a subprocess, since
     it changes the allocator of the whole process."""
-    code = f"import sys; sys.path.insert(0, {str(SCRIPT.parent)!r}); import benchmark; assert benchmark.keep_freed_memory_mapped()"
+    code = (
+        f"import sys; sys.path.insert(0, {str(SCRIPT.parent)!r}); from bst_benchmark.measurement import "
+        "keep_freed_memory_mapped; assert keep_freed_memory_mapped()"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-def test_parse_length(bench_script):
-    assert bench_script.parse_length("4k") == 4096
-    assert bench_script.parse_length("512") == 512
+def test_parse_length(settings):
+    assert settings.parse_length("4k") == 4096
+    assert settings.parse_length("512") == 512
     with pytest.raises(Exception, match="not a length"):
-        bench_script.parse_length("four")
+        settings.parse_length("four")
     with pytest.raises(Exception, match="positive"):
-        bench_script.parse_length("0")
+        settings.parse_length("0")
 
 
-def test_bad_arguments_fail_before_work(bench_script):
+def test_bad_arguments_fail_before_work(settings):
     with pytest.raises(SystemExit, match="not divisible"):
-        bench_script.parse_args(["--quick", "--hidden-size", "65", "--num-heads", "2"])
+        settings.parse_args(["--quick", "--hidden-size", "65", "--num-heads", "2"])
     with pytest.raises(SystemExit, match="model-bst-layers"):
-        bench_script.parse_args(["--quick", "--num-layers", "2", "--model-bst-layers", "5"])
+        settings.parse_args(["--quick", "--num-layers", "2", "--model-bst-layers", "5"])
 
 
-def test_sliding_window_attention_equals_banded_full_attention(bench_script):
+def test_sliding_window_attention_equals_banded_full_attention(baselines):
     torch.manual_seed(0)
     for length, window in [(100, 16), (64, 16), (7, 16), (33, 8)]:
         query, key, value = (torch.randn(2, 3, length, 8) for _ in range(3))
         positions = torch.arange(length)
         band = (positions[None, :] <= positions[:, None]) & (positions[None, :] > positions[:, None] - window)
         expected = F.scaled_dot_product_attention(query, key, value, attn_mask=band)
-        actual = bench_script.sliding_window_attention(query, key, value, window)
+        actual = baselines.sliding_window_attention(query, key, value, window)
         torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("name", ["full-attention", "sliding-window", "block-recurrent"])
-def test_baseline_layers_are_causal(bench_script, name):
-    args = bench_script.parse_args(["--quick", "--block-size", "8", "--brt-state-size", "4"])
+def test_baseline_layers_are_causal(settings, baselines, name):
+    args = settings.parse_args(["--quick", "--block-size", "8", "--brt-state-size", "4"])
     torch.manual_seed(0)
-    layer = bench_script.build_layer(name, args).eval()
+    layer = baselines.build_layer(name, args).eval()
     inputs = torch.randn(1, 40, args.hidden_size)
     changed = inputs.clone()
     changed[:, 21] += 1.0
@@ -96,10 +115,10 @@ def test_baseline_layers_are_causal(bench_script, name):
     assert (before[:, 21:] - after[:, 21:]).abs().amax() > 1e-4  # the change does reach later tokens
 
 
-def test_baseline_models_match_bst_parameter_count(bench_script):
-    args = bench_script.parse_args(["--quick"])
-    models = bench_script.build_causal_lms(args)
-    counts = {name: bench_script.count_parameters(model) for name, model in models.items()}
+def test_baseline_models_match_bst_parameter_count(settings, baselines):
+    args = settings.parse_args(["--quick"])
+    models = baselines.build_causal_lms(args)
+    counts = {name: baselines.count_parameters(model) for name, model in models.items()}
     for name in ("llama", "mistral"):
         assert abs(counts[name] / counts["bst"] - 1) < 0.05, counts
     assert models["mistral"].config.sliding_window == args.block_size
@@ -115,7 +134,7 @@ def test_quick_run_json_structure(quick_report):
     assert machine["cpu"] and machine["logical_cores"] >= 1
 
     sections = {record["section"] for record in saved["results"]}
-    assert sections == {"layer", "model", "prefill", "decode", "kernel"}
+    assert sections == {"layer", "model", "prefill", "decode", "decode_generate", "kernel"}
     layer_names = {r["name"] for r in saved["results"] if r["section"] == "layer"}
     assert layer_names == set(saved["settings"]["layers"])
     for record in saved["results"]:
@@ -130,14 +149,21 @@ def test_quick_run_json_structure(quick_report):
     # BST's cache has the same size at every context ("s4"); Llama's grows with the context.
     assert decode["bst", 32]["cache_bytes"] == decode["bst", 128]["cache_bytes"] > 0
     assert decode["llama", 128]["cache_bytes"] > decode["llama", 32]["cache_bytes"]
+    # The same through generate(): every call wrote exactly --decode-tokens tokens (checked in the section).
+    generated = {(r["name"], r["length"]): r for r in saved["results"] if r["section"] == "decode_generate"}
+    assert set(generated) == set(decode)
+    assert generated["bst", 32]["cache_bytes"] == generated["bst", 128]["cache_bytes"] > 0
+    assert generated["llama", 128]["cache_bytes"] > generated["llama", 32]["cache_bytes"]
+    assert all(r["decode_tokens"] == 4 and r["repeats"] == 2 for r in generated.values())
 
 
 def test_quick_run_ratios_and_targets(quick_report):
     report, _ = quick_report
     ratios = report["ratios"]["float32"]
-    # 4 BST layers x 3 baselines x 2 lengths; 2 baselines x 2 lengths; 1 prefill; 2 decode contexts.
-    assert len(ratios["layer"]) == 24 and len(ratios["model"]) == 4
-    assert len(ratios["prefill"]) == 1 and len(ratios["decode"]) == 2
+    # 4 BST layers x 3 baselines x 2 lengths; MH and MF against SH x 2 lengths; 2 baselines x 2 lengths; 1 prefill;
+    # 2 decode contexts, per step and through generate().
+    assert len(ratios["layer"]) == 24 and len(ratios["variants"]) == 4 and len(ratios["model"]) == 4
+    assert len(ratios["prefill"]) == 1 and len(ratios["decode"]) == 2 and len(ratios["decode_generate"]) == 2
     for rows in ratios.values():
         for row in rows:
             for key, value in row.items():
@@ -145,7 +171,14 @@ def test_quick_run_ratios_and_targets(quick_report):
                     assert math.isfinite(value) and value > 0, (key, row)
 
     targets = report["targets"]["float32"]
-    assert len(targets) == 8
+    # Issue 6's 8; issue 13's MF and MH against SH at 2 lengths, prefill, generate() decode at 2 contexts, its cache.
+    assert len(targets) == 16
+    variant_targets = [item for item in targets if "x bst-sh-s4" in item["target"]]
+    assert len(variant_targets) == 4 and {item["threshold"] for item in variant_targets} == {2.0, 1.3}
+    mf_at_32 = next(item for item in variant_targets if item["target"].startswith("bst-mf-s4 layer at 32:"))
+    layer = {r["name"]: r["seconds"] for r in report["results"] if r["section"] == "layer" and r["length"] == 32}
+    assert math.isclose(mf_at_32["measured"], layer["bst-mf-s4"] / layer["bst-sh-s4"])
+    assert mf_at_32["met"] == (mf_at_32["measured"] <= 2.0)
     for item in targets:
         assert item["met"] in (True, False), item  # every target was measured at these lengths
         assert math.isfinite(item["measured"]) and item["measured"] > 0

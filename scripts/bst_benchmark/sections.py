@@ -1,0 +1,305 @@
+"""The measured sections: layer, model, generate (prefill, per-step decode, decode through generate()), kernel."""
+
+import copy
+import functools
+import statistics
+import time
+
+import torch
+
+from .baselines import build_causal_lms, build_layer, count_parameters
+from .measurement import autocast_context, synchronize
+from .report import lookup
+from .settings import LAYER_SPECS, format_length
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sections
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def run_layer_section(runner, dtype):
+    """Layer level, forward + backward (parameters and input), batch 1. All layers are one group per length."""
+    args, device = runner.args, runner.device
+    layers = {}
+    for name in args.layers:
+        torch.manual_seed(args.seed)
+        layers[name] = build_layer(name, args).to(device).train()
+    extras = {name: {"parameters": count_parameters(layer)} for name, layer in layers.items()}
+    for length in args.layer_lengths:
+        inputs = torch.randn(1, length, args.hidden_size, device=device, requires_grad=True)
+        grad_output = torch.randn(1, length, args.hidden_size, device=device)
+
+        def forward_backward(layer):
+            layer.zero_grad(set_to_none=True)
+            inputs.grad = None
+            with autocast_context(device, dtype):
+                output = layer(inputs)
+            output.float().backward(grad_output)
+
+        calls = {name: functools.partial(forward_backward, layer) for name, layer in layers.items()}
+        runner.measure_group("layer", length, dtype, calls, extras)
+        for layer in layers.values():
+            layer.zero_grad(set_to_none=True)
+        del inputs, grad_output, calls
+    del layers
+
+
+def run_model_section(runner, dtype):
+    """Training throughput: forward + loss + backward + AdamW step, batch 1. The models are one group per length."""
+    args, device = runner.args, runner.device
+    torch.manual_seed(args.seed)
+    models = build_causal_lms(args)
+    optimizers, extras = {}, {}
+    for name, model in models.items():
+        model.to(device).train()
+        optimizers[name] = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        extras[name] = {
+            "parameters": count_parameters(model),
+            "intermediate_size": model.config.intermediate_size,
+            "num_layers": model.config.num_hidden_layers,
+        }
+    extras["bst"]["bst_layers"] = list(models["bst"].config.bst_layers)
+    for length in args.model_lengths:
+        input_ids = torch.randint(args.vocab_size, (1, length), device=device)
+
+        def train_step(model, optimizer):
+            optimizer.zero_grad(set_to_none=True)
+            with autocast_context(device, dtype):
+                loss = model(input_ids=input_ids, labels=input_ids, use_cache=False).loss
+            loss.backward()
+            optimizer.step()
+
+        calls = {name: functools.partial(train_step, model, optimizers[name]) for name, model in models.items()}
+        # Never skipped for time: these are the issue's targets (only the memory limit applies).
+        runner.measure_group("model", length, dtype, calls, extras, unit_tokens=length, skip_slow=False)
+    del models, optimizers
+
+
+def cache_nbytes(cache):
+    """Bytes held by a generation cache: BSTCache.nbytes(), or the key/value tensors of a Transformers cache."""
+    if hasattr(cache, "nbytes") and callable(cache.nbytes):
+        return int(cache.nbytes())
+    total = 0
+    for layer in getattr(cache, "layers", []):
+        for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+            if isinstance(tensor, torch.Tensor):
+                total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def decode_step(model, cache, token, device, dtype):
+    """One greedy decoding step on `cache`: returns the next token (1, 1) and the seconds the forward call took."""
+    with torch.no_grad(), autocast_context(device, dtype):
+        synchronize(device)
+        start = time.perf_counter()
+        output = model(input_ids=token, past_key_values=cache, use_cache=True)
+        next_token = output.logits[:, -1:].argmax(-1)
+        synchronize(device)
+    return next_token, time.perf_counter() - start
+
+
+def run_generate_section(runner, dtype):
+    """Prefill of a long prompt; per-token decode latency and cache bytes at several contexts, BST vs Llama.
+
+    Decoding is interleaved too: one step of each model in turn. The first two steps at each context are warm-up.
+    """
+    args, device = runner.args, runner.device
+    torch.manual_seed(args.seed)
+    models = build_causal_lms(args, names=("bst", "llama"))
+    prompt = torch.randint(args.vocab_size, (1, max(args.decode_contexts + [args.prefill_length])), device=device)
+    extras = {}
+    for name, model in models.items():
+        model.to(device).eval()
+        extras[name] = {"parameters": count_parameters(model)}
+        # One throwaway prefill + decode: the first calls of a model pay one-time costs that are not latency.
+        with torch.no_grad(), autocast_context(device, dtype):
+            cache = model(input_ids=prompt[:, :8], use_cache=True, logits_to_keep=1).past_key_values
+        token = prompt[:, 8:9]
+        for _ in range(3):
+            token, _ = decode_step(model, cache, token, device, dtype)
+
+    caches = {}  # (name, length) -> cache after a prefill of `length` tokens
+
+    def prefill(name, length):
+        with torch.no_grad(), autocast_context(device, dtype):
+            output = models[name](input_ids=prompt[:, :length], use_cache=True, logits_to_keep=1)
+        caches[name, length] = output.past_key_values
+
+    calls = {name: functools.partial(prefill, name, args.prefill_length) for name in models}
+    records = runner.measure_group(
+        "prefill", args.prefill_length, dtype, calls, extras, args.prefill_length, skip_slow=False
+    )
+    for name, record in records.items():
+        if "skipped" not in record:
+            record["cache_bytes"] = cache_nbytes(caches[name, args.prefill_length])
+
+    for context in args.decode_contexts:
+        active = {}
+        for name in models:
+            record = {"section": "decode", "name": name, "length": context, "dtype": dtype,
+                      "decode_tokens": args.decode_tokens, **extras[name]}
+            if (name, context) not in caches:
+                reason = runner.skip_reason("prefill", name, context, dtype, skip_slow=False)
+                if reason:
+                    runner.finish({**record, "skipped": f"the prefill of the context would be skipped: {reason}"})
+                    continue
+                runner.progress.set_description(f"decode {name} {format_length(context)} prefill")
+                prefill(name, context)
+            cache = caches.pop((name, context))
+            record["cache_bytes_after_prefill"] = cache_nbytes(cache)
+            active[name] = (record, cache, prompt[:, context - 1 : context], [])
+        runner.progress.set_description(f"decode {format_length(context)}")
+        for _ in range(args.decode_tokens):
+            for name, (record, cache, token, times) in active.items():
+                token, seconds = decode_step(models[name], cache, token, device, dtype)
+                active[name] = (record, cache, token, times + [seconds])
+        for name, (record, cache, _, times) in active.items():
+            timed = times[2:]
+            median = statistics.median(timed)
+            record.update(seconds=median, times=timed, warmup=2, repeats=len(timed),
+                          tokens_per_second=1.0 / median, cache_bytes=cache_nbytes(cache))
+            runner.finish(record)
+        del active
+    caches.clear()
+    modes = ["generate"] + (["compiled"] if args.compile else [])
+    for mode in modes:
+        for context in args.decode_contexts:
+            measure_generate_decode(runner, models, extras, prompt, context, dtype, mode)
+    del models
+
+
+def compiled_forward(model):
+    """Replaces `model.forward` by its torch.compile'd self (dynamic shapes: the cache grows); `del model.forward`
+    restores the class's method."""
+    model.forward = torch.compile(model.forward, dynamic=True)
+    return model
+
+
+def measure_generate_decode(runner, models, extras, prompt, context, dtype, mode):
+    """Per-token decode time through `model.generate()`, greedy, exactly `--decode-tokens` new tokens, at `context`.
+
+    Each model prefills `context - 1` tokens once; every timed call continues a fresh copy of that cache with the
+    whole context as input, so generate() runs `--decode-tokens` one-token forward calls (the first one feeds the
+    context's last token) plus its own per-step work (logits processing, stopping checks): what a user waits for.
+    The models take turns, one call each, as in `Runner.measure_group`; the first call of each is warm-up, the first
+    two when compiled (the first compiles, the second recompiles for the cache's second shape). A model that fails
+    (compilation, a cache it cannot take) is recorded as skipped with the error.
+    """
+    args, device = runner.args, runner.device
+    section = "decode_" + mode
+    new_tokens = args.decode_tokens
+    active = {}
+    for name, model in models.items():
+        record = {"section": section, "name": name, "length": context, "dtype": dtype, "decode_tokens": new_tokens,
+                  **extras[name]}
+        reason = runner.skip_reason("prefill", name, context, dtype, skip_slow=False)
+        if reason:
+            runner.finish({**record, "skipped": f"the prefill of the context would be skipped: {reason}"})
+            continue
+        runner.progress.set_description(f"{section} {name} {format_length(context)} prefill")
+        with torch.no_grad(), autocast_context(device, dtype):
+            prefix = model(input_ids=prompt[:, : context - 1], use_cache=True, logits_to_keep=1).past_key_values
+        active[name] = (record, prefix, [])
+    if mode == "compiled":
+        for model in models.values():
+            compiled_forward(model)
+    inputs = prompt[:, :context]
+    warmup = 2 if mode == "compiled" else 1
+    try:
+        for call in range(warmup + args.repeats):
+            for name in list(active):
+                record, prefix, times = active[name]
+                runner.progress.set_description(f"{section} {name} {format_length(context)} run {call}")
+                cache = copy.deepcopy(prefix)
+                try:
+                    with torch.no_grad(), autocast_context(device, dtype):
+                        synchronize(device)
+                        start = time.perf_counter()
+                        output = models[name].generate(
+                            input_ids=inputs,
+                            attention_mask=torch.ones_like(inputs),
+                            past_key_values=cache,
+                            max_new_tokens=new_tokens,
+                            min_new_tokens=new_tokens,
+                            do_sample=False,
+                            pad_token_id=0,
+                            use_cache=True,  # the benchmark's configs say False (training); generate() would re-feed
+                        )
+                        synchronize(device)
+                        seconds = time.perf_counter() - start
+                except Exception as error:  # a compile or cache failure is a result to record, not a crash
+                    runner.finish({**record, "skipped": f"{type(error).__name__}: {str(error).splitlines()[0]}"})
+                    del active[name]
+                    continue
+                # Exactly the new tokens, each fed once on the cache (a model that re-feeds the sequence would not
+                # advance the cache this way).
+                if output.shape[1] != context + new_tokens or cache.get_seq_length() != context + new_tokens - 1:
+                    raise RuntimeError(
+                        f"{name}: generate() wrote {output.shape[1] - context} tokens (asked {new_tokens}) and left "
+                        f"{cache.get_seq_length()} positions in the cache (expected {context + new_tokens - 1})"
+                    )
+                if call >= warmup:
+                    times.append(seconds / new_tokens)
+                record["cache_bytes"] = cache_nbytes(cache)
+    finally:
+        if mode == "compiled":
+            for model in models.values():
+                del model.forward
+    for name, (record, _, times) in active.items():
+        median = statistics.median(times)
+        record.update(seconds=median, times=times, warmup=warmup, repeats=len(times), tokens_per_second=1.0 / median)
+        runner.finish(record)
+
+
+def find_kernel_generators(model):
+    """The SSM kernel generators of a BST model: `BSTStateSpace.kernel_generator`, a module called with a length that
+    returns the (D * C, length) filter taps. It is called directly, bypassing `BSTStateSpace.kernel`, whose memo would
+    hide the cost outside autograd."""
+    return [module.kernel_generator for module in model.modules() if hasattr(module, "kernel_generator")]
+
+
+def run_kernel_section(runner, dtype):
+    """Share of a BST layer's forward time spent generating the SSM kernel, at each length.
+
+    Both are timed as in training: autograd on (the graph is built, no backward), train mode. In eval/no-grad the
+    model memoises the kernel, so its cost then disappears after the first call. An "mf" layer with "s4" kernels forms
+    no kernel in training (it scans the blocks): its row says what the kernel would cost, not a share of its forward.
+    """
+    args, device = runner.args, runner.device
+    layers = {}
+    for name in [n for n in args.layers if LAYER_SPECS[n][0] == "bst"]:
+        torch.manual_seed(args.seed)
+        layers[name] = build_layer(name, args).to(device).train()
+        generators = find_kernel_generators(layers[name])
+        if len(generators) != 1:
+            raise SystemExit(
+                f"kernel section: expected one SSM kernel generator in {name}, found {len(generators)}; "
+                "update find_kernel_generators() to the model's kernel API"
+            )
+    for length in args.layer_lengths:
+        inputs = torch.randn(1, length, args.hidden_size, device=device)
+
+        def layer_forward(layer):
+            with autocast_context(device, dtype):
+                layer(inputs)
+
+        def kernel_only(generate_kernel):
+            with autocast_context(device, dtype):
+                generate_kernel(length)
+
+        calls, skipped = {}, {}
+        for name, layer in layers.items():
+            calls[f"{name}/forward"] = functools.partial(layer_forward, layer)
+            calls[f"{name}/kernel"] = functools.partial(kernel_only, find_kernel_generators(layer)[0])
+            # A layer the layer section could not run at this length is not run here either (same limits).
+            reason = lookup(runner.results, "layer", name, length, dtype, "skipped")
+            if reason:
+                skipped[f"{name}/forward"] = skipped[f"{name}/kernel"] = f"skipped in the layer section: {reason}"
+        records = runner.measure_group("kernel", length, dtype, calls, skipped=skipped)
+        for name in layers:
+            forward, kernel = records[f"{name}/forward"], records[f"{name}/kernel"]
+            if "skipped" not in forward and "skipped" not in kernel:
+                kernel["share_of_forward"] = kernel["seconds"] / forward["seconds"]
+        del inputs, calls
+    del layers
