@@ -102,6 +102,7 @@ ABLATIONS = (
     ),
     ("bst-sh-s4 attend_previous_block", "bst-sh-s4", {"attend_previous_block": True}),
     ("slide attend_previous_block", "slide", {"attend_previous_block": True}),
+    ("bst-sh-s4 in every layer", "bst-sh-s4", {"bst_layers": "all"}),
 )
 
 
@@ -175,6 +176,11 @@ def parse_args(argv=None):
     output.add_argument("--markdown", default="docs/quality.md", help="Page whose results section is (re)written.")
     output.add_argument("--no_ablation", action="store_true", help="Skip the ablation runs.")
     output.add_argument(
+        "--ablations_only",
+        action="store_true",
+        help="Run only the ablations (on the first corpus and first seed), e.g. in a process of their own.",
+    )
+    output.add_argument(
         "--ablations",
         default=None,
         help="Run only these ablations (names as in ABLATIONS, separated by ';'), e.g. on other seeds than the first.",
@@ -247,6 +253,8 @@ def check_args(parser, args):
     unknown_ablations = set((args.ablations or "").split(";")) - {name for name, _, _ in ABLATIONS} - {""}
     if unknown_ablations:
         parser.error(f"--ablations: unknown {sorted(unknown_ablations)}; choose from {[n for n, _, _ in ABLATIONS]}.")
+    if args.ablations_only and args.no_ablation:
+        parser.error("--ablations_only and --no_ablation exclude each other.")
     if not args.eval_multipliers or args.eval_multipliers[0] < 1:
         parser.error(f"--eval_multipliers must be positive integers, got {args.eval_multipliers}.")
     bad_layers = [i for i in args.bst_layers if not 0 <= i < args.num_layers]
@@ -328,14 +336,14 @@ def load_corpus(args, corpus):
 
 def training_sequences(stream, length, count, data_seed):
     """`count` sequences of `length` tokens: the stream cut into non-overlapping pieces, shuffled with `data_seed`.
-    Every model sees exactly these, in this order."""
+    Every model sees exactly these, in this order. A budget larger than the stream takes further epochs, each a new
+    permutation of the same pieces (the number of epochs is reported with the results)."""
     num_pieces = len(stream) // length
-    if num_pieces < count:
-        raise ValueError(
-            f"The training stream has {len(stream)} tokens: {num_pieces} sequences of {length}, fewer than the "
-            f"{count} that --max_steps x --batch_size needs. Lower --max_steps or --batch_size."
-        )
-    order = np.random.default_rng(data_seed).permutation(num_pieces)[:count]
+    if num_pieces < 1:
+        raise ValueError(f"The training stream has {len(stream)} tokens, fewer than one sequence of {length}.")
+    rng = np.random.default_rng(data_seed)
+    epochs = math.ceil(count / num_pieces)
+    order = np.concatenate([rng.permutation(num_pieces) for _ in range(epochs)])[:count]
     pieces = stream[: num_pieces * length].reshape(num_pieces, length)
     return torch.from_numpy(pieces[order].astype(np.int64))
 
@@ -918,6 +926,8 @@ def main(argv=None):
     settings["machine"] = (
         f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, {args.threads} threads"
     )
+    if torch.device(args.device).type == "cuda":
+        settings["machine"] += f", {torch.cuda.get_device_name(args.device)}"
     settings["slide_baseline"] = "BST code with bst_layers=[] (block attention, no SSM, no cross-attention)"
     results = {
         "command": args.command,
@@ -930,9 +940,11 @@ def main(argv=None):
     if args.report_only and not args.merge_json and not os.path.isfile(args.output_json):
         raise SystemExit(f"--report_only: {args.output_json} does not exist.")
     resumed = [args.output_json] if (args.resume or args.report_only or args.merge_json) else []
+    statuses = []
     for path in [p for p in resumed + args.merge_json if os.path.isfile(p)]:
         with open(path) as f:
             previous = json.load(f)
+        statuses.append(previous["status"])
         # Settings that only select which runs happen may differ; anything that changes a run's result may not.
         selection_only = (
             "machine",
@@ -942,6 +954,7 @@ def main(argv=None):
             "extra_seeds",
             "no_ablation",
             "ablations",
+            "ablations_only",
             "report_only",
             "merge_json",
         )
@@ -969,9 +982,14 @@ def main(argv=None):
 
     if args.report_only:
         results["settings"] = previous["settings"]
+        # Merged processes may each have run other seeds or corpora: the report covers all of them.
         results["settings"]["seeds"] = sorted({run["seed"] for run in results["runs"]})
+        run_corpora = {run["corpus"] for run in results["runs"]}
+        results["settings"]["corpora"] = [c for c in args.corpora if c in run_corpora] + sorted(
+            run_corpora - set(args.corpora)
+        )
         results["command"] = args.command if args.merge_json else previous["command"]
-        checkpoint(previous["status"])
+        checkpoint("finished" if all(status == "finished" for status in statuses) else "running")
         print_summary(results)
         return results
 
@@ -1016,6 +1034,7 @@ def main(argv=None):
             "parameter_target": target,
             "intermediate_size": size,
             "tokens_seen": args.max_steps * args.batch_size * args.train_length,
+            "train_epochs": round(data["train_epochs"], 3),
             "train_seconds": round(train_seconds, 1),
             "eval_seconds": round(eval_seconds, 1),
             "final_train_loss": mean(losses[-5:]),
@@ -1047,11 +1066,13 @@ def main(argv=None):
             ),
             "validation": evaluation_spans(streams["validation"], span_length, args.validation_spans),
             "test": evaluation_spans(streams["test"], span_length, args.eval_spans),
+            "train_epochs": args.max_steps * args.batch_size / (len(streams["train"]) // args.train_length),
         }
         print(
             f"[{corpus}] {len(tokenizer)} tokens in the vocabulary; streams: "
             + ", ".join(f"{split} {len(stream):,}" for split, stream in streams.items())
-            + f" tokens; test: {args.eval_spans} spans of {span_length:,}",
+            + f" tokens; test: {args.eval_spans} spans of {span_length:,}; training budget: "
+            + f"{data['train_epochs']:.2f} epochs",
             flush=True,
         )
         # Every model is matched to the non-embedding parameter count of bst-sh-s4 at the reference FFN width.
@@ -1059,6 +1080,8 @@ def main(argv=None):
         target = count_parameters(reference)[1]
         del reference
         # Seed by seed, so that an experiment stopped early has every model at the same number of seeds.
+        if args.ablations_only:
+            continue
         for seed in args.seeds:
             for name in args.models:
                 run_one(corpus, data, name, name, seed)

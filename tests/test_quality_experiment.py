@@ -6,6 +6,7 @@ import os
 import random
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -147,3 +148,22 @@ def test_bad_arguments_are_named():
         quality_experiment.parse_args(["--models", "bst-xx", "--corpora", ""])
     with pytest.raises(SystemExit):
         quality_experiment.parse_args(["--data_dir", "/nonexistent", "--corpora", "books"])
+
+
+def test_training_sequences_take_further_epochs_as_new_permutations():
+    """A budget beyond the stream repeats every piece once per epoch, in a fresh order; within one epoch the order
+    is the one a single-epoch budget gives (so smaller budgets reproduce earlier runs)."""
+    stream = np.arange(10 * 4)  # 10 pieces of 4 tokens: piece k starts with token 4k
+    one_epoch = quality_experiment.training_sequences(stream, 4, 10, data_seed=7)
+    two_and_a_half = quality_experiment.training_sequences(stream, 4, 25, data_seed=7)
+    first_pieces = two_and_a_half[:, 0] // 4
+    assert torch.equal(two_and_a_half[:10], one_epoch)
+    assert sorted(first_pieces[10:20].tolist()) == list(range(10))
+    assert not torch.equal(first_pieces[10:20], first_pieces[:10])
+    assert len(set(first_pieces[20:].tolist())) == 5
+    assert torch.equal(quality_experiment.training_sequences(stream, 4, 6, data_seed=7), one_epoch[:6])
+
+
+def test_ablations_only_excludes_no_ablation():
+    with pytest.raises(SystemExit):
+        quality_experiment.parse_args(["--ablations_only", "--no_ablation", "--corpora", ""])
