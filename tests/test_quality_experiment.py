@@ -167,3 +167,45 @@ def test_training_sequences_take_further_epochs_as_new_permutations():
 def test_ablations_only_excludes_no_ablation():
     with pytest.raises(SystemExit):
         quality_experiment.parse_args(["--ablations_only", "--no_ablation", "--corpora", ""])
+
+
+def test_chunked_recurrentgemma_scan_equals_transformers_loop():
+    """Same logits and gradients as Transformers' time-step loop, at a length that is no multiple of the chunk.
+    Both accumulate in float32 (Transformers' default), in another order: float32 rounding is the tolerance; the
+    next test checks the recurrence itself in float64."""
+    args = quality_experiment.parse_args(["--quick", "--data_dir", os.path.dirname(__file__), "--corpora", ""])
+    models = {}
+    for scan in ("loop", "chunked"):
+        args.recurrentgemma_scan = scan
+        torch.manual_seed(0)
+        models[scan] = quality_experiment.build_model(args, "recurrentgemma", 300, 64)
+    tokens = torch.randint(0, 300, (2, 3 * quality_experiment.RECURRENCE_CHUNK + 5))
+    outputs = {scan: model(input_ids=tokens, labels=tokens, use_cache=False) for scan, model in models.items()}
+    torch.testing.assert_close(outputs["chunked"].logits, outputs["loop"].logits, atol=2e-5, rtol=1e-4)
+    for output in outputs.values():
+        output.loss.backward()
+    for (name, loop_parameter), chunked_parameter in zip(
+        models["loop"].named_parameters(), models["chunked"].parameters()
+    ):
+        torch.testing.assert_close(chunked_parameter.grad, loop_parameter.grad, atol=2e-5, rtol=1e-3, msg=name)
+
+
+def test_chunked_scan_resets_and_carries_a_state_like_the_loop():
+    """Resets in the middle of a sequence (a = 0), a given initial state, single-step decoding."""
+    from transformers.models.recurrent_gemma.modeling_recurrent_gemma import RecurrentGemmaRglru
+
+    generator = torch.Generator().manual_seed(0)
+    inputs = torch.randn(2, 37, 8, generator=generator, dtype=torch.float64)
+    gate = torch.rand(2, 37, 8, generator=generator, dtype=torch.float64)
+    reset = torch.zeros(2, 37, 1, dtype=torch.bool)
+    reset[0, 20] = reset[1, 0] = True
+    initial = torch.randn(2, 8, generator=generator, dtype=torch.float64)
+    for length in (37, 1):
+        expected = RecurrentGemmaRglru._rnn_scan(None, inputs[:, :length], gate[:, :length], reset[:, :length],
+                                                 initial, torch.float64)
+        got = quality_experiment.chunked_rnn_scan(
+            RecurrentGemmaRglru.__new__(RecurrentGemmaRglru), inputs[:, :length], gate[:, :length],
+            reset[:, :length], initial, torch.float64,
+        )
+        for got_tensor, expected_tensor in zip(got, expected):
+            torch.testing.assert_close(got_tensor, expected_tensor, atol=1e-12, rtol=1e-10)
