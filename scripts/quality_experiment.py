@@ -814,7 +814,32 @@ def plot_results(results, figure_dir):
     loss_path = os.path.join(figure_dir, "quality_training_loss.png")
     figure.savefig(loss_path, dpi=120)
     plt.close(figure)
-    return [path, loss_path]
+
+    # Where in the block the loss is: the test loss by slot (mean over seeds), as the difference from Slide's, so
+    # that the SSM's gain at the first slots and any cost at the late ones read off one axis.
+    figure, axes = plt.subplots(1, len(corpora), figsize=(6.5 * len(corpora), 4.5), squeeze=False)
+    for axis, corpus in zip(axes[0], corpora):
+        curves = {}
+        for name in ALL_MODELS:
+            by_seed = [r["loss_by_slot"] for r in results["runs"] if r["corpus"] == corpus and r["name"] == name]
+            if by_seed:
+                curves[name] = np.mean(by_seed, axis=0)
+        reference = curves.get("slide")
+        for name, curve in curves.items():
+            style = "--" if name in BASELINES else "-"
+            values = curve - reference if reference is not None else curve
+            axis.plot(range(len(curve)), values, style, color=colors[name], linewidth=1.0, label=name)
+        axis.set_xscale("symlog", linthresh=4)
+        axis.set_xlabel("slot inside a block (first blocks of windows left out)")
+        axis.set_ylabel("test loss minus Slide's (nats)" if reference is not None else "test loss (nats)")
+        axis.set_title(f"{corpus}: loss by slot, mean over seeds")
+        axis.grid(True, which="both", alpha=0.3)
+        axis.legend(fontsize=8)
+    figure.tight_layout()
+    slot_path = os.path.join(figure_dir, "quality_loss_by_slot.png")
+    figure.savefig(slot_path, dpi=120)
+    plt.close(figure)
+    return [path, loss_path, slot_path]
 
 
 def format_table(results, corpus):

@@ -115,6 +115,7 @@ def test_targets_table_figure_and_markdown(quick_results):
             assert (row["met"] is None) == label.endswith("(reported)")
             assert set(row["per_seed"]) == {"0", "1"}
     assert (root / "figures" / "quality_perplexity_vs_length.png").stat().st_size > 1000
+    assert (root / "figures" / "quality_loss_by_slot.png").stat().st_size > 1000
     page = (root / "quality.md").read_text()
     assert page.count(quality_experiment.RESULTS_BEGIN) == 1 and page.count(quality_experiment.RESULTS_END) == 1
     assert "| llama |" in page and "test ppl @ 512" in page and "### Ablation" in page
