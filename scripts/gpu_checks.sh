@@ -44,15 +44,16 @@ QUALITY_SETTINGS=(--device "$DEVICE" --batch_size 16 --max_steps 600 --warmup_st
 # 0. Smoke: every model, one ablation and every benchmark section at toy sizes.
 smoke=$OUTPUT_DIR/smoke
 wanted smoke && elapsed "smoke"
-if wanted smoke && ! timeout 120 python scripts/quality_experiment.py --quick --device "$DEVICE" --corpora books --eval_spans 1 \
+if wanted smoke && ! timeout 120 python scripts/quality_experiment.py --quick --device "$DEVICE" --corpora books \
+        --eval_spans 1 --seeds 0 \
         --models bst-sh-s4,bst-mh-s4,bst-mf-s4,bst-sh-unstructured,slide,mistral-swa,recurrentgemma,llama \
-        --seeds 0 --ablations "bst-sh-s4 attend_previous_block" --work_dir "$smoke" \
+        --ablations "bst-sh-s4 attend_previous_block" --work_dir "$smoke" \
         --output_json "$smoke/quality.json" --figure_dir "$smoke" --markdown "$smoke/quality.md" \
         > "$OUTPUT_DIR/logs/smoke_quality.log" 2>&1; then
     tail -30 "$OUTPUT_DIR/logs/smoke_quality.log"; echo "smoke: quality experiment failed"; exit 1
 fi
-if wanted smoke && ! timeout 120 python scripts/benchmark.py --quick --device "$DEVICE" --output "$smoke/benchmark.json" \
-        --figures-dir "$smoke" > "$OUTPUT_DIR/logs/smoke_benchmark.log" 2>&1; then
+if wanted smoke && ! timeout 120 python scripts/benchmark.py --quick --device "$DEVICE" \
+        --output "$smoke/benchmark.json" --figures-dir "$smoke" > "$OUTPUT_DIR/logs/smoke_benchmark.log" 2>&1; then
     tail -30 "$OUTPUT_DIR/logs/smoke_benchmark.log"; echo "smoke: benchmark failed"; exit 1
 fi
 
