@@ -230,7 +230,15 @@ def convert_to_bst(
     """
     source_config = AutoConfig.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code)
     check_convertible(source_config, block_size)
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_name or model_name_or_path, trust_remote_code=trust_remote_code)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            tokenizer_name or model_name_or_path, trust_remote_code=trust_remote_code
+        )
+    except (OSError, ValueError) as error:
+        raise ConversionError(
+            f"No tokenizer could be loaded from {tokenizer_name or model_name_or_path!r} ({error}); the BST folder "
+            "needs one: pass --tokenizer_name."
+        ) from error
     if len(tokenizer) > source_config.vocab_size:
         raise ConversionError(f"The tokenizer has {len(tokenizer)} tokens, the model {source_config.vocab_size}.")
     output_dir = Path(output_dir)

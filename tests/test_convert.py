@@ -163,6 +163,9 @@ def test_folder_round_trip(tmp_path):
         torch.testing.assert_close(loaded(input_ids=ids).logits, reference, rtol=0, atol=1e-5)
     with pytest.raises(FileExistsError, match="not empty"):
         convert_to_bst.convert_to_bst(str(tmp_path / "llama"), str(tmp_path / "bst"), block_size=8, bst_layers=[])
+    source.save_pretrained(tmp_path / "no-tokenizer")
+    with pytest.raises(convert_to_bst.ConversionError, match="(?s)No tokenizer.*--tokenizer_name"):
+        convert_to_bst.convert_to_bst(str(tmp_path / "no-tokenizer"), str(tmp_path / "b"), block_size=8, bst_layers=[])
 
 
 @pytest.mark.parametrize(
