@@ -8,6 +8,10 @@ from transformers.configuration_utils import PreTrainedConfig
 
 
 BST_VARIANTS = ("sh", "mh", "mf")
+# How RoPE pairs the channels of a head into the 2D planes it rotates: "interleaved" pairs (2i, 2i+1), as BST always
+# has; "rotate_half" pairs (i, i + head_dim/2), as Llama, Mistral and Qwen2 do. The two are a permutation of the
+# q/k rows of each other; the second lets converted Llama-family weights load unchanged (scripts/convert_to_bst.py).
+ROPE_PAIRINGS = ("interleaved", "rotate_half")
 # What `max_position_embeddings` says for a model without a maximum length. Tools read that field as the longest input
 # the model accepts (generate() warns past it and caps its default `max_length` with it, lm-evaluation-harness cuts
 # log-likelihoods into windows of it); BST has no absolute positions, so it gets a bound no input comes near.
@@ -32,8 +36,16 @@ class BSTConfig(PreTrainedConfig):
         num_hidden_layers (`int`, defaults to 12): number of layers.
         num_attention_heads (`int`, defaults to 8): heads of the self-attention and, separately, of the
             cross-attention to the context states.
+        num_key_value_heads (`int`, *optional*): key/value heads of the self-attention (grouped-query attention, as
+            in Llama: query head h reads key/value head h // (num_attention_heads / num_key_value_heads)); must divide
+            `num_attention_heads`. `num_attention_heads` when unset (multi-head attention). The generation cache holds
+            this many key/value heads. The cross-attention to the context states always has `num_attention_heads`.
         head_dim (`int`, *optional*): width of one head; `hidden_size // num_attention_heads` when unset.
         hidden_act (`str`, defaults to `"gelu"`): activation of the feed-forward network.
+        gated_mlp (`bool`, defaults to `False`): a gated feed-forward network, down(act(gate(x)) * up(x)) (SwiGLU
+            with `hidden_act="silu"`, as in Llama), instead of down(act(up(x))).
+        qkv_bias (`bool`, defaults to `False`): biases on the self-attention's query, key and value projections (as in
+            Qwen2). The output projection and the cross-attention projections never have one.
         block_size (`int`, defaults to 512): W, the number of tokens in one attention block. Self-attention never
             looks further back than the previous block, so the model runs at any sequence length.
         attend_previous_block (`bool`, defaults to `False`): whether self-attention also sees the whole previous
@@ -61,6 +73,9 @@ class BSTConfig(PreTrainedConfig):
             position to the "unstructured" kernel's filter network.
         implicit_filter_hidden_size (`int`, defaults to 64): width of the "unstructured" kernel's filter network.
         rope_theta (`float`, defaults to 10000.0): base of the rotary position embedding used inside a block.
+        rope_pairing (`str`, defaults to `"interleaved"`): which channels of a head RoPE rotates together.
+            `"interleaved"`: channels (2i, 2i+1); `"rotate_half"`: channels (i, i + head_dim/2), Llama's convention.
+            Either gives the same model up to a permutation of the query/key weights' rows.
         rms_norm_eps (`float`, defaults to 1e-6): epsilon of the RMS norms.
         attention_dropout (`float`, defaults to 0.0): dropout on attention probabilities in training.
         training_length (`int`, *optional*): the sequence length the model was trained at (scripts/train.py records
@@ -73,7 +88,8 @@ class BSTConfig(PreTrainedConfig):
             and `max_position_embeddings` becomes 2**20.
         initializer_range (`float`, defaults to 0.02): standard deviation of the normal weight initialisation.
         use_cache (`bool`, defaults to `True`): whether forward returns a `BSTCache` for generation.
-        tie_word_embeddings (`bool`, defaults to `True`): share the input embedding and the LM head.
+        tie_word_embeddings (`bool`, defaults to `True`): share the input embedding and the LM head; `False` gives the
+            LM head weights of its own (as most Llama checkpoints have).
 
     ```python
     >>> from modeling_bst import BSTConfig, BSTForCausalLM
@@ -89,8 +105,11 @@ class BSTConfig(PreTrainedConfig):
     intermediate_size: int = 4096
     num_hidden_layers: int = 12
     num_attention_heads: int = 8
+    num_key_value_heads: int | None = None
     head_dim: int | None = None
     hidden_act: str = "gelu"
+    gated_mlp: bool = False
+    qkv_bias: bool = False
     block_size: int = 512
     attend_previous_block: bool = False
     bst_variant: str = "sh"
@@ -103,6 +122,7 @@ class BSTConfig(PreTrainedConfig):
     implicit_filter_features: int = 16
     implicit_filter_hidden_size: int = 64
     rope_theta: float = 10000.0
+    rope_pairing: str = "interleaved"
     rms_norm_eps: float = 1e-6
     attention_dropout: float = 0.0
     training_length: int | None = None
@@ -117,6 +137,8 @@ class BSTConfig(PreTrainedConfig):
     def __post_init__(self, **kwargs):
         if self.head_dim is None and self.num_attention_heads > 0:
             self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
         if self.num_context_states is None:
             self.num_context_states = {"sh": 1, "mh": self.num_attention_heads, "mf": 32}.get(self.bst_variant, 1)
         if self.bst_layers is None:
@@ -136,6 +158,7 @@ class BSTConfig(PreTrainedConfig):
             "intermediate_size",
             "num_hidden_layers",
             "num_attention_heads",
+            "num_key_value_heads",
             "head_dim",
             "block_size",
             "ssm_state_size",
@@ -161,6 +184,13 @@ class BSTConfig(PreTrainedConfig):
                 f"`hidden_size` ({self.hidden_size}) must be divisible by `num_attention_heads` "
                 f"({self.num_attention_heads})."
             )
+        if self.num_attention_heads % self.num_key_value_heads != 0:
+            raise ValueError(
+                f"`num_key_value_heads` ({self.num_key_value_heads}) must divide `num_attention_heads` "
+                f"({self.num_attention_heads}): each key/value head serves a whole group of query heads."
+            )
+        if self.rope_pairing not in ROPE_PAIRINGS:
+            raise ValueError(f"`rope_pairing` must be one of {ROPE_PAIRINGS}, got {self.rope_pairing!r}.")
         if self.head_dim % 2 != 0:
             raise ValueError(f"`head_dim` must be even for rotary embeddings, got {self.head_dim}.")
         if self.bst_variant not in BST_VARIANTS:

@@ -663,13 +663,20 @@ class BSTRotaryEmbedding(nn.Module):
         return torch.polar(torch.ones_like(angles), angles)
 
 
-def apply_rotary(states: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
-    """RoPE: channels (2i, 2i+1) of every head, read as one complex number, are multiplied by rotations[..., i].
+def apply_rotary(states: torch.Tensor, rotations: torch.Tensor, pairing: str = "interleaved") -> torch.Tensor:
+    """RoPE: channels (2i, 2i+1) of every head ("interleaved"), or (i, i + head_dim/2) ("rotate_half", Llama's
+    convention), read as one complex number, are multiplied by rotations[..., i].
 
     states (B, T, H, head_dim), rotations (B or 1, T, head_dim/2) complex. One complex multiply is ~4x faster on CPU
     (forward + backward) than the rotate-half form, which needs a split, a negation, a concatenation and three more
-    elementwise passes. Computed in fp32: there is no bfloat16 complex type.
+    elementwise passes; "rotate_half" pairs are gathered into complex numbers by a transpose and multiplied the same
+    way: (x1 + i x2) e^(i theta) = (x1 cos - x2 sin) + i (x2 cos + x1 sin), Llama's q * cos + rotate_half(q) * sin.
+    Computed in fp32: there is no bfloat16 complex type.
     """
+    if pairing == "rotate_half":
+        halves = states.float().unflatten(-1, (2, -1)).transpose(-1, -2)  # (B, T, H, head_dim/2, 2)
+        pairs = torch.view_as_complex(halves.contiguous())
+        return torch.view_as_real(pairs * rotations.unsqueeze(2)).transpose(-1, -2).flatten(-2).to(states.dtype)
     pairs = torch.view_as_complex(states.float().contiguous().unflatten(-1, (-1, 2)))  # (B, T, H, head_dim/2)
     return torch.view_as_real(pairs * rotations.unsqueeze(2)).flatten(-2).to(states.dtype)
 
@@ -698,13 +705,20 @@ def eager_attention_forward(
 
 
 class BSTMLP(nn.Module):
+    """down(act(up(x))), or with `config.gated_mlp` Llama's gated form down(act(gate(x)) * up(x))."""
+
     def __init__(self, config: BSTConfig):
         super().__init__()
+        self.gated = config.gated_mlp
+        if self.gated:
+            self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
         self.act_fn = ACT2FN[config.hidden_act]
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if self.gated:
+            return self.down_proj(self.act_fn(self.gate_proj(hidden_states)) * self.up_proj(hidden_states))
         return self.down_proj(self.act_fn(self.up_proj(hidden_states)))
 
 
@@ -729,14 +743,19 @@ class BSTAttention(nn.Module):
         self.layer_idx = layer_idx
         self.is_bst_layer = is_bst_layer
         self.num_heads = config.num_attention_heads
+        self.num_key_value_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
+        # What Transformers' attention functions would repeat key/value heads by. `_attend` repeats them itself (the
+        # cross-attention's context keys have all heads), so the functions must not.
         self.num_key_value_groups = 1
         self.scaling = self.head_dim**-0.5
         self.is_causal = True
+        self.rope_pairing = config.rope_pairing
         inner_size = self.num_heads * self.head_dim
-        self.q_proj = nn.Linear(config.hidden_size, inner_size, bias=False)
-        self.k_proj = nn.Linear(config.hidden_size, inner_size, bias=False)
-        self.v_proj = nn.Linear(config.hidden_size, inner_size, bias=False)
+        key_value_size = self.num_key_value_heads * self.head_dim
+        self.q_proj = nn.Linear(config.hidden_size, inner_size, bias=config.qkv_bias)
+        self.k_proj = nn.Linear(config.hidden_size, key_value_size, bias=config.qkv_bias)
+        self.v_proj = nn.Linear(config.hidden_size, key_value_size, bias=config.qkv_bias)
         if is_bst_layer:
             self.context_norm = BSTRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
             self.cross_q_proj = nn.Linear(config.hidden_size, inner_size, bias=False)
@@ -751,8 +770,13 @@ class BSTAttention(nn.Module):
             self.o_proj = nn.Linear(inner_size, config.hidden_size, bias=False)
 
     def _attend(self, query, key, value, attention_mask=None, is_causal=False) -> torch.Tensor:
-        """query (B, N, Q, H, d), key/value (B, N, K, H, d) -> (B, N, Q, H*d): one attention call over all blocks."""
+        """query (B, N, Q, H, d), key/value (B, N, K, H or H_kv, d) -> (B, N, Q, H*d): one attention call over all
+        blocks. Grouped key/value heads (self-attention with `num_key_value_heads` < H) serve H / H_kv query heads each:
+        they are repeated here, after the cache, which keeps H_kv heads."""
         batch, num_blocks = query.shape[:2]
+        if key.shape[-2] != query.shape[-2]:
+            groups = query.shape[-2] // key.shape[-2]
+            key, value = key.repeat_interleave(groups, dim=-2), value.repeat_interleave(groups, dim=-2)
         flat = [states.flatten(0, 1).transpose(1, 2) for states in (query, key, value)]  # (B*N, H, len, d)
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
@@ -803,7 +827,7 @@ class BSTAttention(nn.Module):
                     cached["previous_" + name] = torch.where(flag, cached[name], cached["previous_" + name])
             cached["keys"][rows, layout.offsets] = key[:, 0]
             cached["values"][rows, layout.offsets] = value[:, 0]
-            previous_keys = apply_rotary(cached["previous_keys"], layout.previous_block_rotation)
+            previous_keys = apply_rotary(cached["previous_keys"], layout.previous_block_rotation, self.rope_pairing)
             keys = torch.cat([previous_keys, cached["keys"]], dim=1)  # (B, 2W, H, d)
             values = torch.cat([cached["previous_values"], cached["values"]], dim=1)
             mask = layout.single_step_previous_block_mask()
@@ -821,7 +845,9 @@ class BSTAttention(nn.Module):
             layer_cache["keys"], layer_cache["values"] = layout.last_block(key_blocks), layout.last_block(value_blocks)
             layer_cache["previous_keys"] = layout.previous_of_last_block(key_blocks_with_previous)
             layer_cache["previous_values"] = layout.previous_of_last_block(value_blocks_with_previous)
-        previous_keys = apply_rotary(key_blocks_with_previous[:, :-1].flatten(1, 2), layout.previous_block_rotation)
+        previous_keys = apply_rotary(
+            key_blocks_with_previous[:, :-1].flatten(1, 2), layout.previous_block_rotation, self.rope_pairing
+        )
         keys = torch.cat([previous_keys.view_as(key_blocks), key_blocks], dim=2)  # (B, N, 2W, H, d)
         values = torch.cat([value_blocks_with_previous[:, :-1], value_blocks], dim=2)
         output = self._attend(layout.to_blocks(query), keys, values, layout.previous_block_mask())
@@ -866,9 +892,10 @@ class BSTAttention(nn.Module):
         layer_cache: dict | None = None,
     ) -> torch.Tensor:
         hidden_shape = (*hidden_states.shape[:-1], self.num_heads, self.head_dim)
-        query = apply_rotary(self.q_proj(hidden_states).view(hidden_shape), rotations)  # (B, T, H, d)
-        key = apply_rotary(self.k_proj(hidden_states).view(hidden_shape), rotations)
-        value = self.v_proj(hidden_states).view(hidden_shape)
+        key_value_shape = (*hidden_states.shape[:-1], self.num_key_value_heads, self.head_dim)
+        query = apply_rotary(self.q_proj(hidden_states).view(hidden_shape), rotations, self.rope_pairing)  # (B,T,H,d)
+        key = apply_rotary(self.k_proj(hidden_states).view(key_value_shape), rotations, self.rope_pairing)  # H_kv heads
+        value = self.v_proj(hidden_states).view(key_value_shape)
         if self.config.attend_previous_block:
             output = self._previous_block_attention(query, key, value, layout, layer_cache)
         else:
@@ -893,9 +920,10 @@ class BSTAttention(nn.Module):
             # One copy to (B, C, T, D): the norm reduces over D and head h projects filter h, both on contiguous rows
             # (on the strided (B, T, D, C) view, the norm alone took longer than the "mh" SSM).
             normed = self.context_norm(context_states.permute(0, 3, 1, 2).contiguous())
-            context_keys = apply_rotary(self._project_context(self.context_k_proj, normed), rotations)
+            context_keys = self._project_context(self.context_k_proj, normed)
+            context_keys = apply_rotary(context_keys, rotations, self.rope_pairing)
             context_values = self._project_context(self.context_v_proj, normed)
-            cross_query = apply_rotary(cross_query, rotations)
+            cross_query = apply_rotary(cross_query, rotations, self.rope_pairing)
             cross_output = self._block_attention(
                 cross_query, context_keys, context_values, layout, layer_cache, "context_keys", "context_values"
             )
@@ -946,9 +974,11 @@ CACHE_SIGNATURE_FIELDS = (
     "num_hidden_layers",
     "hidden_size",
     "num_attention_heads",
+    "num_key_value_heads",
     "head_dim",
     "block_size",
     "attend_previous_block",
+    "rope_pairing",
     "bst_variant",
     "ssm_kernel",
     "ssm_state_size",
@@ -965,8 +995,8 @@ class BSTCache(Cache):
     """Decoding state of a BST model; its size does not depend on the context length for "s4" kernels.
 
     Per row: `seen_tokens` (real tokens so far). Per layer, in `layer_states`, a dict of tensors with the batch first:
-    `keys`/`values` (B, W, H, d): the current block's self-attention keys/values;
-    `previous_keys`/`previous_values` (B, W, H, d) (`attend_previous_block`): the previous block's;
+    `keys`/`values` (B, W, H_kv, d): the current block's self-attention keys/values (H_kv = `num_key_value_heads`);
+    `previous_keys`/`previous_values` (B, W, H_kv, d) (`attend_previous_block`): the previous block's;
     `context_keys`/`context_values` (B, W, H, d) ("sh"/"mh"): the current block's projected context states;
     `context_states` (B, S, D) ("mf"): the context of the block holding the next token;
     `ssm_state` (B, D*C, N/2) complex ("s4"), or `ssm_history` (B, L, D) ("unstructured": the SSM inputs so far,

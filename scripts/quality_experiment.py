@@ -44,6 +44,7 @@ import platform
 import shlex
 import sys
 import time
+import types
 
 import numpy as np
 import torch
@@ -58,6 +59,7 @@ from transformers import (
     RecurrentGemmaConfig,
     RecurrentGemmaForCausalLM,
 )
+from transformers.models.recurrent_gemma.modeling_recurrent_gemma import RecurrentGemmaRglru
 from transformers.utils import logging as hf_logging
 
 
@@ -87,6 +89,7 @@ ALL_MODELS = (
 )
 DEFAULT_MODELS = ("bst-sh-s4", "slide", "mistral-swa", "recurrentgemma", "llama")
 BASELINES = ("slide", "mistral-swa", "recurrentgemma", "llama")
+RECURRENCE_CHUNK = 16  # time steps per chunk of chunked_rnn_scan
 EARLY_SLOTS = 4  # "early-slot loss": the first 4 slots of a block, where block attention has almost no context
 PARAMETER_TOLERANCE = 0.05
 RESULTS_BEGIN, RESULTS_END = "<!-- results:begin -->", "<!-- results:end -->"
@@ -102,6 +105,9 @@ ABLATIONS = (
     ),
     ("bst-sh-s4 attend_previous_block", "bst-sh-s4", {"attend_previous_block": True}),
     ("slide attend_previous_block", "slide", {"attend_previous_block": True}),
+    ("bst-sh-s4 in every layer", "bst-sh-s4", {"bst_layers": "all"}),
+    ("bst-mh-s4 attend_previous_block", "bst-mh-s4", {"attend_previous_block": True}),
+    ("bst-mf-s4 attend_previous_block", "bst-mf-s4", {"attend_previous_block": True}),
 )
 
 
@@ -163,6 +169,13 @@ def parse_args(argv=None):
     )
     train.add_argument("--device", default="cpu", help="cpu or cuda.")
     train.add_argument("--bf16", action="store_true", help="bf16 autocast for training and evaluation (GPU).")
+    train.add_argument(
+        "--recurrentgemma_scan",
+        choices=("loop", "chunked"),
+        default="chunked",
+        help="RecurrentGemma's recurrence: Transformers' loop over time steps, or the same recurrence chunk by chunk "
+        "(chunked_rnn_scan; equal to the loop within float rounding, ~10x faster on a GPU).",
+    )
 
     evaluation = parser.add_argument_group("evaluation")
     evaluation.add_argument("--eval_multipliers", default="1,4,16", help="Evaluation lengths, in training lengths.")
@@ -174,6 +187,11 @@ def parse_args(argv=None):
     output.add_argument("--figure_dir", default="docs/figures")
     output.add_argument("--markdown", default="docs/quality.md", help="Page whose results section is (re)written.")
     output.add_argument("--no_ablation", action="store_true", help="Skip the ablation runs.")
+    output.add_argument(
+        "--ablations_only",
+        action="store_true",
+        help="Run only the ablations (on the first corpus and first seed), e.g. in a process of their own.",
+    )
     output.add_argument(
         "--ablations",
         default=None,
@@ -247,6 +265,8 @@ def check_args(parser, args):
     unknown_ablations = set((args.ablations or "").split(";")) - {name for name, _, _ in ABLATIONS} - {""}
     if unknown_ablations:
         parser.error(f"--ablations: unknown {sorted(unknown_ablations)}; choose from {[n for n, _, _ in ABLATIONS]}.")
+    if args.ablations_only and args.no_ablation:
+        parser.error("--ablations_only and --no_ablation exclude each other.")
     if not args.eval_multipliers or args.eval_multipliers[0] < 1:
         parser.error(f"--eval_multipliers must be positive integers, got {args.eval_multipliers}.")
     bad_layers = [i for i in args.bst_layers if not 0 <= i < args.num_layers]
@@ -328,14 +348,14 @@ def load_corpus(args, corpus):
 
 def training_sequences(stream, length, count, data_seed):
     """`count` sequences of `length` tokens: the stream cut into non-overlapping pieces, shuffled with `data_seed`.
-    Every model sees exactly these, in this order."""
+    Every model sees exactly these, in this order. A budget larger than the stream takes further epochs, each a new
+    permutation of the same pieces (the number of epochs is reported with the results)."""
     num_pieces = len(stream) // length
-    if num_pieces < count:
-        raise ValueError(
-            f"The training stream has {len(stream)} tokens: {num_pieces} sequences of {length}, fewer than the "
-            f"{count} that --max_steps x --batch_size needs. Lower --max_steps or --batch_size."
-        )
-    order = np.random.default_rng(data_seed).permutation(num_pieces)[:count]
+    if num_pieces < 1:
+        raise ValueError(f"The training stream has {len(stream)} tokens, fewer than one sequence of {length}.")
+    rng = np.random.default_rng(data_seed)
+    epochs = math.ceil(count / num_pieces)
+    order = np.concatenate([rng.permutation(num_pieces) for _ in range(epochs)])[:count]
     pieces = stream[: num_pieces * length].reshape(num_pieces, length)
     return torch.from_numpy(pieces[order].astype(np.int64))
 
@@ -401,7 +421,7 @@ def build_model(args, model_name, vocab_size, intermediate_size, overrides=None)
         )
     if model_name == "recurrentgemma":
         # Transformers' Griffin: RG-LRU recurrent blocks and local attention (window = block_size) in the ratio 2:1.
-        return RecurrentGemmaForCausalLM(
+        model = RecurrentGemmaForCausalLM(
             RecurrentGemmaConfig(
                 **common,
                 num_key_value_heads=args.num_heads,
@@ -410,6 +430,11 @@ def build_model(args, model_name, vocab_size, intermediate_size, overrides=None)
                 attention_window_size=args.block_size,
             )
         )
+        if args.recurrentgemma_scan == "chunked":
+            for module in model.modules():
+                if isinstance(module, RecurrentGemmaRglru):  # this model's instances only, not the class
+                    module._rnn_scan = types.MethodType(chunked_rnn_scan, module)
+        return model
     model = BSTForCausalLM(BSTConfig(**common, **bst_fields(args, model_name, overrides)))
     if (overrides or {}).get("old_recipe"):
         with torch.no_grad():  # version 0.2's initialisation: skip term at one, random cross half of o_proj
@@ -418,6 +443,39 @@ def build_model(args, model_name, vocab_size, intermediate_size, overrides=None)
                     layer.ssm.skip.fill_(1.0)
                     torch.nn.init.normal_(layer.attention.o_proj.weight, std=model.config.initializer_range)
     return model
+
+
+def chunked_rnn_scan(self, hidden_states, recurrent_gate, reset, recurrent_states, acc_dtype=torch.float32):
+    """Transformers' `RecurrentGemmaRglru._rnn_scan`, the same recurrence h_t = a_t h_(t-1) + x_t (a_t = 0 at a
+    reset), with its Python loop over time steps (a few GPU kernels per token and layer: the slowest run of the
+    experiment) replaced by one over chunks of RECURRENCE_CHUNK steps. Inside a chunk, with L_t = sum of log a_r up
+    to t: h_t = sum_(s <= t) exp(L_t - L_s) x_s + exp(L_t) h_(chunk start). 0 <= a <= 1, so no exponent is
+    positive and nothing overflows. tests/test_quality_experiment.py checks it against the loop, gradients too."""
+    batch_size, length, width = hidden_states.shape
+    if length == 1:  # decoding: Transformers' own single-step update
+        return type(self)._rnn_scan(self, hidden_states, recurrent_gate, reset, recurrent_states, acc_dtype)
+    gate = (recurrent_gate * ~reset).to(acc_dtype)
+    inputs = hidden_states.to(acc_dtype)
+    padding = -length % RECURRENCE_CHUNK  # padded steps come last: they change no earlier output
+    gate = F.pad(gate, (0, 0, 0, padding), value=1.0)
+    inputs = F.pad(inputs, (0, 0, 0, padding))
+    num_chunks = gate.shape[1] // RECURRENCE_CHUNK
+    shape = (batch_size, num_chunks, RECURRENCE_CHUNK, width)
+    cumulative_log = gate.clamp_min(1e-30).log().view(shape).cumsum(2)  # L_t inside each chunk (a reset: -69)
+    exponents = cumulative_log[:, :, :, None] - cumulative_log[:, :, None]  # (batch, chunk, t, s, width)
+    causal = torch.ones(RECURRENCE_CHUNK, RECURRENCE_CHUNK, dtype=torch.bool, device=gate.device).tril()[..., None]
+    decay = torch.where(causal, exponents, float("-inf")).exp()
+    within_chunk = torch.einsum("bktsd,bksd->bktd", decay, inputs.view(shape))
+    state = torch.zeros(batch_size, width, dtype=acc_dtype, device=gate.device)
+    if recurrent_states is not None:
+        state = recurrent_states.to(device=gate.device, dtype=acc_dtype)
+    outputs = []
+    for chunk in range(num_chunks):
+        chunk_states = within_chunk[:, chunk] + cumulative_log[:, chunk].exp() * state[:, None]
+        outputs.append(chunk_states)
+        state = chunk_states[:, -1]
+    contextualized_states = torch.cat(outputs, dim=1)[:, :length]
+    return contextualized_states.type(hidden_states.dtype), contextualized_states[:, -1]
 
 
 def count_parameters(model):
@@ -756,7 +814,32 @@ def plot_results(results, figure_dir):
     loss_path = os.path.join(figure_dir, "quality_training_loss.png")
     figure.savefig(loss_path, dpi=120)
     plt.close(figure)
-    return [path, loss_path]
+
+    # Where in the block the loss is: the test loss by slot (mean over seeds), as the difference from Slide's, so
+    # that the SSM's gain at the first slots and any cost at the late ones read off one axis.
+    figure, axes = plt.subplots(1, len(corpora), figsize=(6.5 * len(corpora), 4.5), squeeze=False)
+    for axis, corpus in zip(axes[0], corpora):
+        curves = {}
+        for name in ALL_MODELS:
+            by_seed = [r["loss_by_slot"] for r in results["runs"] if r["corpus"] == corpus and r["name"] == name]
+            if by_seed:
+                curves[name] = np.mean(by_seed, axis=0)
+        reference = curves.get("slide")
+        for name, curve in curves.items():
+            style = "--" if name in BASELINES else "-"
+            values = curve - reference if reference is not None else curve
+            axis.plot(range(len(curve)), values, style, color=colors[name], linewidth=1.0, label=name)
+        axis.set_xscale("symlog", linthresh=4)
+        axis.set_xlabel("slot inside a block (first blocks of windows left out)")
+        axis.set_ylabel("test loss minus Slide's (nats)" if reference is not None else "test loss (nats)")
+        axis.set_title(f"{corpus}: loss by slot, mean over seeds")
+        axis.grid(True, which="both", alpha=0.3)
+        axis.legend(fontsize=8)
+    figure.tight_layout()
+    slot_path = os.path.join(figure_dir, "quality_loss_by_slot.png")
+    figure.savefig(slot_path, dpi=120)
+    plt.close(figure)
+    return [path, loss_path, slot_path]
 
 
 def format_table(results, corpus):
@@ -918,6 +1001,8 @@ def main(argv=None):
     settings["machine"] = (
         f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, {args.threads} threads"
     )
+    if torch.device(args.device).type == "cuda" and torch.cuda.is_available():  # (--report_only runs anywhere)
+        settings["machine"] += f", {torch.cuda.get_device_name(args.device)}"
     settings["slide_baseline"] = "BST code with bst_layers=[] (block attention, no SSM, no cross-attention)"
     results = {
         "command": args.command,
@@ -930,9 +1015,11 @@ def main(argv=None):
     if args.report_only and not args.merge_json and not os.path.isfile(args.output_json):
         raise SystemExit(f"--report_only: {args.output_json} does not exist.")
     resumed = [args.output_json] if (args.resume or args.report_only or args.merge_json) else []
+    statuses = []
     for path in [p for p in resumed + args.merge_json if os.path.isfile(p)]:
         with open(path) as f:
             previous = json.load(f)
+        statuses.append(previous["status"])
         # Settings that only select which runs happen may differ; anything that changes a run's result may not.
         selection_only = (
             "machine",
@@ -942,8 +1029,10 @@ def main(argv=None):
             "extra_seeds",
             "no_ablation",
             "ablations",
+            "ablations_only",
             "report_only",
             "merge_json",
+            "recurrentgemma_scan",  # how the same recurrence is computed (tested equal), not what is computed
         )
         changed = sorted(
             k
@@ -969,9 +1058,14 @@ def main(argv=None):
 
     if args.report_only:
         results["settings"] = previous["settings"]
+        # Merged processes may each have run other seeds or corpora: the report covers all of them.
         results["settings"]["seeds"] = sorted({run["seed"] for run in results["runs"]})
+        run_corpora = {run["corpus"] for run in results["runs"]}
+        results["settings"]["corpora"] = [c for c in args.corpora if c in run_corpora] + sorted(
+            run_corpora - set(args.corpora)
+        )
         results["command"] = args.command if args.merge_json else previous["command"]
-        checkpoint(previous["status"])
+        checkpoint("finished" if all(status == "finished" for status in statuses) else "running")
         print_summary(results)
         return results
 
@@ -1016,6 +1110,7 @@ def main(argv=None):
             "parameter_target": target,
             "intermediate_size": size,
             "tokens_seen": args.max_steps * args.batch_size * args.train_length,
+            "train_epochs": round(data["train_epochs"], 3),
             "train_seconds": round(train_seconds, 1),
             "eval_seconds": round(eval_seconds, 1),
             "final_train_loss": mean(losses[-5:]),
@@ -1047,11 +1142,13 @@ def main(argv=None):
             ),
             "validation": evaluation_spans(streams["validation"], span_length, args.validation_spans),
             "test": evaluation_spans(streams["test"], span_length, args.eval_spans),
+            "train_epochs": args.max_steps * args.batch_size / (len(streams["train"]) // args.train_length),
         }
         print(
             f"[{corpus}] {len(tokenizer)} tokens in the vocabulary; streams: "
             + ", ".join(f"{split} {len(stream):,}" for split, stream in streams.items())
-            + f" tokens; test: {args.eval_spans} spans of {span_length:,}",
+            + f" tokens; test: {args.eval_spans} spans of {span_length:,}; training budget: "
+            + f"{data['train_epochs']:.2f} epochs",
             flush=True,
         )
         # Every model is matched to the non-embedding parameter count of bst-sh-s4 at the reference FFN width.
@@ -1059,6 +1156,8 @@ def main(argv=None):
         target = count_parameters(reference)[1]
         del reference
         # Seed by seed, so that an experiment stopped early has every model at the same number of seeds.
+        if args.ablations_only:
+            continue
         for seed in args.seeds:
             for name in args.models:
                 run_one(corpus, data, name, name, seed)

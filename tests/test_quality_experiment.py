@@ -6,6 +6,7 @@ import os
 import random
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -114,6 +115,7 @@ def test_targets_table_figure_and_markdown(quick_results):
             assert (row["met"] is None) == label.endswith("(reported)")
             assert set(row["per_seed"]) == {"0", "1"}
     assert (root / "figures" / "quality_perplexity_vs_length.png").stat().st_size > 1000
+    assert (root / "figures" / "quality_loss_by_slot.png").stat().st_size > 1000
     page = (root / "quality.md").read_text()
     assert page.count(quality_experiment.RESULTS_BEGIN) == 1 and page.count(quality_experiment.RESULTS_END) == 1
     assert "| llama |" in page and "test ppl @ 512" in page and "### Ablation" in page
@@ -147,3 +149,64 @@ def test_bad_arguments_are_named():
         quality_experiment.parse_args(["--models", "bst-xx", "--corpora", ""])
     with pytest.raises(SystemExit):
         quality_experiment.parse_args(["--data_dir", "/nonexistent", "--corpora", "books"])
+
+
+def test_training_sequences_take_further_epochs_as_new_permutations():
+    """A budget beyond the stream repeats every piece once per epoch, in a fresh order; within one epoch the order
+    is the one a single-epoch budget gives (so smaller budgets reproduce earlier runs)."""
+    stream = np.arange(10 * 4)  # 10 pieces of 4 tokens: piece k starts with token 4k
+    one_epoch = quality_experiment.training_sequences(stream, 4, 10, data_seed=7)
+    two_and_a_half = quality_experiment.training_sequences(stream, 4, 25, data_seed=7)
+    first_pieces = two_and_a_half[:, 0] // 4
+    assert torch.equal(two_and_a_half[:10], one_epoch)
+    assert sorted(first_pieces[10:20].tolist()) == list(range(10))
+    assert not torch.equal(first_pieces[10:20], first_pieces[:10])
+    assert len(set(first_pieces[20:].tolist())) == 5
+    assert torch.equal(quality_experiment.training_sequences(stream, 4, 6, data_seed=7), one_epoch[:6])
+
+
+def test_ablations_only_excludes_no_ablation():
+    with pytest.raises(SystemExit):
+        quality_experiment.parse_args(["--ablations_only", "--no_ablation", "--corpora", ""])
+
+
+def test_chunked_recurrentgemma_scan_equals_transformers_loop():
+    """Same logits and gradients as Transformers' time-step loop, at a length that is no multiple of the chunk.
+    Both accumulate in float32 (Transformers' default), in another order: float32 rounding is the tolerance; the
+    next test checks the recurrence itself in float64."""
+    args = quality_experiment.parse_args(["--quick", "--data_dir", os.path.dirname(__file__), "--corpora", ""])
+    models = {}
+    for scan in ("loop", "chunked"):
+        args.recurrentgemma_scan = scan
+        torch.manual_seed(0)
+        models[scan] = quality_experiment.build_model(args, "recurrentgemma", 300, 64)
+    tokens = torch.randint(0, 300, (2, 3 * quality_experiment.RECURRENCE_CHUNK + 5))
+    outputs = {scan: model(input_ids=tokens, labels=tokens, use_cache=False) for scan, model in models.items()}
+    torch.testing.assert_close(outputs["chunked"].logits, outputs["loop"].logits, atol=2e-5, rtol=1e-4)
+    for output in outputs.values():
+        output.loss.backward()
+    for (name, loop_parameter), chunked_parameter in zip(
+        models["loop"].named_parameters(), models["chunked"].parameters()
+    ):
+        torch.testing.assert_close(chunked_parameter.grad, loop_parameter.grad, atol=2e-5, rtol=1e-3, msg=name)
+
+
+def test_chunked_scan_resets_and_carries_a_state_like_the_loop():
+    """Resets in the middle of a sequence (a = 0), a given initial state, single-step decoding."""
+    from transformers.models.recurrent_gemma.modeling_recurrent_gemma import RecurrentGemmaRglru
+
+    generator = torch.Generator().manual_seed(0)
+    inputs = torch.randn(2, 37, 8, generator=generator, dtype=torch.float64)
+    gate = torch.rand(2, 37, 8, generator=generator, dtype=torch.float64)
+    reset = torch.zeros(2, 37, 1, dtype=torch.bool)
+    reset[0, 20] = reset[1, 0] = True
+    initial = torch.randn(2, 8, generator=generator, dtype=torch.float64)
+    for length in (37, 1):
+        expected = RecurrentGemmaRglru._rnn_scan(None, inputs[:, :length], gate[:, :length], reset[:, :length],
+                                                 initial, torch.float64)
+        got = quality_experiment.chunked_rnn_scan(
+            RecurrentGemmaRglru.__new__(RecurrentGemmaRglru), inputs[:, :length], gate[:, :length],
+            reset[:, :length], initial, torch.float64,
+        )
+        for got_tensor, expected_tensor in zip(got, expected):
+            torch.testing.assert_close(got_tensor, expected_tensor, atol=1e-12, rtol=1e-10)

@@ -1,0 +1,352 @@
+#!/usr/bin/env python
+"""Convert a Llama-family checkpoint (Llama, Mistral, Qwen2) into a Block-State Transformer, exactly.
+
+A BST layer that is not listed in `bst_layers` is a Llama layer whose self-attention stays inside blocks of W tokens;
+a BST layer is the same plus an SSM and a cross-attention to its outputs, mixed in by the cross half of `o_proj`. The
+converter copies every weight of the source into the same place of a BST, adds the SSM and the cross-attention of the
+BST layers freshly initialised, with the cross half of `o_proj` at zero (as every new BST layer starts). The converted
+model therefore computes exactly what the source computes with its attention restricted to blocks of W tokens (RoPE
+positions 0..W-1 inside each block), and fine-tuning then teaches the SSM to carry context across blocks
+(docs/convert.md).
+
+    python scripts/convert_to_bst.py --model_name_or_path TinyLlama/TinyLlama-1.1B-Chat-v1.0 \\
+        --block_size 512 --bst_layers 5,11,17 --output_dir runs/tinyllama-bst
+
+or from Python: `from convert_to_bst import convert_to_bst` (with `scripts/` on `sys.path`), or `convert_model` for a
+model in memory. The output folder is a normal BST folder: config.json with `auto_map`, model.safetensors, the remote
+code files, the source's tokenizer and generation config, and a model card.
+
+What cannot be converted exactly fails with an error that says why, never with an approximation: architectures other
+than llama / mistral / qwen2 (MoE models among them), RoPE scaling (`rope_type` other than "default") or partial
+rotary embeddings, biases BST does not have (Llama's `attention_bias`, which includes the output projection, and
+`mlp_bias`), sliding windows shorter than the block (a sliding window of at least W tokens is exact: no token of a
+block is further than W - 1 tokens from another), an unknown activation, and quantized checkpoints. After
+conversion, the source and the converted model are run on one block of tokens and their logits compared
+(`--skip_check` turns this off).
+"""
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+from transformers.activations import ACT2FN
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+try:
+    import modeling_bst
+except ImportError:  # a source checkout without `pip install -e .`
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    import modeling_bst
+
+from push_to_hub import build_model_card, stage_folder, verify_remote_loading  # noqa: E402
+from push_to_hub import parse_args as parse_card_args  # noqa: E402
+
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+# Fields of the source config whose mere presence means an architecture the converter does not reproduce.
+MIXTURE_OF_EXPERTS_FIELDS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_intermediate_size")
+# Logits of the converted model must match the source's to this, relative to the largest logit (fp32).
+SELF_CHECK_TOLERANCE = 1e-4
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ConversionError(ValueError):
+    """The source model has a feature the BST cannot reproduce exactly."""
+
+
+def rope_parameters_of(source_config) -> dict:
+    """The RoPE settings of a Transformers 5.x config (`rope_parameters`), or of an older one (`rope_theta`,
+    `rope_scaling`)."""
+    parameters = dict(getattr(source_config, "rope_parameters", None) or {})
+    if not parameters:
+        parameters = dict(getattr(source_config, "rope_scaling", None) or {})
+        parameters.setdefault("rope_theta", getattr(source_config, "rope_theta", 10000.0))
+    parameters.setdefault("rope_type", parameters.get("type", "default"))
+    return parameters
+
+
+def check_convertible(source_config, block_size: int) -> None:
+    """Raises `ConversionError` naming every feature of `source_config` that the BST cannot reproduce exactly."""
+    model_type = getattr(source_config, "model_type", None)
+    moe_fields = [name for name in MIXTURE_OF_EXPERTS_FIELDS if getattr(source_config, name, None)]
+    if moe_fields:
+        raise ConversionError(
+            f"{model_type!r} is a mixture-of-experts model ({', '.join(moe_fields)}): BST layers have one dense MLP, "
+            "so its expert layers cannot be converted."
+        )
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ConversionError(
+            f"Cannot convert model_type {model_type!r}: supported are {', '.join(SUPPORTED_MODEL_TYPES)} (decoder-only "
+            "Transformers with RMSNorm, rotary positions and a gated MLP)."
+        )
+    problems = []
+    rope = rope_parameters_of(source_config)
+    if rope["rope_type"] != "default":
+        problems.append(
+            f"RoPE scaling {rope['rope_type']!r} (BST applies plain RoPE to positions inside a block, 0..W-1)"
+        )
+    if rope.get("partial_rotary_factor", 1.0) != 1.0:
+        problems.append(f"partial rotary embeddings (partial_rotary_factor={rope['partial_rotary_factor']})")
+    if getattr(source_config, "attention_bias", False):
+        problems.append("attention_bias=True (biases on q/k/v and the output projection; BST has q/k/v biases only)")
+    if getattr(source_config, "mlp_bias", False):
+        problems.append("mlp_bias=True (BST's MLP has no biases)")
+    if source_config.hidden_act not in ACT2FN:
+        problems.append(f"hidden_act {source_config.hidden_act!r}, which Transformers' ACT2FN does not know")
+    if getattr(source_config, "quantization_config", None):
+        problems.append("a quantized checkpoint (convert the unquantized weights)")
+    layer_types = getattr(source_config, "layer_types", None) or ["full_attention"] * source_config.num_hidden_layers
+    unknown_layers = sorted({kind for kind in layer_types if kind not in ("full_attention", "sliding_attention")})
+    if unknown_layers:
+        problems.append(f"layer types {unknown_layers}")
+    sliding_window = getattr(source_config, "sliding_window", None)
+    if model_type == "qwen2" and "sliding_attention" not in layer_types:
+        sliding_window = None  # Qwen2 keeps `sliding_window` in its config but uses it only in sliding layers
+    if sliding_window is not None and sliding_window < block_size:
+        problems.append(
+            f"sliding_window={sliding_window} < block_size={block_size}: the source never attends further than "
+            f"{sliding_window - 1} tokens back, the converted model up to {block_size - 1} inside a block. Use "
+            f"--block_size {sliding_window} or less (a window of at least W tokens covers a whole block: exact)"
+        )
+    if problems:
+        raise ConversionError(f"Cannot convert this {model_type} model exactly: " + "; ".join(problems) + ".")
+
+
+def bst_config_from(source_config, block_size: int, bst_layers: list[int], **bst_fields) -> "modeling_bst.BSTConfig":
+    """The BST configuration that reproduces `source_config` inside blocks of `block_size` tokens. `bst_fields` sets
+    the new parts (bst_variant, ssm_kernel, ssm_state_size, ...)."""
+    check_convertible(source_config, block_size)
+    rope = rope_parameters_of(source_config)
+    # The length the source was trained at, for evaluation by length and the model card; scripts/train.py records it
+    # as `training_length`, Hub checkpoints state it as `max_position_embeddings`.
+    training_length = getattr(source_config, "training_length", None) or source_config.max_position_embeddings
+    return modeling_bst.BSTConfig(
+        vocab_size=source_config.vocab_size,
+        hidden_size=source_config.hidden_size,
+        intermediate_size=source_config.intermediate_size,
+        num_hidden_layers=source_config.num_hidden_layers,
+        num_attention_heads=source_config.num_attention_heads,
+        num_key_value_heads=source_config.num_key_value_heads or source_config.num_attention_heads,
+        head_dim=getattr(source_config, "head_dim", None)
+        or source_config.hidden_size // source_config.num_attention_heads,
+        hidden_act=source_config.hidden_act,
+        gated_mlp=True,
+        qkv_bias=source_config.model_type == "qwen2",
+        rope_theta=float(rope["rope_theta"]),
+        rope_pairing="rotate_half",
+        rms_norm_eps=source_config.rms_norm_eps,
+        attention_dropout=float(getattr(source_config, "attention_dropout", 0.0) or 0.0),
+        initializer_range=source_config.initializer_range,
+        tie_word_embeddings=bool(source_config.tie_word_embeddings),
+        pad_token_id=source_config.pad_token_id,
+        bos_token_id=source_config.bos_token_id,
+        eos_token_id=source_config.eos_token_id,
+        block_size=block_size,
+        bst_layers=list(bst_layers),
+        training_length=training_length,
+        **bst_fields,
+    )
+
+
+def bst_parameter_name(source_name: str) -> str:
+    """Where a Llama-family parameter lives in a BST: the layers' `self_attn` is BST's `attention`."""
+    return source_name.replace(".self_attn.", ".attention.")
+
+
+def convert_model(source_model, block_size: int, bst_layers: list[int], **bst_fields) -> "modeling_bst.BSTForCausalLM":
+    """A BST that computes what `source_model` (a Llama/Mistral/Qwen2 ForCausalLM) computes inside blocks of
+    `block_size` tokens; the layers in `bst_layers` get a new SSM and cross-attention whose output starts at zero."""
+    config = bst_config_from(source_model.config, block_size, bst_layers, **bst_fields)
+    with torch.random.fork_rng(devices=[]):  # the same conversion gives the same new SSM parameters
+        torch.manual_seed(0)
+        model = modeling_bst.BSTForCausalLM(config).to(torch.float32)
+    target = model.state_dict()
+    filled = set()
+    for source_name, tensor in source_model.state_dict().items():
+        if source_name.endswith("rotary_emb.inv_freq"):
+            continue  # recomputed from rope_theta
+        if source_name == "lm_head.weight" and config.tie_word_embeddings:
+            continue  # the same tensor as the embedding
+        name = bst_parameter_name(source_name)
+        if name not in target:
+            raise ConversionError(f"The source has a parameter BST has no place for: {source_name}.")
+        tensor = tensor.detach().to(device="cpu", dtype=torch.float32)
+        if target[name].shape == tensor.shape:
+            target[name] = tensor
+        elif name.endswith("attention.o_proj.weight") and target[name].shape[1] == 2 * tensor.shape[1]:
+            # A BST layer's o_proj reads [self-attention heads ; cross-attention heads]: the source's weight is the
+            # self half; the cross half must be the zeros of initialisation, or the model would not start exact.
+            cross_half = target[name][:, tensor.shape[1] :]
+            if bool(cross_half.any()):
+                raise RuntimeError(f"{name}: the cross-attention half of a new BST layer's o_proj is not zero.")
+            target[name] = torch.cat([tensor, cross_half], dim=1)
+        else:
+            raise ConversionError(
+                f"{source_name} has shape {tuple(tensor.shape)}, BST's {name} {tuple(target[name].shape)}."
+            )
+        filled.add(name)
+    new_parts = modeling_bst.modeling_bst.SSM_AND_CONTEXT_KEYS
+    unfilled = sorted(name for name in target if name not in filled and not new_parts.search(name))
+    if config.tie_word_embeddings:
+        unfilled = [name for name in unfilled if name != "lm_head.weight"]
+    if unfilled:
+        raise ConversionError(f"The source has no weights for {unfilled[:8]} ({len(unfilled)} in all).")
+    model.load_state_dict(target)
+    model.generation_config = GenerationConfig.from_dict(source_model.generation_config.to_dict())
+    return model.eval()
+
+
+@torch.no_grad()
+def logit_difference(source_model, model, length: int) -> float:
+    """max |logit difference| / max(1, max |logit|) of the two models on one block of `length` random tokens."""
+    generator = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(model.config.vocab_size, (1, length), generator=generator)
+    source_logits = source_model.eval()(input_ids=input_ids).logits.float()
+    logits = model.eval()(input_ids=input_ids).logits.float()
+    return float((logits - source_logits).abs().max() / source_logits.abs().max().clamp(min=1.0))
+
+
+def convert_to_bst(
+    model_name_or_path: str,
+    output_dir: str,
+    block_size: int,
+    bst_layers: list[int],
+    tokenizer_name: str | None = None,
+    dtype: str = "float32",
+    repo_id: str | None = None,
+    check_length: int = 128,
+    verify_remote_code: bool = True,
+    trust_remote_code: bool = False,
+    **bst_fields,
+) -> "modeling_bst.BSTForCausalLM":
+    """Converts a Llama/Mistral/Qwen2 folder or Hub id into a BST folder in `output_dir` and returns the model.
+
+    The configuration is checked before any weight is loaded. `check_length` tokens (at most one block; 0 skips it)
+    are run through both models, whose logits must agree to `SELF_CHECK_TOLERANCE`. `verify_remote_code` loads the
+    folder in a fresh process without the modeling_bst package and compares logits (scripts/push_to_hub.py).
+    """
+    source_config = AutoConfig.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code)
+    check_convertible(source_config, block_size)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            tokenizer_name or model_name_or_path, trust_remote_code=trust_remote_code
+        )
+    except (OSError, ValueError) as error:
+        raise ConversionError(
+            f"No tokenizer could be loaded from {tokenizer_name or model_name_or_path!r} ({error}); the BST folder "
+            "needs one: pass --tokenizer_name."
+        ) from error
+    if len(tokenizer) > source_config.vocab_size:
+        raise ConversionError(f"The tokenizer has {len(tokenizer)} tokens, the model {source_config.vocab_size}.")
+    output_dir = Path(output_dir)
+    if output_dir.exists() and any(output_dir.iterdir()):
+        raise FileExistsError(f"--output_dir {output_dir} is not empty.")
+    source_model = AutoModelForCausalLM.from_pretrained(
+        model_name_or_path, dtype=torch.float32, trust_remote_code=trust_remote_code
+    )
+    model = convert_model(source_model, block_size, bst_layers, **bst_fields)
+    if check_length:
+        difference = logit_difference(source_model, model, min(check_length, block_size))
+        if difference > SELF_CHECK_TOLERANCE:
+            raise RuntimeError(
+                f"The converted model's logits differ from the source's by {difference:.2e} (relative) on one block: "
+                "the conversion is not exact; please report this with the source's config.json."
+            )
+        print(f"Self-check: logits on {min(check_length, block_size)} tokens equal the source's to {difference:.1e}.")
+    del source_model
+    if dtype != "float32":
+        # Everything but the SSM, which computes in fp32 and keeps its parameters in fp32 (`_keep_in_fp32_modules`).
+        for name, parameter in model.named_parameters():
+            if ".ssm." not in name:
+                parameter.data = parameter.data.to(DTYPES[dtype])
+
+    card_args = parse_card_args(
+        [
+            "--model_dir",
+            str(output_dir),
+            "--repo_id",
+            repo_id or f"your-name/{output_dir.resolve().name}",
+            "--training_data",
+            describe_conversion(model_name_or_path, source_config, model.config),
+        ]
+    )
+    card_args.corpus = None
+    card = build_model_card(model, tokenizer, None, card_args)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    stage_folder(model, tokenizer, card, output_dir)
+    if verify_remote_code:
+        difference = verify_remote_loading(model, output_dir, model.config.vocab_size)
+        print(f"Remote-code load check passed (max |logit difference| = {difference:.2e}).")
+    print(f"BST written to {output_dir}")
+    return model
+
+
+def describe_conversion(model_name_or_path: str, source_config, config) -> str:
+    """The model card's training-data paragraph of a converted model."""
+    bst_layers = ", ".join(map(str, sorted(config.bst_layers))) or "none"
+    return (
+        f"Converted from `{model_name_or_path}` ({source_config.model_type}) by `scripts/convert_to_bst.py` of "
+        f"bst-transformers: every weight is the source model's; the SSM and the cross-attention of the BST layers "
+        f"({bst_layers}) are new, with the cross-attention half of their output projection at zero, so the model "
+        f"computes what the source computes with its attention restricted to blocks of {config.block_size} tokens "
+        "until it is fine-tuned. For the training data, see the source model's card."
+    )
+
+
+def parse_layers(text: str, num_hidden_layers: int | None = None) -> list[int]:
+    """"1,3" -> [1, 3]; "none" or "" -> []; "all" -> every layer (needs num_hidden_layers)."""
+    text = text.strip().lower()
+    if text in ("", "none"):
+        return []
+    if text == "all":
+        return list(range(num_hidden_layers))
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--bst_layers: expected comma-separated layer indices, 'all' or 'none', got {text!r}.")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add = parser.add_argument
+    add("--model_name_or_path", required=True, help="A Llama, Mistral or Qwen2 folder or Hub id.")
+    add("--block_size", type=int, required=True, help="W: tokens per attention block of the BST.")
+    add("--bst_layers", required=True, help="Layers that get an SSM: comma-separated indices, 'all' or 'none'.")
+    add("--output_dir", required=True, help="Where the BST folder is written (must be empty or new).")
+    add("--tokenizer_name", help="Tokenizer folder or Hub id (default: --model_name_or_path).")
+    add("--bst_variant", default="sh", choices=("sh", "mh", "mf"), help="How SSM outputs become context states.")
+    add("--ssm_kernel", default="s4", choices=("s4", "unstructured"), help="SSM kernel family.")
+    add("--ssm_state_size", type=int, default=64, help="State size N of an 's4' filter.")
+    add("--dtype", default="float32", choices=tuple(DTYPES), help="dtype of the saved weights (the SSM stays fp32).")
+    add("--repo_id", help="Hub repository named in the model card's usage code (default: your-name/<folder>).")
+    add("--skip_check", action="store_true", help="Do not compare the converted model's logits with the source's.")
+    add("--skip_verify", action="store_true", help="Do not load the folder in a process without modeling_bst.")
+    add("--trust_remote_code", action="store_true", help="Allow code shipped with the source checkpoint.")
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    source_config = AutoConfig.from_pretrained(args.model_name_or_path, trust_remote_code=args.trust_remote_code)
+    convert_to_bst(
+        args.model_name_or_path,
+        args.output_dir,
+        block_size=args.block_size,
+        bst_layers=parse_layers(args.bst_layers, source_config.num_hidden_layers),
+        tokenizer_name=args.tokenizer_name,
+        dtype=args.dtype,
+        repo_id=args.repo_id,
+        check_length=0 if args.skip_check else 128,
+        verify_remote_code=not args.skip_verify,
+        trust_remote_code=args.trust_remote_code,
+        bst_variant=args.bst_variant,
+        ssm_kernel=args.ssm_kernel,
+        ssm_state_size=args.ssm_state_size,
+    )
+
+
+if __name__ == "__main__":
+    main()

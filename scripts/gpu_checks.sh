@@ -1,0 +1,135 @@
+#!/usr/bin/env bash
+# The GPU figures of issues 11 (quality) and 13 (speed), on one H100:
+#
+#   bash scripts/gpu_checks.sh OUTPUT_DIR [STAGE ...]     (stages: smoke benchmark quality quality-more; default all)
+#
+# smoke:        the quality experiment and the benchmark at toy sizes on the GPU; stops here if either fails (1 min).
+# benchmark:    scripts/benchmark.py --device cuda, float32 then bfloat16 (one JSON each), alone on the GPU (1 min).
+# quality:      scripts/quality_experiment.py --device cuda at 3x the CPU budget (batch 16 x 600 steps of 512
+#               tokens, 4.9M tokens per run), books and code, seeds 0-2 of the BST variants, Slide, Mistral and
+#               Llama, one process per (corpus, seed), and three ablations on books, one process per seed: 15
+#               processes sharing the GPU (CUDA MPS when it starts), 4 min.
+# quality-more: RecurrentGemma (chunked scan) on both corpora, seeds 0-2; seeds 3-4 of the other models; two more
+#               ablations on books: 17 processes, 3 min.
+# Then one merged report of every run under OUTPUT_DIR/runs: quality_results_gpu.json, quality_gpu.md, figures.
+#
+# Needs data/books, data/code (scripts/prepare_data.py) and a CUDA build of torch. Each stage has a time limit
+# (environment: BENCHMARK_SECONDS per dtype, QUALITY_SECONDS per quality stage); a stage that runs out keeps the
+# runs it finished.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUTPUT_DIR=${1:?usage: bash scripts/gpu_checks.sh OUTPUT_DIR}
+DEVICE=${DEVICE:-cuda}
+BENCHMARK_SECONDS=${BENCHMARK_SECONDS:-150}
+QUALITY_SECONDS=${QUALITY_SECONDS:-300}
+mkdir -p "$OUTPUT_DIR"/{logs,runs,figures}
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+started=$(date +%s)
+elapsed() { echo "[$(( $(date +%s) - started ))s] $*"; }
+shift
+STAGES=${*:-smoke benchmark quality quality-more}
+wanted() { [[ " $STAGES " == *" $1 "* ]]; }
+
+python - <<'EOF' 2>&1 | tee "$OUTPUT_DIR/logs/versions.log"
+import platform, torch, transformers
+print("python", platform.python_version(), "torch", torch.__version__, "transformers", transformers.__version__)
+if torch.cuda.is_available():
+    print("gpu", torch.cuda.get_device_name(0), "capability", torch.cuda.get_device_capability(0))
+EOF
+
+# The experiment's settings: every process and the merge must agree on them (the merge checks).
+QUALITY_SETTINGS=(--device "$DEVICE" --batch_size 16 --max_steps 600 --warmup_steps 30 --eval_every 50
+                  --data_dir data --work_dir runs/quality --threads 1)
+
+# 0. Smoke: every model, one ablation and every benchmark section at toy sizes.
+smoke=$OUTPUT_DIR/smoke
+wanted smoke && elapsed "smoke"
+if wanted smoke && ! timeout 120 python scripts/quality_experiment.py --quick --device "$DEVICE" --corpora books \
+        --eval_spans 1 --seeds 0 \
+        --models bst-sh-s4,bst-mh-s4,bst-mf-s4,bst-sh-unstructured,slide,mistral-swa,recurrentgemma,llama \
+        --ablations "bst-sh-s4 attend_previous_block" --work_dir "$smoke" \
+        --output_json "$smoke/quality.json" --figure_dir "$smoke" --markdown "$smoke/quality.md" \
+        > "$OUTPUT_DIR/logs/smoke_quality.log" 2>&1; then
+    tail -30 "$OUTPUT_DIR/logs/smoke_quality.log"; echo "smoke: quality experiment failed"; exit 1
+fi
+if wanted smoke && ! timeout 120 python scripts/benchmark.py --quick --device "$DEVICE" \
+        --output "$smoke/benchmark.json" --figures-dir "$smoke" > "$OUTPUT_DIR/logs/smoke_benchmark.log" 2>&1; then
+    tail -30 "$OUTPUT_DIR/logs/smoke_benchmark.log"; echo "smoke: benchmark failed"; exit 1
+fi
+
+# 1. Speed, alone on the GPU.
+wanted benchmark && for dtype in float32 bfloat16; do
+    elapsed "benchmark $dtype"
+    timeout "$BENCHMARK_SECONDS" python scripts/benchmark.py --device "$DEVICE" --dtypes "$dtype" \
+        --max-call-seconds 20 --seconds-per-point 3 --max-memory-gb 70 \
+        --note "one GPU, alone; figures of scripts/gpu_checks.sh" \
+        --output "$OUTPUT_DIR/benchmark_gpu_$dtype.json" --figures-dir "$OUTPUT_DIR/figures" \
+        > "$OUTPUT_DIR/logs/benchmark_$dtype.log" 2>&1 || echo "benchmark $dtype: exit $?"
+    grep -A40 "^Layer forward" "$OUTPUT_DIR/logs/benchmark_$dtype.log" | head -60
+done
+
+# 2. Quality. MPS lets the small processes' kernels share the GPU instead of time-slicing it; without it the
+# processes still run, slower.
+if (wanted quality || wanted quality-more) && [ "${DEVICE%%:*}" = cuda ] \
+        && command -v nvidia-cuda-mps-control > /dev/null; then
+    export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps-pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps-log
+    mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
+    if timeout 20 nvidia-cuda-mps-control -d && timeout 60 python -c "import torch; torch.ones(1, device='cuda')"; then
+        elapsed "CUDA MPS on"
+    else
+        timeout 10 sh -c 'echo quit | nvidia-cuda-mps-control'
+        unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY
+        elapsed "CUDA MPS did not start: processes time-slice the GPU"
+    fi
+fi
+launch() {  # name, then the experiment's selection flags
+    local name=$1
+    shift
+    timeout "$QUALITY_SECONDS" python scripts/quality_experiment.py "${QUALITY_SETTINGS[@]}" "$@" \
+        --output_json "$OUTPUT_DIR/runs/$name.json" --figure_dir "$OUTPUT_DIR/runs/figures-$name" \
+        --markdown "$OUTPUT_DIR/runs/$name.md" > "$OUTPUT_DIR/logs/$name.log" 2>&1 &
+}
+MAIN_MODELS=bst-sh-s4,slide,mistral-swa,llama,bst-mf-s4,bst-mh-s4,bst-sh-unstructured
+if wanted quality; then
+    elapsed "quality: seeds 0-2, ablations on books"
+    for corpus in books code; do
+        for seed in 0 1 2; do
+            launch "main-$corpus-$seed" --corpora "$corpus" --seeds "$seed" --no_ablation --models "$MAIN_MODELS"
+        done
+    done
+    for seed in 0 1 2; do
+        launch "ablation-books-$seed" --corpora books --seeds "$seed" --ablations_only --models bst-sh-s4,slide \
+            --ablations "bst-sh-s4 attend_previous_block;slide attend_previous_block;bst-sh-s4 in every layer"
+    done
+    wait
+fi
+if wanted quality-more; then
+    elapsed "quality-more: RecurrentGemma, seeds 3-4, more ablations on books"
+    for corpus in books code; do
+        for seed in 0 1 2; do
+            launch "recurrentgemma-$corpus-$seed" --corpora "$corpus" --seeds "$seed" --no_ablation \
+                --models recurrentgemma
+        done
+        for seed in 3 4; do
+            launch "more-$corpus-$seed-a" --corpora "$corpus" --seeds "$seed" --no_ablation \
+                --models bst-sh-s4,slide,mistral-swa
+            launch "more-$corpus-$seed-b" --corpora "$corpus" --seeds "$seed" --no_ablation \
+                --models llama,bst-mf-s4,bst-mh-s4,bst-sh-unstructured
+        done
+    done
+    for seed in 0 1 2; do
+        launch "ablation-more-books-$seed" --corpora books --seeds "$seed" --ablations_only \
+            --models bst-mh-s4,bst-mf-s4 --ablations "bst-mh-s4 attend_previous_block;bst-mf-s4 attend_previous_block"
+    done
+fi
+wait
+elapsed "quality processes done"
+grep -h -o "\[[a-z]*\] [^:]* seed [0-9]*: train.*" "$OUTPUT_DIR"/logs/*.log
+grep -l -E "Traceback|Error" "$OUTPUT_DIR"/logs/*.log && echo "(see those logs)"
+ls "$OUTPUT_DIR"/runs/*.json > /dev/null 2>&1 || { elapsed "done (no quality runs)"; exit 0; }
+python scripts/quality_experiment.py "${QUALITY_SETTINGS[@]}" --report_only --corpora books,code \
+    --merge_json "$OUTPUT_DIR"/runs/*.json --output_json "$OUTPUT_DIR/quality_results_gpu.json" \
+    --figure_dir "$OUTPUT_DIR/figures" --markdown "$OUTPUT_DIR/quality_gpu.md" > "$OUTPUT_DIR/logs/merge.log" 2>&1 \
+    || { tail -20 "$OUTPUT_DIR/logs/merge.log"; echo "merge failed"; }
+tail -40 "$OUTPUT_DIR/logs/merge.log"
+elapsed "done"
