@@ -158,7 +158,8 @@ def _split_powers(
     high_count = -(-length // low_count)
     steps = torch.arange(max(low_count, high_count), device=log_z.device, dtype=torch.float64)
     low_powers = ComplexPowers.apply(log_z.unsqueeze(-1), steps[:low_count], real_dtype)  # (H, N, b)
-    high_powers = ComplexPowers.apply(log_z.unsqueeze(-2), low_count * steps[:high_count, None], real_dtype)  # (H, J, N)
+    high_steps = low_count * steps[:high_count, None]
+    high_powers = ComplexPowers.apply(log_z.unsqueeze(-2), high_steps, real_dtype)  # (H, J, N)
     return low_powers, high_powers
 
 
@@ -320,9 +321,14 @@ class BSTStateSpace(nn.Module):
         layout: "BlockLayout",
         layer_cache: dict | None,
         kernel_cache: dict | None = None,
+        block_ends: bool = False,
     ) -> torch.Tensor:
         """inputs (B, T, D), real tokens first in each row -> context states (B, T, D, C) in fp32 (fp64 in a float64
-        model). `layer_cache` holds this layer's per-row state and `kernel_cache` its per-cache kernel values."""
+        model). `layer_cache` holds this layer's per-row state and `kernel_cache` its per-cache kernel values. With
+        `block_ends` ("mf"), only the states at the block ends, (B, N, D, C) (`_block_end_outputs`): through here,
+        so that forward hooks on the module (the SSM ablation of scripts/evaluate.py) see them."""
+        if block_ends:
+            return self._block_end_outputs(inputs, layout, layer_cache, kernel_cache)
         inputs = inputs.to(ssm_compute_dtype(self.skip.dtype))
         if layout.has_padding:
             # Padding must not enter the state (left-padded generation would otherwise leak it into later tokens).
@@ -405,12 +411,12 @@ class BSTStateSpace(nn.Module):
         layer_cache["ssm_history"] = combined[:, : int((seen + layout.lengths).max())]
         return convolved.gather(1, index[..., None].expand(-1, -1, -1, self.num_filters))
 
-    def block_end_outputs(
+    def _block_end_outputs(
         self, inputs: torch.Tensor, layout: "BlockLayout", layer_cache: dict | None, kernel_cache: dict | None = None
     ) -> torch.Tensor:
         """The SSM outputs "mf" reads: inputs (B, T, D) -> (B, N, D, C), the outputs at the chunk positions
         `block_end_index(layout, T)` (the last position of each of the layout's N blocks, clamped to the chunk), equal
-        to `self(...)` gathered there.
+        to the full forward's outputs gathered there.
 
         Without a cache (training, evaluation) no full-length output is formed: "s4" scans the blocks with the SSM
         state, "unstructured" convolves block against block. That is S times less inverse-FFT and output traffic, and
@@ -420,7 +426,7 @@ class BSTStateSpace(nn.Module):
         length = inputs.shape[1]
         end_index = block_end_index(layout, length)  # (B, N)
         if layer_cache is not None:
-            states = self(inputs, layout, layer_cache, kernel_cache)  # (B, T, D, C)
+            states = self.forward(inputs, layout, layer_cache, kernel_cache)  # (B, T, D, C); hooks run once, outside
             return states.gather(1, end_index[..., None, None].expand(-1, -1, *states.shape[2:]))
         inputs = inputs.to(ssm_compute_dtype(self.skip.dtype))
         if layout.has_padding:
@@ -869,7 +875,7 @@ class BSTAttention(nn.Module):
 
     def _multi_filter_context(self, end_states, layout, layer_cache):
         """Context states of every block of the layout (B, N, S, D): the S filter outputs at the last position of the
-        previous block (`end_states` (B, N, D, S), from `BSTStateSpace.block_end_outputs`); the first block reads the
+        previous block (`end_states` (B, N, D, S), from `BSTStateSpace._block_end_outputs`); the first block reads the
         cache, or the learned initial context at the sequence start."""
         batch = end_states.shape[0]
         end_states = end_states.transpose(2, 3).to(self.initial_context.dtype)  # (B, N, S, D)
@@ -954,11 +960,10 @@ class BSTDecoderLayer(GradientCheckpointingLayer):
         residual = hidden_states
         hidden_states = self.input_layernorm(hidden_states)
         context_states = None
-        if self.is_bst_layer and self.ssm.config.bst_variant == "mf":
+        if self.is_bst_layer:
             # "mf" reads the SSM at block ends only: (B, N, D, S) instead of (B, T, D, S).
-            context_states = self.ssm.block_end_outputs(hidden_states, layout, layer_cache, kernel_cache)
-        elif self.is_bst_layer:
-            context_states = self.ssm(hidden_states, layout, layer_cache, kernel_cache)
+            block_ends = self.ssm.config.bst_variant == "mf"
+            context_states = self.ssm(hidden_states, layout, layer_cache, kernel_cache, block_ends=block_ends)
         hidden_states = self.attention(hidden_states, rotations, layout, context_states, layer_cache)
         hidden_states = residual + hidden_states
         return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))

@@ -57,7 +57,7 @@ def test_block_end_outputs_equal_the_full_convolution_read_at_block_ends(kernel,
         token_mask, torch.zeros(2, dtype=torch.long), config.block_size, has_cache=False, has_padding=True
     )
 
-    fast, fast_gradients = values_and_gradients(lambda: ssm.block_end_outputs(inputs, layout, None), inputs, ssm)
+    fast, fast_gradients = values_and_gradients(lambda: ssm(inputs, layout, None, block_ends=True), inputs, ssm)
     reference, reference_gradients = values_and_gradients(
         lambda: reference_block_ends(ssm, inputs, layout, None), inputs, ssm
     )
@@ -83,7 +83,7 @@ def test_every_variant_equals_its_straightforward_reference(variant, kernel, mon
         return output.logits.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}
 
     fast_logits, fast_gradients = logits_and_gradients()
-    monkeypatch.setattr(BSTStateSpace, "block_end_outputs", reference_block_ends)
+    monkeypatch.setattr(BSTStateSpace, "_block_end_outputs", reference_block_ends)
     monkeypatch.setattr(BSTS4DKernel, "forward", reference_s4_kernel)
     reference_logits, reference_gradients = logits_and_gradients()
     assert fast_logits.dtype == torch.float64

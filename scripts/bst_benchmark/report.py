@@ -198,7 +198,9 @@ def issue_13_targets(args, results, dtype):
     targets += [
         target(
             f"Prefill of {format_length(args.prefill_length)} tokens at d {args.hidden_size}: >= 2x faster than Llama",
-            safe_ratio(seconds("prefill", "llama", args.prefill_length), seconds("prefill", "bst", args.prefill_length)),
+            safe_ratio(
+                seconds("prefill", "llama", args.prefill_length), seconds("prefill", "bst", args.prefill_length)
+            ),
             2.0,
             ">=",
             "issue 13 asks for 8k tokens at d 256 (--prefill-length 8k --hidden-size 256)",
