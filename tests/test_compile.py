@@ -98,7 +98,9 @@ def test_compiled_static_generation_equals_eager_dynamic_generation():
     mask[1, :4] = 0
     compile_config = CompileConfig(fullgraph=True, dynamic=False, mode="default")  # fullgraph: a break would raise
     compile_config._compile_all_devices = True
-    settings = dict(attention_mask=mask, max_new_tokens=12, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    settings = dict(
+        attention_mask=mask, max_new_tokens=12, do_sample=False, output_logits=True, return_dict_in_generate=True
+    )
     with torch.no_grad():
         eager = model.generate(prompt, **settings)
         compiled = model.generate(prompt, cache_implementation="static", compile_config=compile_config, **settings)

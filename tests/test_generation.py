@@ -136,7 +136,9 @@ def test_static_cache_generation_equals_dynamic_generation(variant, kernel, atte
     prompt = torch.randint(2, 97, (2, 10))
     mask = torch.ones_like(prompt)
     mask[0, :3] = 0
-    settings = dict(attention_mask=mask, max_new_tokens=20, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    settings = dict(
+        attention_mask=mask, max_new_tokens=20, do_sample=False, output_logits=True, return_dict_in_generate=True
+    )
     with torch.no_grad():
         dynamic = model.generate(prompt, **settings)
         static = model.generate(prompt, cache_implementation="static", **settings)
