@@ -877,7 +877,20 @@ def cache_signature(config: BSTConfig) -> dict:
 RECURRENT_STATE, INPUT_HISTORY = "ssm_state", "ssm_history"
 
 
-class BSTLayerCache(LinearAttentionLayer, CacheLayerMixin):
+class BatchRowsMixin:
+    """Beam search and batch edits of a cache: each applies one function to every per-row tensor (`_map_rows`)."""
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._map_rows(lambda tensor: tensor.index_select(0, beam_idx.to(tensor.device)))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._map_rows(lambda tensor: tensor[indices])
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._map_rows(lambda tensor: tensor.repeat_interleave(repeats, dim=0))
+
+
+class BSTLayerCache(BatchRowsMixin, LinearAttentionLayer, CacheLayerMixin):
     """One layer's decoding state, on Transformers' cache-layer API. Every tensor has the batch first and, once stored,
     is updated in place while its shape stays the same, so its address is fixed across decoding steps (torch.compile,
     CUDA graphs):
@@ -966,15 +979,6 @@ class BSTLayerCache(LinearAttentionLayer, CacheLayerMixin):
         for name, tensor in self.items():
             self[name] = function(tensor)
 
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self._map_rows(lambda tensor: tensor.index_select(0, beam_idx.to(tensor.device)))
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self._map_rows(lambda tensor: tensor[indices])
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        self._map_rows(lambda tensor: tensor.repeat_interleave(repeats, dim=0))
-
     def reset(self) -> None:
         """Drops every tensor, the kernels included: the next use starts from the model's current parameters."""
         self.__init__(max_cache_len=self.max_cache_len, static=self.static)
@@ -995,7 +999,7 @@ class BSTLayerCache(LinearAttentionLayer, CacheLayerMixin):
         return -1 if self.max_cache_len is None else self.max_cache_len
 
 
-class BSTCache(Cache):
+class BSTCache(BatchRowsMixin, Cache):
     """Decoding state of a BST model: one `BSTLayerCache` per layer in `layers` (also `layer_states`), plus per row
     `seen_tokens` (real tokens so far). Its size does not depend on the context length for "s4" kernels.
 
@@ -1080,15 +1084,6 @@ class BSTCache(Cache):
         self.seen_tokens = function(self.seen_tokens)
         for layer in self.layers:
             layer._map_rows(function)
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self._map_rows(lambda tensor: tensor.index_select(0, beam_idx.to(tensor.device)))
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self._map_rows(lambda tensor: tensor[indices])
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        self._map_rows(lambda tensor: tensor.repeat_interleave(repeats, dim=0))
 
     def reset(self) -> None:
         for layer in self.layers:
