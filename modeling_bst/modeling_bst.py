@@ -314,10 +314,12 @@ class BSTStateSpace(nn.Module):
         if state is not None and length == 1:
             # One decoding step is the recurrence itself: s = dA s + (C dB) u,  y = 2 Re(sum_n s).
             channel_inputs = inputs[:, 0, :, None].expand(-1, -1, self.num_filters).reshape(batch, -1, 1)  # (B, H, 1)
-            new_state = da * state + c_db * channel_inputs  # complex128, as the cached state: no rounding per token
+            # complex128, as the cached state: no rounding per token. Updated in place, so its address stays.
             if layout.has_padding:
-                new_state = torch.where(layout.token_mask[:, :1, None], new_state, state)
-            layer_cache["ssm_state"] = new_state  # copied into the cached tensor: its address stays
+                new_state = torch.where(layout.token_mask[:, :1, None], da * state + c_db * channel_inputs, state)
+                layer_cache["ssm_state"] = new_state
+            else:
+                new_state = state.mul_(da).add_(c_db * channel_inputs)
             outputs = (2 * new_state.sum(-1).real).to(inputs.dtype)
             return outputs.view(batch, 1, self.hidden_size, self.num_filters)
 
