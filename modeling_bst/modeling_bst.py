@@ -900,7 +900,7 @@ class BSTLayerCache(BatchRowsMixin, LinearAttentionLayer, CacheLayerMixin):
     - `keys`/`values` (B, W, H, d): the current block's self-attention keys/values in W fixed slots (slot = position
       modulo W); only the slots up to a row's current position are read, a new block overwrites them;
     - `recurrent_states[0]` (B, D*C, N/2) complex128 ("s4"): the diagonal SSM state (double precision, so that its
-      rounding does not add up over thousands of decoding steps; it is a few kilobytes per channel);
+      rounding does not add up over thousands of decoding steps; 16 bytes per mode);
     - `conv_states[0]` (B, D, K) ("unstructured", which has no finite state): the SSM inputs so far, right-aligned (the
       newest last, zeros before the first). K grows with the sequence in a dynamic cache and is `max_cache_len` in a
       static one;
