@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import initialization as init
 from transformers.activations import ACT2FN
-from transformers.cache_utils import Cache
+from transformers.cache_utils import Cache, CacheLayerMixin, LinearAttentionLayer
 from transformers.generation import GenerationMixin
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
@@ -359,20 +359,24 @@ class BSTStateSpace(nn.Module):
         if state is not None and length == 1:
             # One decoding step is the recurrence itself: s = dA s + (C dB) u,  y = 2 Re(sum_n s).
             channel_inputs = inputs[:, 0, :, None].expand(-1, -1, self.num_filters).reshape(batch, -1, 1)  # (B, H, 1)
-            new_state = (da * state).to(state.dtype) + c_db * channel_inputs
-            new_state = torch.where(layout.token_mask[:, :1, None], new_state, state)
-            layer_cache["ssm_state"] = new_state
-            return 2 * new_state.sum(-1).real.view(batch, 1, self.hidden_size, self.num_filters)
+            # complex128, as the cached state: no rounding per token. Updated in place, so its address stays.
+            if layout.has_padding:
+                new_state = torch.where(layout.token_mask[:, :1, None], da * state + c_db * channel_inputs, state)
+                layer_cache["ssm_state"] = new_state
+            else:
+                new_state = state.mul_(da).add_(c_db * channel_inputs)
+            outputs = (2 * new_state.sum(-1).real).to(inputs.dtype)
+            return outputs.view(batch, 1, self.hidden_size, self.num_filters)
 
         taps = real_vandermonde_sum(2 * c_db, log_da, length)  # the cache's kernel, (H, T)
         convolved = causal_fft_conv(inputs.transpose(1, 2), taps.view(self.hidden_size, self.num_filters, length))
         outputs = convolved.permute(0, 3, 1, 2)  # (B, T, D, C)
         if state is not None:
             # y_t += 2 Re(sum_n dA_n^(t+1) s0_n): the cached state's contribution to every new position.
-            carried = real_vandermonde_sum(2 * (da * state).to(state.dtype), log_da, length)  # (B, H, T)
+            carried = real_vandermonde_sum(2 * (da * state).to(c_db.dtype), log_da, length)  # (B, H, T)
             outputs = outputs + carried.view(batch, self.hidden_size, self.num_filters, length).permute(0, 3, 1, 2)
         else:
-            state = torch.zeros(batch, *c_db.shape, dtype=c_db.dtype, device=inputs.device)
+            state = torch.zeros(batch, *c_db.shape, dtype=torch.complex128, device=inputs.device)
         # Final state after each row's last real token: s = dA^len s0 + C dB sum_j dA^(len-1-j) u_j.
         lengths = layout.lengths
         reverse_index = (lengths[:, None] - 1 - torch.arange(length, device=inputs.device)).clamp(min=0)
@@ -393,23 +397,35 @@ class BSTStateSpace(nn.Module):
         return taps[..., :length]
 
     def _forward_with_history(self, inputs, layout, layer_cache, kernel_cache):
+        """With "unstructured" kernels: the convolution over the cached SSM inputs and this chunk's. The history holds
+        each row's past real inputs right-aligned, (B, D, K) with the newest last, so a row's real tokens in this chunk
+        (first in the row) follow its history directly."""
         if layer_cache is None:
             convolved = causal_fft_conv(inputs.transpose(1, 2), self.kernel(inputs.shape[1]))
             return convolved.permute(0, 3, 1, 2)
-        # History rows hold each row's past real inputs left-aligned, zeros after: append this chunk at each row's end.
+        batch, length = inputs.shape[:2]
         history = layer_cache.get("ssm_history")
-        seen = layout.seen_tokens
-        past_length = 0 if history is None else history.shape[1]
-        length = inputs.shape[1]
-        combined = inputs.new_zeros(inputs.shape[0], past_length + length, self.hidden_size)
-        if history is not None:
-            combined[:, :past_length] = history
-        index = (seen[:, None] + torch.arange(length, device=inputs.device))[..., None].expand_as(inputs)
-        combined = combined.scatter(1, index, inputs)
-        taps = self._cached_taps(kernel_cache, combined.shape[1])
-        convolved = causal_fft_conv(combined.transpose(1, 2), taps).permute(0, 3, 1, 2)
-        layer_cache["ssm_history"] = combined[:, : int((seen + layout.lengths).max())]
-        return convolved.gather(1, index[..., None].expand(-1, -1, -1, self.num_filters))
+        if history is None:  # a static cache keeps the last `max_cache_len` inputs, a dynamic one all of them
+            capacity = layer_cache.max_cache_len if layer_cache.static else 0
+            history = inputs.new_zeros(batch, self.hidden_size, capacity)
+        past = history.shape[-1]
+        combined = torch.cat([history, inputs.transpose(1, 2)], dim=-1)  # (B, D, past + T)
+        taps = self._cached_taps(kernel_cache, past + length)  # (D, C, past + T)
+        if length == 1:
+            # One decoding step: y = sum_j taps[j] u[t - j], a dot product with the reversed history (no FFT).
+            convolved = torch.einsum("bdk,dck->bdc", combined.flip(-1), taps).unsqueeze(1)  # (B, 1, D, C)
+        else:
+            convolved = causal_fft_conv(combined, taps)[..., past:].permute(0, 3, 1, 2)  # (B, T, D, C)
+        # Right-align each row again: position j of the new history is position j - kept + past + len of `combined`.
+        kept = past if layer_cache.static else past + length
+        if length == 1 and not layout.has_padding:
+            aligned = combined[..., -kept:] if kept else combined[..., :0]
+        else:
+            source = torch.arange(kept, device=inputs.device) + (past - kept) + layout.lengths[:, None]  # (B, kept)
+            aligned = combined.gather(-1, source.clamp(min=0)[:, None, :].expand(-1, self.hidden_size, -1))
+            aligned = aligned * (source >= 0)[:, None, :]
+        layer_cache["ssm_history"] = aligned
+        return convolved
 
     def _block_end_outputs(
         self, inputs: torch.Tensor, layout: "BlockLayout", layer_cache: dict | None, kernel_cache: dict | None = None
@@ -532,6 +548,12 @@ class BlockLayout:
     is_single_step: bool  # one new token per row on top of a cache: queries stay out of the block layout
     # RoPE rotation by -W (1, 1, head_dim/2): a previous-block key at slot j sits W - j + i before a query at slot i.
     previous_block_rotation: torch.Tensor | None = None
+    # A decoding step attends to the first `step_span` slots of its block, with `step_mask` (B, 1, 1, step_span), or
+    # with no mask when every row sees all of them (rows at the same slot). Eager steps stop at the furthest row's
+    # slot, so the early slots of a block cost less and a mask-free attention call takes the fast kernel; a compiled
+    # step always reads all W slots, so that its shapes never change.
+    step_span: int = 0
+    step_mask: torch.Tensor | None = None
 
     @classmethod
     def build(
@@ -539,7 +561,20 @@ class BlockLayout:
     ):
         batch, length = token_mask.shape
         offsets = seen_tokens % block_size
-        if bool((offsets == 0).all()):
+        is_single_step = has_cache and length == 1
+        step_span, step_mask = block_size, None
+        if is_single_step:
+            # One token per row, at its own slot of one block: no data-dependent branch.
+            virtual_index, span = offsets[:, None], 1
+            lowest, highest = 0, -1
+            if not torch.compiler.is_compiling():
+                lowest, highest = offsets.aminmax()
+                lowest, highest = int(lowest), int(highest)
+                step_span = highest + 1
+            if lowest != highest:
+                slots = torch.arange(step_span, device=token_mask.device)
+                step_mask = (slots <= offsets[:, None]).view(-1, 1, 1, step_span)
+        elif bool((offsets == 0).all()):
             virtual_index, span = None, length
         else:
             virtual_index = offsets[:, None] + torch.arange(length, device=token_mask.device)
@@ -553,7 +588,9 @@ class BlockLayout:
             virtual_index=virtual_index,
             num_blocks=-(-span // block_size),
             has_padding=has_padding,
-            is_single_step=has_cache and length == 1,
+            is_single_step=is_single_step,
+            step_span=step_span,
+            step_mask=step_mask,
         )
 
     def to_blocks(self, states: torch.Tensor, cached_block: torch.Tensor | None = None) -> torch.Tensor:
@@ -588,6 +625,16 @@ class BlockLayout:
         index = self.current_block_index().clamp(max=self.num_blocks - 1)
         index = index.view(-1, 1, *([1] * (blocks.dim() - 2))).expand(-1, 1, *blocks.shape[2:])
         return blocks.gather(1, index).squeeze(1)
+
+    def write_step(self, cached_block: torch.Tensor, states: torch.Tensor) -> None:
+        """Writes a decoding step's (B, 1, ...) states into each row's slot of the cached block (B, W, ...), in place.
+        Eagerly a scatter is cheapest; a compiled step indexes rows and slots, which inductor keeps in place (it turns
+        a scatter into a copy of the whole block)."""
+        if torch.compiler.is_compiling():
+            rows = torch.arange(states.shape[0], device=states.device)
+            cached_block[rows, self.offsets] = states[:, 0]
+        else:
+            cached_block.scatter_(1, self.offsets.view(-1, *([1] * (states.dim() - 1))).expand_as(states), states)
 
     def single_step_mask(self) -> torch.Tensor:
         """(B, 1, 1, W) keys a lone new token at slot `offsets` may see: the slots of its block up to itself."""
@@ -736,6 +783,15 @@ class BSTOutputProjection(nn.Linear):
         super().__init__(2 * inner_size, hidden_size, bias=False)
 
 
+def repeat_key_value_heads(key, value, num_heads):
+    """(..., H_kv, d) -> (..., H, d): grouped key/value heads each serve H / H_kv query heads. Repeated at attention
+    time, after the cache, which keeps H_kv heads."""
+    if key.shape[-2] == num_heads:
+        return key, value
+    groups = num_heads // key.shape[-2]
+    return key.repeat_interleave(groups, dim=-2), value.repeat_interleave(groups, dim=-2)
+
+
 class BSTAttention(nn.Module):
     """Causal self-attention inside each block and, in BST layers, cross-attention to the block's context states.
 
@@ -777,12 +833,9 @@ class BSTAttention(nn.Module):
 
     def _attend(self, query, key, value, attention_mask=None, is_causal=False) -> torch.Tensor:
         """query (B, N, Q, H, d), key/value (B, N, K, H or H_kv, d) -> (B, N, Q, H*d): one attention call over all
-        blocks. Grouped key/value heads (self-attention with `num_key_value_heads` < H) serve H / H_kv query heads each:
-        they are repeated here, after the cache, which keeps H_kv heads."""
+        blocks."""
         batch, num_blocks = query.shape[:2]
-        if key.shape[-2] != query.shape[-2]:
-            groups = query.shape[-2] // key.shape[-2]
-            key, value = key.repeat_interleave(groups, dim=-2), value.repeat_interleave(groups, dim=-2)
+        key, value = repeat_key_value_heads(key, value, query.shape[-2])
         flat = [states.flatten(0, 1).transpose(1, 2) for states in (query, key, value)]  # (B*N, H, len, d)
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
@@ -797,17 +850,28 @@ class BSTAttention(nn.Module):
         )
         return output.reshape(batch, num_blocks, query.shape[2], -1)
 
+    def _attend_step(self, query, key, value, attention_mask) -> torch.Tensor:
+        """One decoding step: query (B, 1, H, d), key/value (B, K, H, d) -> (B, 1, H*d). With SDPA it calls the kernel
+        directly: for one query, `_attend`'s block reshaping and Transformers' SDPA wrapper cost more than the attention
+        itself (0.6 ms of a 7.5 ms step, d = 256, 4 layers, on CPU)."""
+        if self.config._attn_implementation != "sdpa" or self.training:
+            return self._attend(query[:, None], key[:, None], value[:, None], attention_mask)[:, 0]
+        key, value = repeat_key_value_heads(key, value, query.shape[-2])
+        output = F.scaled_dot_product_attention(
+            query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), attention_mask, scale=self.scaling
+        )  # (B, H, 1, d)
+        return output.transpose(1, 2).reshape(query.shape[0], 1, -1)
+
     def _block_attention(self, query, key, value, layout, layer_cache, key_name, value_name):
         """Causal attention inside blocks; keys/values (B, T, H, d) of this chunk join the cached ones of the block."""
         cached_keys = None if layer_cache is None else layer_cache.get(key_name)
         cached_values = None if layer_cache is None else layer_cache.get(value_name)
         if layout.is_single_step and cached_keys is not None:
             # Decoding: write the new key/value into its slot of the cached block in place, attend to slots <= it.
-            rows = torch.arange(key.shape[0], device=key.device)
-            cached_keys[rows, layout.offsets] = key[:, 0]
-            cached_values[rows, layout.offsets] = value[:, 0]
-            output = self._attend(query[:, None], cached_keys[:, None], cached_values[:, None], layout.single_step_mask())
-            return output[:, 0]  # (B, 1, H*d)
+            layout.write_step(cached_keys, key)
+            layout.write_step(cached_values, value)
+            keys, values = cached_keys[:, : layout.step_span], cached_values[:, : layout.step_span]
+            return self._attend_step(query, keys, values, layout.step_mask)
         key_blocks = layout.to_blocks(key, cached_keys)  # (B, N, W, H, d)
         value_blocks = layout.to_blocks(value, cached_values)
         if layer_cache is not None:
@@ -824,20 +888,21 @@ class BSTAttention(nn.Module):
         (B, T, H, d) -> (B, T, H*d). The cache holds both blocks' keys/values (2W slots)."""
         cached = {} if layer_cache is None else layer_cache
         if layout.is_single_step and cached.get("keys") is not None:
-            rows = torch.arange(key.shape[0], device=key.device)
-            # A real token at slot 0 opens a new block: the full current block becomes the previous one.
+            # A real token at slot 0 opens a new block: the full current block becomes the previous one (in place; a
+            # compiled step always copies, an eager one only when some row opens a block).
             opens_block = (layout.offsets == 0) & (layout.seen_tokens > 0) & layout.token_mask[:, 0]
-            if bool(opens_block.any()):
+            if torch.compiler.is_compiling() or bool(opens_block.any()):
                 for name in ("keys", "values"):
                     flag = opens_block.view(-1, *([1] * (cached[name].dim() - 1)))
                     cached["previous_" + name] = torch.where(flag, cached[name], cached["previous_" + name])
-            cached["keys"][rows, layout.offsets] = key[:, 0]
-            cached["values"][rows, layout.offsets] = value[:, 0]
+            layout.write_step(cached["keys"], key)
+            layout.write_step(cached["values"], value)
             previous_keys = apply_rotary(cached["previous_keys"], layout.previous_block_rotation, self.rope_pairing)
-            keys = torch.cat([previous_keys, cached["keys"]], dim=1)  # (B, 2W, H, d)
-            values = torch.cat([cached["previous_values"], cached["values"]], dim=1)
-            mask = layout.single_step_previous_block_mask()
-            return self._attend(query[:, None], keys[:, None], values[:, None], mask)[:, 0]  # (B, 1, H*d)
+            span = layout.step_span
+            keys = torch.cat([previous_keys, cached["keys"][:, :span]], dim=1)  # (B, W + span, H, d)
+            values = torch.cat([cached["previous_values"], cached["values"][:, :span]], dim=1)
+            mask = layout.single_step_previous_block_mask()[..., : self.config.block_size + span]
+            return self._attend_step(query, keys, values, mask)
 
         key_blocks = layout.to_blocks(key, cached.get("keys"))  # (B, N, W, H, d)
         value_blocks = layout.to_blocks(value, cached.get("values"))
@@ -917,7 +982,7 @@ class BSTAttention(nn.Module):
             context_keys = self.context_k_proj(contexts).unflatten(-1, (self.num_heads, self.head_dim))
             context_values = self.context_v_proj(contexts).unflatten(-1, (self.num_heads, self.head_dim))
             if layout.is_single_step:
-                cross_output = self._attend(cross_query[:, None], context_keys, context_values)[:, 0]
+                cross_output = self._attend_step(cross_query, context_keys[:, 0], context_values[:, 0], None)
             else:
                 cross_output = self._attend(layout.to_blocks(cross_query), context_keys, context_values)
                 cross_output = layout.from_blocks(cross_output, hidden_states.shape[1])
@@ -996,43 +1061,185 @@ def cache_signature(config: BSTConfig) -> dict:
     return {name: copy.deepcopy(getattr(config, name)) for name in CACHE_SIGNATURE_FIELDS}
 
 
-class BSTCache(Cache):
-    """Decoding state of a BST model; its size does not depend on the context length for "s4" kernels.
+# The layer-cache names under which the model reads and writes its state; the rest live in `BSTLayerCache.slots`.
+RECURRENT_STATE, INPUT_HISTORY = "ssm_state", "ssm_history"
 
-    Per row: `seen_tokens` (real tokens so far). Per layer, in `layer_states`, a dict of tensors with the batch first:
-    `keys`/`values` (B, W, H_kv, d): the current block's self-attention keys/values (H_kv = `num_key_value_heads`);
-    `previous_keys`/`previous_values` (B, W, H_kv, d) (`attend_previous_block`): the previous block's;
-    `context_keys`/`context_values` (B, W, H, d) ("sh"/"mh"): the current block's projected context states;
-    `context_states` (B, S, D) ("mf"): the context of the block holding the next token;
-    `ssm_state` (B, D*C, N/2) complex ("s4"), or `ssm_history` (B, L, D) ("unstructured": the SSM inputs so far,
-    which grow with the context - that kernel family has no finite state).
-    Only the block's slots up to a row's current position are ever read; a new block overwrites them.
 
-    Per layer, in `layer_kernels`, what decoding reuses and no row owns: the "s4" discretisation (`log_da`, `c_db`,
-    `da`) or the "unstructured" kernel `taps`. They are computed from the parameters when the cache is first used and
-    kept for the life of the cache (until `reset`): a cache continues the model as it was when the cache started.
-    `model_signature` records the configuration fields the cache was made for; a model with others refuses it.
+class BatchRowsMixin:
+    """Beam search and batch edits of a cache: each applies one function to every per-row tensor (`_map_rows`)."""
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._map_rows(lambda tensor: tensor.index_select(0, beam_idx.to(tensor.device)))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._map_rows(lambda tensor: tensor[indices])
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._map_rows(lambda tensor: tensor.repeat_interleave(repeats, dim=0))
+
+
+class BSTLayerCache(BatchRowsMixin, LinearAttentionLayer, CacheLayerMixin):
+    """One layer's decoding state, on Transformers' cache-layer API. Every tensor has the batch first and, once stored,
+    is updated in place while its shape stays the same, so its address is fixed across decoding steps (torch.compile,
+    CUDA graphs):
+
+    - `keys`/`values` (B, W, H_kv, d): the current block's self-attention keys/values in W fixed slots (slot = position
+      modulo W; H_kv = `num_key_value_heads`); only the slots up to a row's current position are read, a new block
+      overwrites them;
+    - `recurrent_states[0]` (B, D*C, N/2) complex128 ("s4"): the diagonal SSM state (double precision, so that its
+      rounding does not add up over thousands of decoding steps; 16 bytes per mode);
+    - `conv_states[0]` (B, D, K) ("unstructured", which has no finite state): the SSM inputs so far, right-aligned (the
+      newest last, zeros before the first). K grows with the sequence in a dynamic cache and is `max_cache_len` in a
+      static one;
+    - `slots`, the other fixed-size tensors: `previous_keys`/`previous_values` (B, W, H_kv, d) (`attend_previous_block`),
+      `context_keys`/`context_values` (B, W, H, d) ("sh"/"mh"), `context_states` (B, S, D) ("mf");
+    - `kernels`: what decoding reuses and no row owns, the "s4" discretisation (`log_da`, `c_db`, `da`) or the
+      "unstructured" `taps`, computed from the parameters on the cache's first use and kept until `reset`.
+
+    No standard layer fits: the block slots are written at each row's own slot (rows of a left-padded batch sit at
+    different slots), and a layer holds a recurrent state and block keys/values together. The model reads and writes
+    the tensors by name: `layer_cache.get("keys")`, `layer_cache["ssm_state"] = new_state`.
     """
 
-    is_compileable = False
+    _layer_type = "bst_block_state"
+    is_compileable = True
+    is_croppable = False
+    is_sliding = False
+    supports_early_init = False
 
-    def __init__(self, config: BSTConfig):
-        super().__init__(layers=[])
+    def __init__(self, max_cache_len: int | None = None, static: bool = False, **kwargs):
+        CacheLayerMixin.__init__(self)
+        LinearAttentionLayer.__init__(self, number_of_states=1)
+        self.max_cache_len = max_cache_len
+        self.static = static
+        self.slots: dict[str, torch.Tensor] = {}
+        self.kernels: dict[str, torch.Tensor] = {}
+
+    def get(self, name: str) -> torch.Tensor | None:
+        if name in ("keys", "values"):
+            return getattr(self, name)
+        if name in (RECURRENT_STATE, INPUT_HISTORY):
+            states = self.recurrent_states if name == RECURRENT_STATE else self.conv_states
+            return states[0] if self.has_previous_state[0] else None
+        return self.slots.get(name)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        tensor = self.get(name)
+        if tensor is None:
+            raise KeyError(name)
+        return tensor
+
+    def __setitem__(self, name: str, value: torch.Tensor) -> None:
+        """Copies `value` into the tensor held under `name` when the shapes match (its address stays), else holds a
+        copy of it; the "unstructured" history of a dynamic cache grows that way."""
+        held = self.get(name)
+        if held is not None and held.shape == value.shape and held.dtype == value.dtype:
+            held.copy_(value)
+            return
+        held = value.clone(memory_format=torch.contiguous_format)
+        if self.static and not torch.compiler.is_compiling():
+            torch._dynamo.mark_static_address(held)
+        if name in ("keys", "values"):
+            setattr(self, name, held)
+        elif name in (RECURRENT_STATE, INPUT_HISTORY):
+            states = self.recurrent_states if name == RECURRENT_STATE else self.conv_states
+            states[0] = held
+            if name == RECURRENT_STATE:
+                self.is_recurrent_states_initialized[0] = True
+            else:
+                self.is_conv_states_initialized[0] = True
+            # Set here, not by `update_conv_state` only: a layer whose state was never flagged would restart from zero.
+            self.has_previous_state[0] = True
+        else:
+            self.slots[name] = held
+        self.dtype, self.device, self.is_initialized = value.dtype, value.device, True
+
+    def items(self) -> list[tuple[str, torch.Tensor]]:
+        """(name, tensor) of every per-row tensor held."""
+        named = {"keys": self.keys, "values": self.values, RECURRENT_STATE: self.get(RECURRENT_STATE)}
+        named[INPUT_HISTORY] = self.get(INPUT_HISTORY)
+        return [(name, tensor) for name, tensor in {**named, **self.slots}.items() if tensor is not None]
+
+    def nbytes(self) -> int:
+        tensors = [tensor for _, tensor in self.items()] + list(self.kernels.values())
+        return sum(tensor.numel() * tensor.element_size() for tensor in tensors)
+
+    def _map_rows(self, function: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        for name, tensor in self.items():
+            self[name] = function(tensor)
+
+    def reset(self) -> None:
+        """Drops every tensor, the kernels included: the next use starts from the model's current parameters."""
+        self.__init__(max_cache_len=self.max_cache_len, static=self.static)
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        raise NotImplementedError("BST layers write their keys and values into their block slots by name.")
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("BSTCache holds a recurrent state and cannot be cropped back to an earlier length.")
+
+    def get_seq_length(self) -> int:
+        return 0  # the cache counts positions, for all layers alike
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1 if self.max_cache_len is None else self.max_cache_len
+
+
+class BSTCache(BatchRowsMixin, Cache):
+    """Decoding state of a BST model: one `BSTLayerCache` per layer in `layers` (also `layer_states`), plus per row
+    `seen_tokens` (real tokens so far). Its size does not depend on the context length for "s4" kernels.
+
+    A static cache (`static=True`; `generate(..., cache_implementation="static")` makes one) can run a compiled
+    decoding step: every tensor keeps its shape and address, and `is_compileable` tells generate() so. With
+    "unstructured" kernels it keeps the last `max_cache_len` SSM inputs (a dynamic cache keeps them all). "s4" caches
+    have the same fixed-size tensors either way.
+
+    `layer_kernels` lists each layer's `kernels` (see `BSTLayerCache`): a cache continues the model as it was when the
+    cache started. `model_signature` records the configuration fields the cache was made for; a model with others
+    refuses it.
+    """
+
+    def __init__(self, config: BSTConfig, static: bool = False, max_cache_len: int | None = None):
+        if static and config.ssm_kernel == "unstructured" and config.bst_layers and max_cache_len is None:
+            raise ValueError(
+                'A static BSTCache with "unstructured" kernels keeps a fixed number of SSM inputs: pass '
+                "`max_cache_len`."
+            )
+        layers = [BSTLayerCache(max_cache_len, static) for _ in range(config.num_hidden_layers)]
+        super().__init__(layers=layers)
         self.config = config
+        self.static = static
+        self.max_cache_len = max_cache_len
         self.model_signature = cache_signature(config)
-        self.layer_states: list[dict[str, torch.Tensor]] = [{} for _ in range(config.num_hidden_layers)]
-        self.layer_kernels: list[dict[str, torch.Tensor]] = [{} for _ in range(config.num_hidden_layers)]
         self.seen_tokens: torch.Tensor | None = None  # (B,)
-        self.sequence_length = 0  # positions consumed, padding included (what generate() slices inputs by)
+        # Positions consumed, padding included (what generate() slices inputs by); a tensor, so that a compiled step
+        # advances it in place instead of specialising on its value.
+        self.consumed = torch.zeros((), dtype=torch.long)
 
-    def __len__(self) -> int:
-        return len(self.layer_states)
+    @property
+    def layer_states(self) -> list[BSTLayerCache]:
+        return self.layers
+
+    @property
+    def layer_kernels(self) -> list[dict[str, torch.Tensor]]:
+        return [layer.kernels for layer in self.layers]
+
+    @property
+    def sequence_length(self) -> int:
+        return int(self.consumed)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.sequence_length
+        return int(self.consumed)
 
     def get_max_length(self, layer_idx: int | None = None) -> int:
         return -1
+
+    @property
+    def is_compileable(self) -> bool:
+        return self.static
 
     @property
     def is_initialized(self) -> bool:
@@ -1042,35 +1249,36 @@ class BSTCache(Cache):
     def batch_size(self) -> int:
         return -1 if self.seen_tokens is None else self.seen_tokens.shape[0]
 
+    def start(self, batch: int, device: torch.device) -> None:
+        """Creates the per-row counters on the first forward."""
+        self.seen_tokens = torch.zeros(batch, dtype=torch.long, device=device)
+        self.consumed = self.consumed.to(device)
+        if self.static:
+            torch._dynamo.mark_static_address(self.seen_tokens)
+            torch._dynamo.mark_static_address(self.consumed)
+
+    def advance(self, lengths: torch.Tensor, positions: int) -> None:
+        """After a forward: `lengths` (B,) real tokens and `positions` positions were consumed, in place."""
+        self.seen_tokens.add_(lengths)
+        self.consumed.add_(positions)
+
     def nbytes(self) -> int:
         """Total bytes of all tensors held."""
-        tensors = [t for states in self.layer_states + self.layer_kernels for t in states.values()]
-        if self.seen_tokens is not None:
-            tensors.append(self.seen_tokens)
-        return sum(t.numel() * t.element_size() for t in tensors)
+        held = sum(layer.nbytes() for layer in self.layers)
+        return held + (0 if self.seen_tokens is None else self.seen_tokens.numel() * self.seen_tokens.element_size())
 
-    def _apply_to_rows(self, function: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    def _map_rows(self, function: Callable[[torch.Tensor], torch.Tensor]) -> None:
         if self.seen_tokens is None:
             return
         self.seen_tokens = function(self.seen_tokens)
-        for states in self.layer_states:
-            for name, tensor in states.items():
-                states[name] = function(tensor)
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self._apply_to_rows(lambda tensor: tensor.index_select(0, beam_idx.to(tensor.device)))
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self._apply_to_rows(lambda tensor: tensor[indices])
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        self._apply_to_rows(lambda tensor: tensor.repeat_interleave(repeats, dim=0))
+        for layer in self.layers:
+            layer._map_rows(function)
 
     def reset(self) -> None:
-        self.layer_states = [{} for _ in range(self.config.num_hidden_layers)]
-        self.layer_kernels = [{} for _ in range(self.config.num_hidden_layers)]
+        for layer in self.layers:
+            layer.reset()
         self.seen_tokens = None
-        self.sequence_length = 0
+        self.consumed = torch.zeros((), dtype=torch.long)
 
     def crop(self, max_length: int) -> None:
         raise NotImplementedError("BSTCache holds a recurrent state and cannot be cropped back to an earlier length.")
@@ -1136,7 +1344,8 @@ class BSTPreTrainedModel(PreTrainedModel):
     _skip_keys_device_placement = ["past_key_values"]
     _supports_sdpa = True
     _supports_attention_backend = True
-    _can_compile_fullgraph = False
+    # A decoding step on a static cache compiles as one graph (tests/test_compile.py checks with torch._dynamo.explain).
+    _can_compile_fullgraph = True
     _is_stateful = True
     # The SSM parameters (step sizes, A, C, the implicit filter, the skip) stay fp32 when from_pretrained/from_config
     # get dtype=bfloat16/float16: bf16 rounds log_dt and A by up to 0.4%, and the kernel's phase dt*Im(A)*l
@@ -1225,11 +1434,13 @@ class BSTModel(BSTPreTrainedModel):
             if input_ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
                 raise TypeError(f"`input_ids` must hold integer token ids, got dtype {input_ids.dtype}.")
             vocab_size = self.embed_tokens.num_embeddings
-            if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab_size):
-                raise ValueError(
-                    f"`input_ids` holds ids outside [0, {vocab_size}) (`vocab_size`): "
-                    f"min {int(input_ids.min())}, max {int(input_ids.max())}."
-                )
+            # Reading the ids is data-dependent (a graph break): a compiled step skips it, eager calls keep the error.
+            if input_ids.numel() and not torch.compiler.is_compiling():
+                lowest, highest = (int(extreme) for extreme in input_ids.aminmax())
+                if lowest < 0 or highest >= vocab_size:
+                    raise ValueError(
+                        f"`input_ids` holds ids outside [0, {vocab_size}) (`vocab_size`): min {lowest}, max {highest}."
+                    )
         else:
             if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != self.config.hidden_size:
                 raise ValueError(
@@ -1249,12 +1460,19 @@ class BSTModel(BSTPreTrainedModel):
                 f"BST models keep their decoding state in a `BSTCache`, got {type(past_key_values).__name__}. "
                 "Pass `past_key_values=None` (with `use_cache=True`) and the model creates one."
             )
-        if past_key_values is not None:
+        # A cache made with this very configuration object fits; another one is compared field by field (a compiled
+        # step skips it: the eager prefill checked). Reading a config field costs microseconds: a dozen per decoding
+        # step add up.
+        if (
+            past_key_values is not None
+            and past_key_values.config is not self.config
+            and not torch.compiler.is_compiling()
+        ):
             made_for = getattr(past_key_values, "model_signature", {})
             differences = [
-                f"{field}={made_for.get(field)!r} (this model: {value!r})"
-                for field, value in cache_signature(self.config).items()
-                if made_for.get(field) != value
+                f"{field}={made_for.get(field)!r} (this model: {getattr(self.config, field)!r})"
+                for field in CACHE_SIGNATURE_FIELDS
+                if made_for.get(field) != getattr(self.config, field)
             ]
             if differences:
                 raise ValueError(
@@ -1263,7 +1481,7 @@ class BSTModel(BSTPreTrainedModel):
                     + ". A cache continues only a model with the configuration that made it; pass "
                     "`past_key_values=None` to start a new one."
                 )
-        if attention_mask is not None:
+        if attention_mask is not None and not torch.compiler.is_compiling():  # reads the cache's position count
             inputs = input_ids if input_ids is not None else inputs_embeds
             check_attention_mask_shape(attention_mask, inputs, past_key_values)
 
@@ -1318,30 +1536,37 @@ class BSTModel(BSTPreTrainedModel):
         if attention_mask is not None:
             token_mask = attention_mask[:, -length:].to(device=device, dtype=torch.bool)
         # Move each row's real tokens to the front (stable order): padding then trails the real tokens and, every
-        # sublayer being causal, cannot change them.
+        # sublayer being causal, cannot change them. A single token has nothing to move: a decoding step then takes no
+        # data-dependent branch (none to break a compiled graph, no device sync) and treats any mask as padding.
         compact_order = None
-        has_padding = not bool(token_mask.all())
-        if has_padding:
+        if length == 1:
+            has_padding = attention_mask is not None
+        else:
+            has_padding = not bool(token_mask.all())
+        if has_padding and length > 1:
             compact_order = torch.argsort((~token_mask).to(torch.int8), dim=1, stable=True)  # (B, T)
             inputs_embeds = inputs_embeds.gather(1, compact_order[..., None].expand_as(inputs_embeds))
             token_mask = token_mask.gather(1, compact_order)
 
         if cache is not None and cache.seen_tokens is None:
-            cache.seen_tokens = torch.zeros(batch, dtype=torch.long, device=device)
+            cache.start(batch, device)
         if cache is not None and cache.seen_tokens.shape[0] != batch:
             raise ValueError(f"The cache holds {cache.seen_tokens.shape[0]} rows but the inputs have {batch}.")
         seen_tokens = cache.seen_tokens if cache is not None else torch.zeros(batch, dtype=torch.long, device=device)
         layout = BlockLayout.build(
             token_mask, seen_tokens, self.config.block_size, has_cache=cache is not None, has_padding=has_padding
         )
-        slots = (layout.offsets[:, None] + torch.arange(length, device=device)) % self.config.block_size
+        if layout.is_single_step:
+            slots = layout.offsets[:, None]
+        else:
+            slots = (layout.offsets[:, None] + torch.arange(length, device=device)) % self.config.block_size
         rotations = self.rotary_emb(slots)
         if self.config.attend_previous_block:
             layout.previous_block_rotation = self.rotary_emb(torch.full((1, 1), -self.config.block_size, device=device))
 
         def restore_order(states: torch.Tensor) -> torch.Tensor:
             if compact_order is None:
-                return states
+                return states * token_mask[..., None].to(states.dtype) if has_padding else states
             restored = torch.zeros_like(states).scatter(1, compact_order[..., None].expand_as(states), states)
             return restored * attention_mask[:, -length:, None].to(states.dtype)
 
@@ -1358,16 +1583,15 @@ class BSTModel(BSTPreTrainedModel):
         if output_hidden_states:
             hidden_states = record(hidden_states)
         for layer_idx, decoder_layer in enumerate(self.layers):
-            layer_cache = cache.layer_states[layer_idx] if cache is not None else None
-            kernel_cache = cache.layer_kernels[layer_idx] if cache is not None else None
+            layer_cache = cache.layers[layer_idx] if cache is not None else None
+            kernel_cache = layer_cache.kernels if cache is not None else None
             hidden_states = decoder_layer(hidden_states, rotations, layout, layer_cache, kernel_cache)
             if output_hidden_states:
                 hidden_states = record(hidden_states)
         hidden_states = restore_order(self.norm(hidden_states))
 
         if cache is not None:
-            cache.seen_tokens = seen_tokens + layout.lengths
-            cache.sequence_length += length
+            cache.advance(layout.lengths, length)
         all_hidden_states = tuple(all_hidden_states) if output_hidden_states else None
         if not return_dict:
             return tuple(v for v in (hidden_states, cache, all_hidden_states) if v is not None)
@@ -1443,8 +1667,11 @@ class BSTForCausalLM(BSTPreTrainedModel, GenerationMixin):
             check_attention_mask_shape(attention_mask, inputs_tensor, model_kwargs.get("past_key_values"))
         return super()._prepare_position_ids_for_generation(inputs_tensor, model_kwargs)
 
-    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs) -> None:
-        """generate() would build a DynamicCache; BST needs its own bounded state."""
+    def _prepare_cache_for_generation(
+        self, generation_config, model_kwargs, generation_mode=None, batch_size=None, max_cache_length=None
+    ) -> None:
+        """generate() would build a DynamicCache or a StaticCache; BST needs its own bounded state, static (fixed
+        shapes and addresses, what a compiled decoding step needs) with `cache_implementation="static"`."""
         cache = model_kwargs.get("past_key_values")
         if cache is not None:
             if not isinstance(cache, BSTCache):
@@ -1453,7 +1680,19 @@ class BSTForCausalLM(BSTPreTrainedModel, GenerationMixin):
             return
         if generation_config.use_cache is False:
             return
-        model_kwargs["past_key_values"] = BSTCache(self.config)
+        # A static cache holds the last `max_cache_len` SSM inputs of "unstructured" kernels: the whole generation.
+        max_cache_length = max(max_cache_length or 0, generation_config.max_cache_len or 0)
+        max_cache_length = max_cache_length or generation_config.max_length
+        static = generation_config.cache_implementation == "static"
+        model_kwargs["past_key_values"] = BSTCache(self.config, static=static, max_cache_len=max_cache_length)
+
+    def create_masks_for_generate(self, config, inputs_embeds, attention_mask, *args, **kwargs):
+        """generate() builds a 4D attention mask for a compileable cache; BST reads the 2D mask itself, and only its
+        columns for the new tokens: passing just those keeps a compiled decoding step's input shapes fixed (the full
+        mask grows by a column per token, and each new shape would compile the step again)."""
+        if attention_mask is None:
+            return None
+        return attention_mask[:, -inputs_embeds.shape[1] :]
 
 
 __all__ = ["BSTCache", "BSTForCausalLM", "BSTModel", "BSTPreTrainedModel"]

@@ -1,7 +1,8 @@
 """`torch.compile` of the BST forward pass on CPU (inductor) gives the eager logits.
 
-BST declares `_can_compile_fullgraph = False` (the kernel memo and the input checks break the graph), so this compiles
-with graph breaks allowed, as `torch.compile(model)` does by default. Compiling takes a few seconds per model.
+A decoding step on a static `BSTCache` compiles as one graph (`_can_compile_fullgraph = True`): no data-dependent
+branch, every cached tensor updated in place. The multi-token forward compiles with graph breaks allowed, as
+`torch.compile(model)` does by default. Compiling takes a few seconds per model.
 """
 
 import os
@@ -11,7 +12,9 @@ import pytest
 import torch
 from conftest import open_context_path, tiny_config
 
-from modeling_bst import BSTForCausalLM
+from transformers import CompileConfig
+
+from modeling_bst import BSTCache, BSTForCausalLM
 
 
 # Inductor generates and builds C++ on CPU.
@@ -61,3 +64,46 @@ def test_compiled_decoding_steps_match_eager():
             actual = compiled(input_ids=token, attention_mask=attention_mask, past_key_values=compiled_cache)
             torch.testing.assert_close(actual.logits, eager.logits, rtol=1e-5, atol=1e-5)
             eager_cache, compiled_cache = eager.past_key_values, actual.past_key_values
+
+
+@pytest.mark.parametrize(
+    "variant, kernel, attend_previous_block",
+    [("sh", "s4", False), ("mf", "unstructured", False), ("mh", "s4", True)],
+    ids=["sh-s4", "mf-unstructured", "mh-s4-previous-block"],
+)
+def test_a_decoding_step_on_a_static_cache_has_no_graph_break(variant, kernel, attend_previous_block):
+    """Left-padded rows (at different slots of their blocks) and an attention mask, as batched generate() sends."""
+    config = tiny_config(bst_variant=variant, ssm_kernel=kernel, attend_previous_block=attend_previous_block)
+    model = open_context_path(BSTForCausalLM(config)).eval()
+    assert model._can_compile_fullgraph
+    input_ids = torch.randint(2, model.config.vocab_size, (2, 13))
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[0, :3] = 0
+    cache = BSTCache(model.config, static=True, max_cache_len=32)
+    with torch.no_grad():
+        model(input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache)
+        step_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
+        explanation = torch._dynamo.explain(model)(
+            input_ids=input_ids[:, :1], attention_mask=step_mask, past_key_values=cache
+        )
+    assert explanation.graph_break_count == 0, [reason.reason for reason in explanation.break_reasons]
+    assert explanation.graph_count == 1
+
+
+def test_compiled_static_generation_equals_eager_dynamic_generation():
+    """generate() compiles the decoding step itself when the cache is compileable (on CPU only when asked to)."""
+    model = open_context_path(BSTForCausalLM(tiny_config(bst_layers=[1]))).eval()
+    prompt = torch.randint(2, model.config.vocab_size, (2, 11))
+    mask = torch.ones_like(prompt)
+    mask[1, :4] = 0
+    compile_config = CompileConfig(fullgraph=True, dynamic=False, mode="default")  # fullgraph: a break would raise
+    compile_config._compile_all_devices = True
+    settings = dict(
+        attention_mask=mask, max_new_tokens=12, do_sample=False, output_logits=True, return_dict_in_generate=True
+    )
+    with torch.no_grad():
+        eager = model.generate(prompt, **settings)
+        compiled = model.generate(prompt, cache_implementation="static", compile_config=compile_config, **settings)
+    assert hasattr(model, "_compiled_call")  # the decoding steps ran through torch.compile
+    assert torch.equal(compiled.sequences, eager.sequences)
+    torch.testing.assert_close(torch.stack(compiled.logits, 1), torch.stack(eager.logits, 1), rtol=1e-5, atol=1e-5)

@@ -272,6 +272,16 @@ def test_llama_options_decode_like_full_forward(variant, kernel, attend_previous
     torch.testing.assert_close(stepwise, full, rtol=0, atol=1e-4)
     assert cache.layer_states[0]["keys"].shape[2] == 2
     assert model.lm_head.weight.data_ptr() != model.model.embed_tokens.weight.data_ptr()
+    generated = {
+        implementation: model.generate(
+            ids[:, :9], max_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True,
+            cache_implementation=implementation,
+        )
+        for implementation in (None, "static")
+    }
+    assert torch.equal(generated["static"].sequences, generated[None].sequences)
+    torch.testing.assert_close(torch.stack(generated["static"].logits), torch.stack(generated[None].logits),
+                               rtol=0, atol=1e-4)
 
 
 @pytest.mark.parametrize(

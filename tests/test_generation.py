@@ -7,6 +7,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast, pipeline
 
 from modeling_bst import BSTCache, BSTForCausalLM
+from modeling_bst.modeling_bst import BSTLayerCache
 
 
 LENGTH = 37  # four full blocks of 8 and a partial one
@@ -125,6 +126,52 @@ def test_generation_runs_far_past_the_training_length():
     assert torch.isfinite(logits).all()
 
 
+@pytest.mark.parametrize(
+    "variant, kernel, attend_previous_block",
+    [("sh", "s4", False), ("mf", "unstructured", False), ("mh", "s4", True)],
+)
+def test_static_cache_generation_equals_dynamic_generation(variant, kernel, attend_previous_block):
+    """`cache_implementation="static"`: fixed shapes and addresses (what a compiled step needs), the same logits."""
+    model = tiny_model(bst_variant=variant, ssm_kernel=kernel, attend_previous_block=attend_previous_block)
+    prompt = torch.randint(2, 97, (2, 10))
+    mask = torch.ones_like(prompt)
+    mask[0, :3] = 0
+    settings = dict(
+        attention_mask=mask, max_new_tokens=20, do_sample=False, output_logits=True, return_dict_in_generate=True
+    )
+    with torch.no_grad():
+        dynamic = model.generate(prompt, **settings)
+        static = model.generate(prompt, cache_implementation="static", **settings)
+        beams = [model.generate(prompt, num_beams=2, max_new_tokens=8, **implementation)
+                 for implementation in ({}, {"cache_implementation": "static"})]
+    cache = static.past_key_values
+    assert cache.static and cache.is_compileable and not dynamic.past_key_values.is_compileable
+    assert torch.equal(static.sequences, dynamic.sequences)
+    assert (torch.stack(static.logits, 1) - torch.stack(dynamic.logits, 1)).abs().max() < 1e-5
+    assert torch.equal(beams[0], beams[1])
+
+
+def test_the_cache_speaks_the_cache_layer_api():
+    """Each layer is a `BSTLayerCache` (a LinearAttentionLayer with block key/value slots): the "s4" state is its
+    recurrent state, the "unstructured" inputs its conv state, the block keys/values its keys/values (W slots)."""
+    model = tiny_model(num_hidden_layers=3, bst_layers=[1])
+    with torch.no_grad():
+        cache = model(torch.randint(2, 97, (2, 13)), use_cache=True).past_key_values
+    assert all(isinstance(layer, BSTLayerCache) for layer in cache.layers)
+    assert cache.has_previous_state(1) and not cache.has_previous_state(0)
+    state = cache.get_recurrent_state(1)
+    assert state.shape == (2, 32, 4) and state.dtype == torch.complex128  # (B, D*C, N/2)
+    assert cache.layers[0].keys.shape == (2, 8, 4, 8)  # (B, W, H, d)
+    address = cache.layers[0].keys.data_ptr()
+    with torch.no_grad():
+        model(torch.randint(2, 97, (2, 1)), past_key_values=cache)
+    assert cache.layers[0].keys.data_ptr() == address and cache.get_recurrent_state(1) is state  # updated in place
+    unstructured = tiny_model(ssm_kernel="unstructured", bst_layers=[1])
+    with torch.no_grad():
+        cache = unstructured(torch.randint(2, 97, (2, 13)), use_cache=True).past_key_values
+    assert cache.layers[1].conv_states[0].shape == (2, 32, 13)  # (B, D, inputs so far)
+
+
 def test_s4_cache_size_is_constant_and_unstructured_history_grows():
     def cache_bytes(model, context):
         with torch.no_grad():
@@ -137,6 +184,17 @@ def test_s4_cache_size_is_constant_and_unstructured_history_grows():
         assert cache_bytes(s4_model, 2 * 8) == cache_bytes(s4_model, 16 * 8) > 0
     unstructured = tiny_model(ssm_kernel="unstructured")
     assert cache_bytes(unstructured, 16 * 8) > cache_bytes(unstructured, 2 * 8)
+
+    def static_cache_bytes(model, context):
+        cache = BSTCache(model.config, static=True, max_cache_len=200)
+        with torch.no_grad():
+            model(torch.randint(2, 97, (1, context)), past_key_values=cache)
+            model(torch.randint(2, 97, (1, 1)), past_key_values=cache)
+        return sum(tensor.nbytes for layer in cache.layers for _, tensor in layer.items())  # the rows' state
+
+    # A static cache keeps the last `max_cache_len` "unstructured" inputs: its rows' state has a fixed size too (the
+    # kernel taps it reuses cover the prefill).
+    assert static_cache_bytes(unstructured, 2 * 8) == static_cache_bytes(unstructured, 16 * 8) > 0
 
 
 def test_cache_batch_operations_and_reset():
