@@ -765,6 +765,21 @@ def plot_results(results, figure_dir):
     if not corpora:
         return []
     os.makedirs(figure_dir, exist_ok=True)
+
+    def label_axis(axis, xlabel, ylabel, title):
+        axis.set_xlabel(xlabel)
+        axis.set_ylabel(ylabel)
+        axis.set_title(title)
+        axis.grid(True, which="both", alpha=0.3)
+        axis.legend(fontsize=8)
+
+    def save(figure, filename):
+        figure.tight_layout()
+        path = os.path.join(figure_dir, filename)
+        figure.savefig(path, dpi=120)
+        plt.close(figure)
+        return path
+
     figure, axes = plt.subplots(1, len(corpora), figsize=(6.5 * len(corpora), 4.5), squeeze=False)
     for axis, corpus in zip(axes[0], corpora):
         for name in ALL_MODELS:
@@ -776,15 +791,13 @@ def plot_results(results, figure_dir):
             axis.plot(lengths, list(summary["perplexity"].values()), style, marker="o", label=name)
         axis.set_xscale("log", base=2)
         axis.set_yscale("log")
-        axis.set_xlabel(f"evaluation length (tokens); trained at {results['settings']['train_length']}")
-        axis.set_ylabel("test perplexity (mean over seeds)")
-        axis.set_title(corpus)
-        axis.grid(True, which="both", alpha=0.3)
-        axis.legend(fontsize=8)
-    figure.tight_layout()
-    path = os.path.join(figure_dir, "quality_perplexity_vs_length.png")
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+        label_axis(
+            axis,
+            f"evaluation length (tokens); trained at {results['settings']['train_length']}",
+            "test perplexity (mean over seeds)",
+            corpus,
+        )
+    path = save(figure, "quality_perplexity_vs_length.png")
 
     # Training curves of every main run: shows how much of the spread between models is spread between seeds.
     figure, axes = plt.subplots(1, len(corpora), figsize=(6.5 * len(corpora), 4.5), squeeze=False)
@@ -804,16 +817,9 @@ def plot_results(results, figure_dir):
                 alpha=0.8,
                 label=label,
             )
-        axis.set_xlabel("training step")
-        axis.set_ylabel("training loss (one line per run)")
-        axis.set_title(corpus)
         axis.set_ylim(top=min(9.0, axis.get_ylim()[1]))
-        axis.grid(True, alpha=0.3)
-        axis.legend(fontsize=8)
-    figure.tight_layout()
-    loss_path = os.path.join(figure_dir, "quality_training_loss.png")
-    figure.savefig(loss_path, dpi=120)
-    plt.close(figure)
+        label_axis(axis, "training step", "training loss (one line per run)", corpus)
+    loss_path = save(figure, "quality_training_loss.png")
 
     # Where in the block the loss is: the test loss by slot (mean over seeds), as the difference from Slide's, so
     # that the SSM's gain at the first slots and any cost at the late ones read off one axis.
@@ -830,16 +836,13 @@ def plot_results(results, figure_dir):
             values = curve - reference if reference is not None else curve
             axis.plot(range(len(curve)), values, style, color=colors[name], linewidth=1.0, label=name)
         axis.set_xscale("symlog", linthresh=4)
-        axis.set_xlabel("slot inside a block (first blocks of windows left out)")
-        axis.set_ylabel("test loss minus Slide's (nats)" if reference is not None else "test loss (nats)")
-        axis.set_title(f"{corpus}: loss by slot, mean over seeds")
-        axis.grid(True, which="both", alpha=0.3)
-        axis.legend(fontsize=8)
-    figure.tight_layout()
-    slot_path = os.path.join(figure_dir, "quality_loss_by_slot.png")
-    figure.savefig(slot_path, dpi=120)
-    plt.close(figure)
-    return [path, loss_path, slot_path]
+        label_axis(
+            axis,
+            "slot inside a block (first blocks of windows left out)",
+            "test loss minus Slide's (nats)" if reference is not None else "test loss (nats)",
+            f"{corpus}: loss by slot, mean over seeds",
+        )
+    return [path, loss_path, save(figure, "quality_loss_by_slot.png")]
 
 
 def format_table(results, corpus):
