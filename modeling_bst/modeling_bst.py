@@ -326,18 +326,23 @@ class BSTStateSpace(nn.Module):
         """inputs (B, T, D), real tokens first in each row -> context states (B, T, D, C) in fp32 (fp64 in a float64
         model). `layer_cache` holds this layer's per-row state and `kernel_cache` its per-cache kernel values. With
         `block_ends` ("mf"), only the states at the block ends, (B, N, D, C) (`_block_end_outputs`): through here,
-        so that forward hooks on the module (the SSM ablation of scripts/evaluate.py) see them."""
-        if block_ends:
-            return self._block_end_outputs(inputs, layout, layer_cache, kernel_cache)
-        inputs = inputs.to(ssm_compute_dtype(self.skip.dtype))
-        if layout.has_padding:
-            # Padding must not enter the state (left-padded generation would otherwise leak it into later tokens).
-            inputs = inputs * layout.token_mask.unsqueeze(-1)
-        if self.config.ssm_kernel == "unstructured":
-            convolved = self._forward_with_history(inputs, layout, layer_cache, kernel_cache)
-        else:
-            convolved = self._forward_with_state(inputs, layout, layer_cache, kernel_cache)
-        return torch.addcmul(convolved, inputs.unsqueeze(-1), self.skip.to(inputs.dtype))  # + skip * u, (B, T, D, C)
+        so that forward hooks on the module (the SSM ablation of scripts/evaluate.py) see them.
+
+        Autocast is off in here: under bf16 autocast the kernel's power tables and block sums would go through bf16
+        matmuls (kernel taps off by ~3e-3 of the largest tap, the long-range ones lost; "mf" failed outright on CUDA).
+        """
+        with torch.autocast(device_type=inputs.device.type, enabled=False):
+            if block_ends:
+                return self._block_end_outputs(inputs, layout, layer_cache, kernel_cache)
+            inputs = inputs.to(ssm_compute_dtype(self.skip.dtype))
+            if layout.has_padding:
+                # Padding must not enter the state (left-padded generation would otherwise leak it into later tokens).
+                inputs = inputs * layout.token_mask.unsqueeze(-1)
+            if self.config.ssm_kernel == "unstructured":
+                convolved = self._forward_with_history(inputs, layout, layer_cache, kernel_cache)
+            else:
+                convolved = self._forward_with_state(inputs, layout, layer_cache, kernel_cache)
+            return torch.addcmul(convolved, inputs.unsqueeze(-1), self.skip.to(inputs.dtype))  # + skip u, (B,T,D,C)
 
     def _discretized(self, kernel_cache: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The "s4" (log dA, C dB, dA) of this cache: computed on its first use, then reused by every decoding step."""

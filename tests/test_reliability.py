@@ -274,6 +274,28 @@ def test_from_pretrained_in_bf16_keeps_the_ssm_parameters_in_fp32(kernel, tmp_pa
     assert (continued - kept[:, 150:]).abs().max() < 0.02
 
 
+@pytest.mark.parametrize("variant", ["sh", "mh", "mf"])
+@pytest.mark.parametrize("kernel", ["s4", "unstructured"])
+def test_the_ssm_computes_in_fp32_under_bf16_autocast(variant, kernel):
+    """Under autocast the SSM's own matmuls (kernel power tables, "mf" block sums) must not drop to bf16: its outputs
+    equal the fp32 ones, in training (no cache) and with a cache. Before the fix the "s4" kernel was off by ~3e-3 of its
+    largest tap, and "mf" crashed on CUDA."""
+    model = tiny_model(bst_variant=variant, ssm_kernel=kernel, bst_layers=[0]).train()
+    ssm = model.model.layers[0].ssm
+    outputs = []
+    ssm.register_forward_hook(lambda module, args, output: outputs.append(output))
+    input_ids = torch.randint(2, 97, (2, 300))
+    for autocast in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            model(input_ids, use_cache=False)
+            with torch.no_grad():
+                model(input_ids, use_cache=True)
+    plain, plain_cached, autocast, autocast_cached = outputs
+    assert autocast.dtype == autocast_cached.dtype == torch.float32
+    torch.testing.assert_close(autocast, plain, rtol=0, atol=1e-6)
+    torch.testing.assert_close(autocast_cached, plain_cached, rtol=0, atol=1e-6)
+
+
 # --- 8: clear errors for what does not fit ----------------------------------------------------------------------
 
 
