@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # The GPU figures of issues 11 (quality) and 13 (speed), on one H100:
 #
-#   bash scripts/gpu_checks.sh OUTPUT_DIR [STAGE ...]     (stages: smoke benchmark quality quality-more; default all)
+#   bash scripts/gpu_checks.sh OUTPUT_DIR [STAGE ...]
+#   (stages: smoke benchmark compiled quality quality-more; default all)
 #
 # smoke:        the quality experiment and the benchmark at toy sizes on the GPU; stops here if either fails (1 min).
 # benchmark:    scripts/benchmark.py --device cuda, float32 then bfloat16 (one JSON each), alone on the GPU (1 min).
+# compiled:     its `generate` section with --compile (static caches, compiled decode steps), float32 then bfloat16
+#               (one JSON each; compilation takes most of the 2-4 min).
 # quality:      scripts/quality_experiment.py --device cuda at 3x the CPU budget (batch 16 x 600 steps of 512
 #               tokens, 4.9M tokens per run), books and code, seeds 0-2 of the BST variants, Slide, Mistral and
 #               Llama, one process per (corpus, seed), and three ablations on books, one process per seed: 15
@@ -21,13 +24,16 @@ cd "$(dirname "$0")/.."
 OUTPUT_DIR=${1:?usage: bash scripts/gpu_checks.sh OUTPUT_DIR}
 DEVICE=${DEVICE:-cuda}
 BENCHMARK_SECONDS=${BENCHMARK_SECONDS:-150}
+COMPILED_SECONDS=${COMPILED_SECONDS:-150}
+# GPU calls take milliseconds: more repeats than the CPU default, and two warm-up calls (cuFFT plans, allocator).
+BENCHMARK_TIMING=(--repeats 9 --warmup 2 --max-call-seconds 20 --seconds-per-point 3 --max-memory-gb 70)
 QUALITY_SECONDS=${QUALITY_SECONDS:-300}
 mkdir -p "$OUTPUT_DIR"/{logs,runs,figures}
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 started=$(date +%s)
 elapsed() { echo "[$(( $(date +%s) - started ))s] $*"; }
 shift
-STAGES=${*:-smoke benchmark quality quality-more}
+STAGES=${*:-smoke benchmark compiled quality quality-more}
 wanted() { [[ " $STAGES " == *" $1 "* ]]; }
 
 python - <<'EOF' 2>&1 | tee "$OUTPUT_DIR/logs/versions.log"
@@ -61,11 +67,19 @@ fi
 wanted benchmark && for dtype in float32 bfloat16; do
     elapsed "benchmark $dtype"
     timeout "$BENCHMARK_SECONDS" python scripts/benchmark.py --device "$DEVICE" --dtypes "$dtype" \
-        --max-call-seconds 20 --seconds-per-point 3 --max-memory-gb 70 \
-        --note "one GPU, alone; figures of scripts/gpu_checks.sh" \
+        "${BENCHMARK_TIMING[@]}" --note "one GPU, alone; figures of scripts/gpu_checks.sh" \
         --output "$OUTPUT_DIR/benchmark_gpu_$dtype.json" --figures-dir "$OUTPUT_DIR/figures" \
         > "$OUTPUT_DIR/logs/benchmark_$dtype.log" 2>&1 || echo "benchmark $dtype: exit $?"
     grep -A40 "^Layer forward" "$OUTPUT_DIR/logs/benchmark_$dtype.log" | head -60
+done
+
+wanted compiled && for dtype in float32 bfloat16; do
+    elapsed "compiled decoding $dtype"
+    timeout "$COMPILED_SECONDS" python scripts/benchmark.py --device "$DEVICE" --dtypes "$dtype" --sections generate \
+        --compile "${BENCHMARK_TIMING[@]}" --note "one GPU, alone; compiled decoding, scripts/gpu_checks.sh" \
+        --output "$OUTPUT_DIR/benchmark_gpu_compiled_$dtype.json" --figures-dir "$OUTPUT_DIR/figures/compiled" \
+        > "$OUTPUT_DIR/logs/compiled_$dtype.log" 2>&1 || echo "compiled $dtype: exit $?"
+    grep -A30 "^Generation" "$OUTPUT_DIR/logs/compiled_$dtype.log" | head -40
 done
 
 # 2. Quality. MPS lets the small processes' kernels share the GPU instead of time-slicing it; without it the
