@@ -103,8 +103,8 @@ def run_generate_section(runner, dtype):
     """Prefill of a long prompt; per-token decode latency and cache bytes at several contexts, BST vs Llama.
 
     Decoding is interleaved too: one step of each model in turn. The first two steps at each context are warm-up.
-    Then decoding through eager generate() at each context (`measure_generate_decode`), and with `--compile` through
-    compiled generate() on a static cache (`measure_compiled_decode`).
+    Then decoding through generate() at each context, eager and with `--compile` compiled too
+    (`measure_generate_decode`).
     """
     args, device = runner.args, runner.device
     torch.manual_seed(args.seed)
@@ -166,9 +166,6 @@ def run_generate_section(runner, dtype):
     caches.clear()
     for context in args.decode_contexts:
         measure_generate_decode(runner, models, extras, prompt, context, dtype)
-    if args.compile:
-        for context in args.decode_contexts:
-            measure_compiled_decode(runner, models, extras, prompt, context, dtype)
     del models
 
 
@@ -215,46 +212,130 @@ def error_text(error):
 
 
 def measure_generate_decode(runner, models, extras, prompt, context, dtype):
-    """Eager per-token decode time through `model.generate()`, greedy, exactly `--decode-tokens` new tokens.
+    """Per-token decode time through `model.generate()`, greedy, exactly `--decode-tokens` new tokens, at `context`:
+    eager ("decode_generate") and, with `--compile`, compiled ("decode_compiled"), all in the same rounds.
 
-    Each model prefills `context - 1` tokens once; every timed call continues a fresh copy of that cache with the
-    whole context as input, so generate() runs `--decode-tokens` one-token forward calls (the first one feeds the
-    context's last token) plus its own per-step work (logits processing, stopping checks): what a user waits for.
-    The models take turns, one call each, as in `Runner.measure_group`; the first call of each is warm-up. A model
-    that fails (a cache it cannot take) is recorded as skipped with the error.
+    Eager: each model prefills `context - 1` tokens once into its default cache; every timed call continues a fresh
+    copy of it with the whole context as input, so generate() runs `--decode-tokens` one-token forward calls (the
+    first one feeds the context's last token) plus its own per-step work (logits processing, stopping checks): what a
+    user waits for. Time per token = call time / new tokens.
+
+    Compiled, BST and Llama alike, the recipe of Transformers' compiled generation: a static cache of `context +
+    --decode-tokens` positions (what `cache_implementation="static"` allocates) and the `CompileConfig` of
+    `generate_compile_config`. The prefill goes into that cache once; every call first copies that state back into
+    the same cache tensors (see `restore_cache`). generate() feeds the context's last token through the eager forward
+    (its prefill step) and the other new tokens through the compiled one, so the time per token is
+    (t(n new tokens) - t(1 new token)) / (n - 1), n = --decode-tokens, from two calls back to back: the compiled
+    steps alone, with generate()'s own per-step work. The first warm-up round compiles (Llama's cache shape changes
+    with the context, so it compiles again at each context); the second absorbs any recompilation the first call's
+    state could cause. The warm-up wall time less two timed calls is recorded as `compile_seconds` (inductor's
+    on-disk cache makes it shorter on a machine that compiled the same graphs before), and
+    `graphs_compiled_while_timed` counts compilations during the timed rounds (should be 0).
+
+    Every member (model x mode) takes one call per round, so that eager and compiled, BST and Llama are timed under
+    the same machine load; one warm-up round (two with `--compile`). A member that fails (compilation, a cache it
+    cannot take) is recorded as skipped with the error.
     """
+    from torch._dynamo.utils import counters
+
     args, device = runner.args, runner.device
     new_tokens = args.decode_tokens
-    active = {}
-    for name, model in models.items():
-        record = {"section": "decode_generate", "name": name, "length": context, "dtype": dtype,
-                  "decode_tokens": new_tokens, **extras[name]}
-        reason = runner.skip_reason("prefill", name, context, dtype, skip_slow=False)
-        if reason:
-            runner.finish({**record, "skipped": f"the prefill of the context would be skipped: {reason}"})
-            continue
-        runner.progress.set_description(f"decode_generate {name} {format_length(context)} prefill")
-        active[name] = (record, prefill_prefix(model, prompt, context, device, dtype), [])
+    modes = ["generate"] + (["compiled"] if args.compile else [])
+    warmup = 2 if args.compile else 1
+    compile_config = generate_compile_config(device) if args.compile else None
     inputs = prompt[:, :context]
-    for call in range(1 + args.repeats):
-        for name in list(active):
-            record, prefix, times = active[name]
-            runner.progress.set_description(f"decode_generate {name} {format_length(context)} run {call}")
-            cache = copy.deepcopy(prefix)
-            try:
-                output, seconds = timed_generate(models[name], inputs, cache, new_tokens, device, dtype)
-            except Exception as error:  # a cache failure is a result to record, not a crash
-                runner.finish({**record, "skipped": error_text(error)})
-                del active[name]
+    members = {}  # (mode, name) -> the record, the call and its times
+    for mode in modes:
+        for name, model in models.items():
+            section = "decode_" + mode
+            record = {"section": section, "name": name, "length": context, "dtype": dtype,
+                      "decode_tokens": new_tokens, **extras[name]}
+            if mode == "compiled":
+                record.update(cache="static", max_cache_len=context + new_tokens,
+                              compile_config=compile_config.to_dict())
+            reason = runner.skip_reason("prefill", name, context, dtype, skip_slow=False)
+            if reason:
+                runner.finish({**record, "skipped": f"the prefill of the context would be skipped: {reason}"})
                 continue
-            check_generated(name, output, cache, context, new_tokens)
-            if call >= 1:
-                times.append(seconds / new_tokens)
-            record["cache_bytes"] = cache_nbytes(cache)
-    for name, (record, _, times) in active.items():
+            runner.progress.set_description(f"{section} {name} {format_length(context)} prefill")
+            try:
+                if mode == "generate":
+                    prefix = prefill_prefix(model, prompt, context, device, dtype)
+                    call = eager_generate_call(model, name, prefix, inputs, new_tokens, device, dtype)
+                else:
+                    cache = static_cache(model, context + new_tokens)
+                    prefill_prefix(model, prompt, context, device, dtype, cache)
+                    call = compiled_generate_call(model, name, cache, inputs, new_tokens, device, dtype,
+                                                  compile_config)
+            except Exception as error:  # a model without a static cache is a result to record, not a crash
+                runner.finish({**record, "skipped": error_text(error)})
+                continue
+            members[mode, name] = {"record": record, "call": call, "times": [], "warmup": [], "calls": []}
+    graphs_before = counters["stats"]["unique_graphs"]
+    for round_index in range(warmup + args.repeats):
+        if round_index == warmup:
+            graphs_before = counters["stats"]["unique_graphs"]
+        for key in list(members):
+            member = members[key]
+            runner.progress.set_description(f"decode_{key[0]} {key[1]} {format_length(context)} run {round_index}")
+            try:
+                per_token, seconds, cache = member["call"]()
+            except Exception as error:  # a compile or cache failure is a result to record, not a crash
+                runner.finish({**member["record"], "skipped": error_text(error)})
+                del members[key]
+                continue
+            member["record"]["cache_bytes"] = cache_nbytes(cache)
+            if round_index < warmup:
+                member["warmup"].append(seconds)
+            else:
+                member["times"].append(per_token)
+                member["calls"].append(seconds)
+    # Counted over all members of the timed rounds: a recompilation would show that they were not steady.
+    recompiled = counters["stats"]["unique_graphs"] - graphs_before
+    for (mode, _), member in members.items():
+        record, times = member["record"], member["times"]
         median = statistics.median(times)
-        record.update(seconds=median, times=times, warmup=1, repeats=len(times), tokens_per_second=1.0 / median)
+        record.update(seconds=median, times=times, warmup=warmup, repeats=len(times), tokens_per_second=1.0 / median)
+        if mode == "compiled":
+            record.update(
+                warmup_seconds=member["warmup"],
+                # Noise can make it slightly negative when nothing compiled (a graph compiled at an earlier context).
+                compile_seconds=max(0.0, sum(member["warmup"]) - warmup * statistics.median(member["calls"])),
+                graphs_compiled_while_timed=recompiled,
+            )
         runner.finish(record)
+
+
+def eager_generate_call(model, name, prefix, inputs, new_tokens, device, dtype):
+    """A call of eager generate() on a fresh copy of `prefix`: returns (seconds per token, call seconds, cache)."""
+
+    def call():
+        cache = copy.deepcopy(prefix)
+        output, seconds = timed_generate(model, inputs, cache, new_tokens, device, dtype)
+        check_generated(name, output, cache, inputs.shape[1], new_tokens)
+        return seconds / new_tokens, seconds, cache
+
+    return call
+
+
+def compiled_generate_call(model, name, cache, inputs, new_tokens, device, dtype, compile_config):
+    """Two calls of compiled generate() (n and 1 new tokens), each on the static `cache` restored to its state now:
+    returns (seconds per compiled decoding step, seconds of both calls, cache)."""
+    prefix = copy.deepcopy(cache)
+
+    def call():
+        seconds = {}
+        for tokens in (new_tokens, 1):
+            restore_cache(cache, prefix)
+            output, seconds[tokens] = timed_generate(
+                model, inputs, cache, tokens, device, dtype, compile_config=compile_config
+            )
+            check_generated(name, output, cache, inputs.shape[1], tokens)
+        if not hasattr(model, "_compiled_call"):  # generate() falls back to eager with a warning
+            raise RuntimeError("generate() did not compile the decoding step (its auto-compile criteria)")
+        return (seconds[new_tokens] - seconds[1]) / (new_tokens - 1), seconds[new_tokens] + seconds[1], cache
+
+    return call
 
 
 def generate_compile_config(device):
@@ -312,88 +393,6 @@ def restore_cache(cache, prefix):
     with torch.no_grad():
         for target, source in zip(targets, sources):
             target.copy_(source)
-
-
-def measure_compiled_decode(runner, models, extras, prompt, context, dtype):
-    """Per-token decode time of compiled `model.generate()`: a static cache and a `CompileConfig`, the recipe of
-    Transformers' compiled generation (see `generate_compile_config`), BST and Llama alike.
-
-    Each model prefills `context - 1` tokens eagerly into a static cache of `context + --decode-tokens` positions
-    (what `cache_implementation="static"` allocates); every call first copies that state back into the same cache
-    tensors, then runs generate() with the whole context as input. generate() feeds the context's last token through
-    the eager forward (its prefill step) and the other new tokens through the compiled one, so the decode time per
-    token is (t(n new tokens) - t(1 new token)) / (n - 1) with n = --decode-tokens, from two calls made back to back:
-    the compiled steps alone, with generate()'s own per-step work. The models take turns; the first two rounds are
-    warm-up: the first compiles (Llama's cache shape changes with the context, so it compiles again at each context),
-    the second absorbs any recompilation the first call's state could cause. Their wall time, less two timed calls, is recorded as
-    `compile_seconds`; `graphs_compiled_while_timed` counts compilations during the timed rounds (should be 0). A
-    model that fails to compile is recorded as skipped with the error.
-    """
-    from torch._dynamo.utils import counters
-
-    args, device = runner.args, runner.device
-    new_tokens, warmup = args.decode_tokens, 2
-    compile_config = generate_compile_config(device)
-    settings = {"compile_config": compile_config}
-    active = {}
-    for name, model in models.items():
-        record = {"section": "decode_compiled", "name": name, "length": context, "dtype": dtype,
-                  "decode_tokens": new_tokens, "cache": "static", "max_cache_len": context + new_tokens,
-                  "compile_config": compile_config.to_dict(), **extras[name]}
-        reason = runner.skip_reason("prefill", name, context, dtype, skip_slow=False)
-        if reason:
-            runner.finish({**record, "skipped": f"the prefill of the context would be skipped: {reason}"})
-            continue
-        runner.progress.set_description(f"decode_compiled {name} {format_length(context)} prefill")
-        try:
-            cache = static_cache(model, context + new_tokens)
-            prefill_prefix(model, prompt, context, device, dtype, cache)
-        except Exception as error:  # a model without a static cache is a result to record, not a crash
-            runner.finish({**record, "skipped": error_text(error)})
-            continue
-        active[name] = (record, cache, copy.deepcopy(cache), {"decode": [], "warmup": [], "calls": []})
-    inputs = prompt[:, :context]
-    for call in range(warmup + args.repeats):
-        if call == warmup:
-            graphs_before = counters["stats"]["unique_graphs"]
-        for name in list(active):
-            record, cache, prefix, times = active[name]
-            runner.progress.set_description(f"decode_compiled {name} {format_length(context)} run {call}")
-            seconds = {}
-            try:
-                for tokens in (new_tokens, 1):
-                    restore_cache(cache, prefix)
-                    output, seconds[tokens] = timed_generate(
-                        models[name], inputs, cache, tokens, device, dtype, **settings
-                    )
-                    check_generated(name, output, cache, context, tokens)
-                if not hasattr(models[name], "_compiled_call"):  # generate() falls back to eager with a warning
-                    raise RuntimeError("generate() did not compile the decoding step (its auto-compile criteria)")
-            except Exception as error:  # a compile failure is a result to record, not a crash
-                runner.finish({**record, "skipped": error_text(error)})
-                del active[name]
-                continue
-            if call < warmup:
-                times["warmup"].append(seconds[new_tokens] + seconds[1])
-            else:
-                times["decode"].append((seconds[new_tokens] - seconds[1]) / (new_tokens - 1))
-                times["calls"].append(seconds[new_tokens] + seconds[1])
-            record["cache_bytes"] = cache_nbytes(cache)
-    # Counted over all models of the rounds: a recompilation would show that the timed calls were not steady.
-    recompiled = counters["stats"]["unique_graphs"] - graphs_before if active else 0
-    for name, (record, _, _, times) in active.items():
-        median = statistics.median(times["decode"])
-        record.update(
-            seconds=median,
-            times=times["decode"],
-            warmup=warmup,
-            repeats=len(times["decode"]),
-            tokens_per_second=1.0 / median,
-            warmup_seconds=times["warmup"],
-            compile_seconds=sum(times["warmup"]) - warmup * statistics.median(times["calls"]),
-            graphs_compiled_while_timed=recompiled,
-        )
-        runner.finish(record)
 
 
 def find_kernel_generators(model):
