@@ -208,3 +208,36 @@ def test_quick_run_writes_plots(quick_report):
     ]
     for name in names:
         assert (out / "figures" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_quick_compiled_decode(bench_script, tmp_path):
+    """`--compile`: BST and Llama decode through compiled generate() on a static cache (one context, so that each
+    model compiles once: ~30 s on 2 cores), or record why not; the report holds issue 13's compiled target."""
+    argv = [
+        "--quick", "--sections", "generate", "--compile",
+        "--decode-contexts", "32", "--prefill-length", "32",
+        "--threads", "1", "--default-malloc", "--no-plots",
+        "--output", str(tmp_path / "bench.json"),
+    ]  # fmt: skip
+    torch._dynamo.reset()
+    try:
+        report = bench_script.main(argv)
+    finally:
+        torch._dynamo.reset()
+    compiled = {r["name"]: r for r in report["results"] if r["section"] == "decode_compiled"}
+    assert set(compiled) == {"bst", "llama"}
+    for record in compiled.values():
+        if "skipped" in record:  # e.g. no C++ compiler for inductor: recorded, not a crash
+            assert record["skipped"]
+            continue
+        assert record["cache"] == "static" and record["compile_config"]["fullgraph"] is True
+        assert record["graphs_compiled_while_timed"] == 0
+        assert record["repeats"] == len(record["times"]) == 2 and record["warmup"] == 2
+        assert record["seconds"] > 0 and record["compile_seconds"] > 0 and record["cache_bytes"] > 0
+    (target,) = [t for t in report["targets"]["float32"] if t["target"].startswith("Compiled generate() decode at 32")]
+    assert target["threshold"] == 1.5
+    if "skipped" not in compiled["bst"]:
+        (ratios,) = report["ratios"]["float32"]["decode_compiled"]
+        assert math.isclose(target["measured"], ratios["speedup_vs_llama_eager"])
+        if "skipped" not in compiled["llama"]:
+            assert ratios["speedup_vs_llama_compiled"] > 0

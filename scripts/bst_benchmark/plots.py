@@ -56,13 +56,15 @@ def make_plots(args, results, figures_dir, dtype):
         fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
         for index, name in enumerate(("bst", "llama")):
             for section, style, label in (("decode", "-o", name), ("decode_generate", "--s", f"{name}, generate()"),
-                                          ("decode_compiled", ":^", f"{name}, compiled generate()")):
+                                          ("decode_compiled", ":^", f"{name}, compiled generate(), static cache")):
                 points = series(section, name)
                 if points:
                     left.plot(*zip(*points), style, color=f"C{index}", label=label)
-            points = series("decode", name, "cache_bytes")
-            if points:
-                right.plot([n for n, _ in points], [b / 2**20 for _, b in points], "-o", label=name)
+            for section, style, label in (("decode", "-o", name), ("decode_compiled", ":^", f"{name}, static")):
+                points = series(section, name, "cache_bytes")
+                if points:
+                    right.plot([n for n, _ in points], [b / 2**20 for _, b in points], style, color=f"C{index}",
+                               label=label)
         for ax, ylabel in ((left, "seconds per decoded token"), (right, "cache MiB")):
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")

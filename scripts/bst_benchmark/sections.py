@@ -7,7 +7,7 @@ import time
 
 import torch
 
-from .baselines import build_causal_lms, build_layer, count_parameters
+from .baselines import build_causal_lms, build_layer, count_parameters, import_bst
 from .measurement import autocast_context, synchronize
 from .report import lookup
 from .settings import LAYER_SPECS, format_length
@@ -103,6 +103,8 @@ def run_generate_section(runner, dtype):
     """Prefill of a long prompt; per-token decode latency and cache bytes at several contexts, BST vs Llama.
 
     Decoding is interleaved too: one step of each model in turn. The first two steps at each context are warm-up.
+    Then decoding through generate() at each context, eager and with `--compile` compiled too
+    (`measure_generate_decode`).
     """
     args, device = runner.args, runner.device
     torch.manual_seed(args.seed)
@@ -162,94 +164,235 @@ def run_generate_section(runner, dtype):
             runner.finish(record)
         del active
     caches.clear()
-    modes = ["generate"] + (["compiled"] if args.compile else [])
-    for mode in modes:
-        for context in args.decode_contexts:
-            measure_generate_decode(runner, models, extras, prompt, context, dtype, mode)
+    for context in args.decode_contexts:
+        measure_generate_decode(runner, models, extras, prompt, context, dtype)
     del models
 
 
-def compiled_forward(model):
-    """Replaces `model.forward` by its torch.compile'd self (dynamic shapes: the cache grows); `del model.forward`
-    restores the class's method."""
-    model.forward = torch.compile(model.forward, dynamic=True)
-    return model
+def prefill_prefix(model, prompt, context, device, dtype, cache=None):
+    """The cache after an eager forward of the context's first `context - 1` tokens (into `cache` when given)."""
+    with torch.no_grad(), autocast_context(device, dtype):
+        output = model(input_ids=prompt[:, : context - 1], past_key_values=cache, use_cache=True, logits_to_keep=1)
+    return output.past_key_values
 
 
-def measure_generate_decode(runner, models, extras, prompt, context, dtype, mode):
-    """Per-token decode time through `model.generate()`, greedy, exactly `--decode-tokens` new tokens, at `context`.
+def timed_generate(model, inputs, cache, new_tokens, device, dtype, **settings):
+    """Greedy `model.generate()` of exactly `new_tokens` tokens continuing `cache`; returns (output, seconds)."""
+    with torch.no_grad(), autocast_context(device, dtype):
+        synchronize(device)
+        start = time.perf_counter()
+        output = model.generate(
+            input_ids=inputs,
+            attention_mask=torch.ones_like(inputs),
+            past_key_values=cache,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=0,
+            use_cache=True,  # the benchmark's configs say False (training); generate() would re-feed
+            **settings,
+        )
+        synchronize(device)
+    return output, time.perf_counter() - start
 
-    Each model prefills `context - 1` tokens once; every timed call continues a fresh copy of that cache with the
-    whole context as input, so generate() runs `--decode-tokens` one-token forward calls (the first one feeds the
-    context's last token) plus its own per-step work (logits processing, stopping checks): what a user waits for.
-    The models take turns, one call each, as in `Runner.measure_group`; the first call of each is warm-up, the first
-    two when compiled (the first compiles, the second recompiles for the cache's second shape). A model that fails
-    (compilation, a cache it cannot take) is recorded as skipped with the error.
+
+def check_generated(name, output, cache, context, new_tokens):
+    """Exactly the new tokens, each fed once on the cache (a model that re-feeds the sequence would not advance the
+    cache this way)."""
+    cached = int(cache.get_seq_length())
+    if output.shape[1] != context + new_tokens or cached != context + new_tokens - 1:
+        raise RuntimeError(
+            f"{name}: generate() wrote {output.shape[1] - context} tokens (asked {new_tokens}) and left {cached} "
+            f"positions in the cache (expected {context + new_tokens - 1})"
+        )
+
+
+def error_text(error):
+    return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+
+
+def measure_generate_decode(runner, models, extras, prompt, context, dtype):
+    """Per-token decode time through `model.generate()`, greedy, exactly `--decode-tokens` new tokens, at `context`:
+    eager ("decode_generate") and, with `--compile`, compiled ("decode_compiled"), all in the same rounds.
+
+    Eager: each model prefills `context - 1` tokens once into its default cache; every timed call continues a fresh
+    copy of it with the whole context as input, so generate() runs `--decode-tokens` one-token forward calls (the
+    first one feeds the context's last token) plus its own per-step work (logits processing, stopping checks): what a
+    user waits for. Time per token = call time / new tokens.
+
+    Compiled, BST and Llama alike, the recipe of Transformers' compiled generation: a static cache of `context +
+    --decode-tokens` positions (what `cache_implementation="static"` allocates) and the `CompileConfig` of
+    `generate_compile_config`. The prefill goes into that cache once; every call first copies that state back into
+    the same cache tensors (see `restore_cache`). generate() feeds the context's last token through the eager forward
+    (its prefill step) and the other new tokens through the compiled one, so the time per token is
+    (t(n new tokens) - t(1 new token)) / (n - 1), n = --decode-tokens, from two calls back to back: the compiled
+    steps alone, with generate()'s own per-step work. The first warm-up round compiles (Llama's cache shape changes
+    with the context, so it compiles again at each context); the second absorbs any recompilation the first call's
+    state could cause. The warm-up wall time less two timed calls is recorded as `compile_seconds` (inductor's
+    on-disk cache makes it shorter on a machine that compiled the same graphs before), and
+    `graphs_compiled_while_timed` counts compilations during the timed rounds (should be 0).
+
+    Every member (model x mode) takes one call per round, so that eager and compiled, BST and Llama are timed under
+    the same machine load; one warm-up round (two with `--compile`). A member that fails (compilation, a cache it
+    cannot take) is recorded as skipped with the error.
     """
+    from torch._dynamo.utils import counters
+
     args, device = runner.args, runner.device
-    section = "decode_" + mode
     new_tokens = args.decode_tokens
-    active = {}
-    for name, model in models.items():
-        record = {"section": section, "name": name, "length": context, "dtype": dtype, "decode_tokens": new_tokens,
-                  **extras[name]}
-        reason = runner.skip_reason("prefill", name, context, dtype, skip_slow=False)
-        if reason:
-            runner.finish({**record, "skipped": f"the prefill of the context would be skipped: {reason}"})
-            continue
-        runner.progress.set_description(f"{section} {name} {format_length(context)} prefill")
-        with torch.no_grad(), autocast_context(device, dtype):
-            prefix = model(input_ids=prompt[:, : context - 1], use_cache=True, logits_to_keep=1).past_key_values
-        active[name] = (record, prefix, [])
-    if mode == "compiled":
-        for model in models.values():
-            compiled_forward(model)
+    modes = ["generate"] + (["compiled"] if args.compile else [])
+    warmup = 2 if args.compile else 1
+    compile_config = generate_compile_config(device) if args.compile else None
     inputs = prompt[:, :context]
-    warmup = 2 if mode == "compiled" else 1
-    try:
-        for call in range(warmup + args.repeats):
-            for name in list(active):
-                record, prefix, times = active[name]
-                runner.progress.set_description(f"{section} {name} {format_length(context)} run {call}")
-                cache = copy.deepcopy(prefix)
-                try:
-                    with torch.no_grad(), autocast_context(device, dtype):
-                        synchronize(device)
-                        start = time.perf_counter()
-                        output = models[name].generate(
-                            input_ids=inputs,
-                            attention_mask=torch.ones_like(inputs),
-                            past_key_values=cache,
-                            max_new_tokens=new_tokens,
-                            min_new_tokens=new_tokens,
-                            do_sample=False,
-                            pad_token_id=0,
-                            use_cache=True,  # the benchmark's configs say False (training); generate() would re-feed
-                        )
-                        synchronize(device)
-                        seconds = time.perf_counter() - start
-                except Exception as error:  # a compile or cache failure is a result to record, not a crash
-                    runner.finish({**record, "skipped": f"{type(error).__name__}: {str(error).splitlines()[0]}"})
-                    del active[name]
-                    continue
-                # Exactly the new tokens, each fed once on the cache (a model that re-feeds the sequence would not
-                # advance the cache this way).
-                if output.shape[1] != context + new_tokens or cache.get_seq_length() != context + new_tokens - 1:
-                    raise RuntimeError(
-                        f"{name}: generate() wrote {output.shape[1] - context} tokens (asked {new_tokens}) and left "
-                        f"{cache.get_seq_length()} positions in the cache (expected {context + new_tokens - 1})"
-                    )
-                if call >= warmup:
-                    times.append(seconds / new_tokens)
-                record["cache_bytes"] = cache_nbytes(cache)
-    finally:
-        if mode == "compiled":
-            for model in models.values():
-                del model.forward
-    for name, (record, _, times) in active.items():
+    members = {}  # (mode, name) -> the record, the call and its times
+    for mode in modes:
+        for name, model in models.items():
+            section = "decode_" + mode
+            record = {"section": section, "name": name, "length": context, "dtype": dtype,
+                      "decode_tokens": new_tokens, **extras[name]}
+            if mode == "compiled":
+                record.update(cache="static", max_cache_len=context + new_tokens,
+                              compile_config=compile_config.to_dict())
+            reason = runner.skip_reason("prefill", name, context, dtype, skip_slow=False)
+            if reason:
+                runner.finish({**record, "skipped": f"the prefill of the context would be skipped: {reason}"})
+                continue
+            runner.progress.set_description(f"{section} {name} {format_length(context)} prefill")
+            try:
+                if mode == "generate":
+                    prefix = prefill_prefix(model, prompt, context, device, dtype)
+                    call = eager_generate_call(model, name, prefix, inputs, new_tokens, device, dtype)
+                else:
+                    cache = static_cache(model, context + new_tokens)
+                    prefill_prefix(model, prompt, context, device, dtype, cache)
+                    call = compiled_generate_call(model, name, cache, inputs, new_tokens, device, dtype,
+                                                  compile_config)
+            except Exception as error:  # a model without a static cache is a result to record, not a crash
+                runner.finish({**record, "skipped": error_text(error)})
+                continue
+            members[mode, name] = {"record": record, "call": call, "times": [], "warmup": [], "calls": []}
+    graphs_before = counters["stats"]["unique_graphs"]
+    for round_index in range(warmup + args.repeats):
+        if round_index == warmup:
+            graphs_before = counters["stats"]["unique_graphs"]
+        for key in list(members):
+            member = members[key]
+            runner.progress.set_description(f"decode_{key[0]} {key[1]} {format_length(context)} run {round_index}")
+            try:
+                per_token, seconds, cache = member["call"]()
+            except Exception as error:  # a compile or cache failure is a result to record, not a crash
+                runner.finish({**member["record"], "skipped": error_text(error)})
+                del members[key]
+                continue
+            member["record"]["cache_bytes"] = cache_nbytes(cache)
+            if round_index < warmup:
+                member["warmup"].append(seconds)
+            else:
+                member["times"].append(per_token)
+                member["calls"].append(seconds)
+    # Counted over all members of the timed rounds: a recompilation would show that they were not steady.
+    recompiled = counters["stats"]["unique_graphs"] - graphs_before
+    for (mode, _), member in members.items():
+        record, times = member["record"], member["times"]
         median = statistics.median(times)
         record.update(seconds=median, times=times, warmup=warmup, repeats=len(times), tokens_per_second=1.0 / median)
+        if mode == "compiled":
+            record.update(
+                warmup_seconds=member["warmup"],
+                # Noise can make it slightly negative when nothing compiled (a graph compiled at an earlier context).
+                compile_seconds=max(0.0, sum(member["warmup"]) - warmup * statistics.median(member["calls"])),
+                graphs_compiled_while_timed=recompiled,
+            )
         runner.finish(record)
+
+
+def eager_generate_call(model, name, prefix, inputs, new_tokens, device, dtype):
+    """A call of eager generate() on a fresh copy of `prefix`: returns (seconds per token, call seconds, cache)."""
+
+    def call():
+        cache = copy.deepcopy(prefix)
+        output, seconds = timed_generate(model, inputs, cache, new_tokens, device, dtype)
+        check_generated(name, output, cache, inputs.shape[1], new_tokens)
+        return seconds / new_tokens, seconds, cache
+
+    return call
+
+
+def compiled_generate_call(model, name, cache, inputs, new_tokens, device, dtype, compile_config):
+    """Two calls of compiled generate() (n and 1 new tokens), each on the static `cache` restored to its state now:
+    returns (seconds per compiled decoding step, seconds of both calls, cache)."""
+    prefix = copy.deepcopy(cache)
+
+    def call():
+        seconds = {}
+        for tokens in (new_tokens, 1):
+            restore_cache(cache, prefix)
+            output, seconds[tokens] = timed_generate(
+                model, inputs, cache, tokens, device, dtype, compile_config=compile_config
+            )
+            check_generated(name, output, cache, inputs.shape[1], tokens)
+        if not hasattr(model, "_compiled_call"):  # generate() falls back to eager with a warning
+            raise RuntimeError("generate() did not compile the decoding step (its auto-compile criteria)")
+        return (seconds[new_tokens] - seconds[1]) / (new_tokens - 1), seconds[new_tokens] + seconds[1], cache
+
+    return call
+
+
+def generate_compile_config(device):
+    """What a Transformers user passes for compiled decoding: one graph (`fullgraph`), static shapes. On CUDA the
+    default mode, "reduce-overhead" (CUDA graphs); on CPU, where generate() compiles only when told to
+    (`_compile_all_devices`), inductor's C++ wrapper, which removes most of the Python overhead of a small step
+    (torch.compile takes a mode or options, not both)."""
+    from transformers import CompileConfig
+
+    if device.type == "cpu":
+        config = CompileConfig(fullgraph=True, dynamic=False, mode=None, options={"cpp_wrapper": True})
+        config._compile_all_devices = True
+    else:
+        config = CompileConfig(fullgraph=True, dynamic=False)
+    return config
+
+
+def static_cache(model, max_cache_len):
+    """The static cache generate(cache_implementation="static") would make for this model and length."""
+    from transformers import StaticCache
+
+    modeling_bst = import_bst()
+    if isinstance(model, modeling_bst.BSTForCausalLM):
+        return modeling_bst.BSTCache(model.config, static=True, max_cache_len=max_cache_len)
+    return StaticCache(config=model.config, max_cache_len=max_cache_len)
+
+
+def cache_tensors(cache):
+    """Every tensor a cache holds (its own and its layers'), in a fixed order."""
+    found = []
+
+    def walk(value):
+        if isinstance(value, torch.Tensor):
+            found.append(value)
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                walk(item)
+        elif isinstance(value, dict):
+            for key in sorted(value):
+                walk(value[key])
+
+    for holder in [cache, *cache.layers]:
+        for name, value in sorted(vars(holder).items()):
+            if name != "layers":
+                walk(value)
+    return found
+
+
+def restore_cache(cache, prefix):
+    """Copies `prefix` (a deep copy of `cache` taken after the prefill) back into `cache` in place: the tensors keep
+    their addresses, as a compiled step on a static cache (and CUDA graphs) expects, and no call recompiles."""
+    targets, sources = cache_tensors(cache), cache_tensors(prefix)
+    if [t.shape for t in targets] != [s.shape for s in sources]:
+        raise RuntimeError("the static cache changed its tensors during generate(); cannot restore it in place")
+    with torch.no_grad():
+        for target, source in zip(targets, sources):
+            target.copy_(source)
 
 
 def find_kernel_generators(model):
