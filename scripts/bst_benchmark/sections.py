@@ -230,7 +230,9 @@ def measure_generate_decode(runner, models, extras, prompt, context, dtype):
     with the context, so it compiles again at each context); the second absorbs any recompilation the first call's
     state could cause. The warm-up wall time less two timed calls is recorded as `compile_seconds` (inductor's
     on-disk cache makes it shorter on a machine that compiled the same graphs before), and
-    `graphs_compiled_while_timed` counts compilations during the timed rounds (should be 0).
+    `graphs_compiled_while_timed` counts compilations during the timed rounds (should be 0). In bfloat16 the compiled
+    mode runs bf16 copies of the models (`bfloat16_copy`, autocast off), as compiled decoding is deployed; the eager
+    modes run under autocast.
 
     Every member (model x mode) takes one call per round, so that eager and compiled, BST and Llama are timed under
     the same machine load; one warm-up round (two with `--compile`). A member that fails (compilation, a cache it
@@ -263,9 +265,15 @@ def measure_generate_decode(runner, models, extras, prompt, context, dtype):
                     prefix = prefill_prefix(model, prompt, context, device, dtype)
                     call = eager_generate_call(model, name, prefix, inputs, new_tokens, device, dtype)
                 else:
+                    # Compiled decoding runs as it is deployed: bf16 weights, not autocast (Transformers'
+                    # StaticCache allocates the model's dtype and refuses autocast's bf16 keys).
+                    weights_dtype = "float32" if dtype == "float32" else "bfloat16 weights, autocast off"
+                    record["weights"] = weights_dtype
+                    model = model if dtype == "float32" else bfloat16_copy(model)
+                    step_dtype = "float32"  # no autocast
                     cache = static_cache(model, context + new_tokens)
-                    prefill_prefix(model, prompt, context, device, dtype, cache)
-                    call = compiled_generate_call(model, name, cache, inputs, new_tokens, device, dtype,
+                    prefill_prefix(model, prompt, context, device, step_dtype, cache)
+                    call = compiled_generate_call(model, name, cache, inputs, new_tokens, device, step_dtype,
                                                   compile_config)
             except Exception as error:  # a model without a static cache is a result to record, not a crash
                 runner.finish({**record, "skipped": error_text(error)})
@@ -336,6 +344,19 @@ def compiled_generate_call(model, name, cache, inputs, new_tokens, device, dtype
         return (seconds[new_tokens] - seconds[1]) / (new_tokens - 1), seconds[new_tokens] + seconds[1], cache
 
     return call
+
+
+def bfloat16_copy(model):
+    """A bf16 copy of `model` as `from_pretrained(..., dtype=torch.bfloat16)` loads it: the modules the model keeps
+    in fp32 (BST's SSM, `_keep_in_fp32_modules_strict`) stay fp32."""
+    copied = copy.deepcopy(model).to(torch.bfloat16)
+    kept = set(getattr(copied, "_keep_in_fp32_modules_strict", None) or []) | set(
+        getattr(copied, "_keep_in_fp32_modules", None) or []
+    )
+    for module_name, module in copied.named_modules():
+        if kept & set(module_name.split(".")):
+            module.float()
+    return copied
 
 
 def generate_compile_config(device):
