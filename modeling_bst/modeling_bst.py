@@ -209,7 +209,8 @@ class WeightedSum(torch.autograd.Function):
 
     x is the "mf" block scan's matmul output and J small: the plain product-then-sum writes, reads and, in its
     backward, conjugates an x-size temporary more than once. Backward: grad x = grad conj(w) (the matmul's gradient,
-    written once); grad w = sum_r conj(x_r) grad_r, R multiply-adds into a w-size sum.
+    written once); grad w = sum_r conj(x_r) grad_r, R multiply-adds into a w-size sum, or J products and sums when
+    J < R (many rows: a long batch).
     """
 
     @staticmethod
@@ -226,9 +227,13 @@ class WeightedSum(torch.autograd.Function):
         x, w = ctx.saved_tensors
         grad_x = grad.unsqueeze(2) * w.conj().resolve_conj().unsqueeze(1)
         grad_conj = grad.conj().resolve_conj()
-        conj_grad_w = torch.zeros_like(w)
-        for r in range(x.shape[1]):  # sum_r x_r conj(grad_r), conjugated once at the end
-            conj_grad_w.addcmul_(x[:, r], grad_conj[:, r, None])
+        rows, terms = x.shape[1:3]
+        if rows <= terms:  # sum_r x_r conj(grad_r), conjugated once at the end; the shorter loop of the two
+            conj_grad_w = torch.zeros_like(w)
+            for r in range(rows):
+                conj_grad_w.addcmul_(x[:, r], grad_conj[:, r, None])
+        else:
+            conj_grad_w = torch.stack([(x[:, :, j] * grad_conj).sum(1) for j in range(terms)], dim=1)
         return grad_x, conj_grad_w.conj()
 
 

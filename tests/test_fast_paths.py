@@ -144,10 +144,12 @@ def test_power_table_in_float32_is_as_accurate_as_the_reduced_phase_exponential(
     assert table_error <= exponential_error.abs().max()
 
 
-def test_weighted_sum_equals_product_then_sum_with_its_gradients():
-    x = torch.randn(3, 5, 4, 6, dtype=torch.complex128, requires_grad=True)
-    w = torch.randn(3, 4, 6, dtype=torch.complex128, requires_grad=True)
-    weights = torch.randn(3, 5, 6, dtype=torch.complex128)
+@pytest.mark.parametrize("rows, terms", [(5, 4), (2, 4)])
+def test_weighted_sum_equals_product_then_sum_with_its_gradients(rows, terms):
+    """Both backward loops: over the terms (fewer than the rows) and over the rows."""
+    x = torch.randn(3, rows, terms, 6, dtype=torch.complex128, requires_grad=True)
+    w = torch.randn(3, terms, 6, dtype=torch.complex128, requires_grad=True)
+    weights = torch.randn(3, rows, 6, dtype=torch.complex128)
     total = WeightedSum.apply(x, w)
     expected = (x * w.unsqueeze(1)).sum(2)
     gradients = torch.autograd.grad((total * weights).real.sum(), [x, w])
