@@ -149,6 +149,125 @@ class ComplexPowers(torch.autograd.Function):
         return grad_log_z.sum_to_size(ctx.log_z_shape).to(ctx.log_z_dtype), None, None
 
 
+def _power_ladder(log_z: torch.Tensor, step: int, count: int) -> torch.Tensor:
+    """z^(step*k) for k in [0, count) on a new dim 1, complex128, for a small `count`: exp(step log z) once, then a
+    cumulative product, whose float64 roundings (~count * 1e-16) stay far below float32's."""
+    base = complex_exp(step * log_z.to(torch.complex128)).unsqueeze(1)
+    ladder = torch.cumprod(base.expand(-1, count - 1, *base.shape[2:]), dim=1)
+    return torch.cat([torch.ones_like(base), ladder], dim=1)
+
+
+class PowerTable(torch.autograd.Function):
+    """z^i for i in [0, count) on a new dim 1: log_z (H, *rest) -> (H, count, *rest), complex with `real_dtype` parts.
+
+    The "mf" block scan's matmul operand, as large as the matmul's output: `ComplexPowers` on it is several passes
+    (float64 phase, reduction mod 2 pi, cast, exp, polar), and those passes were most of the scan's time. With
+    i = q*i1 + i2 (q ~ sqrt(count)) the table is one product z^(q*i1) * z^i2 of two small float64 tables
+    (`_power_ladder`); after their cast it adds one rounding of `real_dtype` (~1e-7 relative in float32, as the cast
+    of `scaled_complex_exp`'s reduced phase).
+
+    Backward: grad log z = sum_i i conj(z^i) grad_i (as `ComplexPowers`), regrouped by the split so that no table-size
+    conjugate is formed: with Y_e(i1) = sum_i2 e(i2) conj(z^i2) grad_(i1, i2) for e = 1 and e = i2 (one elementwise
+    product, then one matmul with the two weight rows), grad log z = sum_i1 conj(z^(q*i1)) (q*i1 Y_1 + Y_i2).
+    """
+
+    @staticmethod
+    def forward(ctx, log_z: torch.Tensor, count: int, real_dtype: torch.dtype) -> torch.Tensor:
+        inner_count = max(1, math.isqrt(count - 1) + 1)
+        # An exact factorisation when one is near sqrt(count) (128 = 8 * 16): no unused tail to pad in backward.
+        inner_count = next((q for q in range(inner_count, inner_count // 2, -1) if count % q == 0), inner_count)
+        outer_count = -(-count // inner_count)
+        complex_dtype = COMPLEX_DTYPES[real_dtype]
+        inner = _power_ladder(log_z, 1, inner_count).to(complex_dtype)  # z^i2, (H, q, *rest)
+        outer = _power_ladder(log_z, inner_count, outer_count).to(complex_dtype)  # z^(q*i1), (H, p, *rest)
+        ctx.save_for_backward(inner, outer)
+        ctx.count, ctx.log_z_dtype = count, log_z.dtype
+        return (outer.unsqueeze(2) * inner.unsqueeze(1)).flatten(1, 2)[:, :count]  # (H, count, *rest)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_powers: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        inner, outer = ctx.saved_tensors
+        heads, inner_count, *rest = inner.shape
+        outer_count = outer.shape[1]
+        if ctx.count < outer_count * inner_count:  # the table's unused tail, zero (F.pad would copy even for none)
+            grad_powers = F.pad(grad_powers, [0, 0] * len(rest) + [0, outer_count * inner_count - ctx.count])
+        grad_powers = grad_powers.reshape(heads, outer_count, inner_count, *rest)
+        products = grad_powers * inner.conj().resolve_conj().unsqueeze(1)  # (H, p, q, *rest)
+        exponents = torch.arange(inner_count, device=inner.device, dtype=inner.real.dtype)
+        sum_weights = torch.stack([torch.ones_like(exponents), exponents])  # (2, q)
+        sums = sum_weights @ torch.view_as_real(products).reshape(heads * outer_count, inner_count, -1)
+        sums = torch.view_as_complex(sums.view(heads, outer_count, 2, *rest, 2))  # Y_1, Y_i2: (H, p, 2, *rest)
+        outer_exponents = inner_count * torch.arange(outer_count, device=inner.device, dtype=inner.real.dtype)
+        combined = outer_exponents.view(-1, *[1] * len(rest)) * sums[:, :, 0] + sums[:, :, 1]
+        grad_log_z = (outer.conj() * combined).sum(1)
+        return grad_log_z.to(ctx.log_z_dtype), None, None
+
+
+class WeightedSum(torch.autograd.Function):
+    """sum_j x[:, :, j] w[:, j]: x (H, R, J, X), w (H, J, X) complex -> (H, R, X), with J in-place multiply-adds.
+
+    x is the "mf" block scan's matmul output and J small: the plain product-then-sum writes, reads and, in its
+    backward, conjugates an x-size temporary more than once. Backward: grad x = grad conj(w) (the matmul's gradient,
+    written once); grad w = sum_r conj(x_r) grad_r, R multiply-adds into a w-size sum, or J products and sums when
+    J < R (many rows: a long batch).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, w)
+        total = x[:, :, 0] * w[:, None, 0]
+        for j in range(1, x.shape[2]):
+            total.addcmul_(x[:, :, j], w[:, None, j])
+        return total
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x, w = ctx.saved_tensors
+        grad_x = grad.unsqueeze(2) * w.conj().resolve_conj().unsqueeze(1)
+        grad_conj = grad.conj().resolve_conj()
+        rows, terms = x.shape[1:3]
+        if rows <= terms:  # sum_r x_r conj(grad_r), conjugated once at the end; the shorter loop of the two
+            conj_grad_w = torch.zeros_like(w)
+            for r in range(rows):
+                conj_grad_w.addcmul_(x[:, r], grad_conj[:, r, None])
+        else:
+            conj_grad_w = torch.stack([(x[:, :, j] * grad_conj).sum(1) for j in range(terms)], dim=1)
+        return grad_x, conj_grad_w.conj()
+
+
+class BlockStateScan(torch.autograd.Function):
+    """The block-end states s_k = a_k s_(k-1) + x_k, s_(-1) = 0: x (H, B, N, X), a (H, N, X) complex -> s like x.
+
+    N steps that write into one output (no per-step tensors, stack or conjugate copies as autograd through the loop
+    makes). Backward, the reverse scan: grad x_k = grad s_k + conj(a_(k+1)) grad x_(k+1), and
+    grad a_k = sum_b grad x_k conj(s_(k-1)).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        states = torch.empty_like(x)
+        states[:, :, 0] = x[:, :, 0]
+        for k in range(1, x.shape[2]):
+            torch.addcmul(x[:, :, k], a[:, None, k], states[:, :, k - 1], out=states[:, :, k])
+        ctx.save_for_backward(a, states)
+        return states
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        a, states = ctx.saved_tensors
+        conj_a = a.conj().resolve_conj()
+        grad_x = torch.empty_like(states)
+        grad_x[:, :, -1] = grad_states[:, :, -1]
+        for k in range(states.shape[2] - 2, -1, -1):
+            torch.addcmul(grad_states[:, :, k], conj_a[:, None, k + 1], grad_x[:, :, k + 1], out=grad_x[:, :, k])
+        grad_a = torch.zeros_like(a)
+        grad_a[:, 1:] = (grad_x[:, :, 1:] * states[:, :, :-1].conj().resolve_conj()).sum(1)
+        return grad_x, grad_a
+
+
 def _split_powers(
     log_z: torch.Tensor, length: int, real_dtype: torch.dtype, low_count: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -464,9 +583,16 @@ class BSTStateSpace(nn.Module):
 
             s_k = dA^W_k s_(k-1) + C dB sum_i dA^(W_k-1-i) u_(k,i),   y_k = 2 Re(sum_n s_k)
 
-        W_k = W, except for a partial last block (its tokens are read up to the chunk's last one). The block sums are
-        one real matmul per channel over the block's tokens; the high/low power split of the exponent W-1-i keeps the
-        power tables and the matmul output at ~sqrt(T) x (S N) per channel instead of W x (S N).
+        W_k = W, except for a partial last block (its tokens are read up to the chunk's last one). With the exponent
+        W-1-i = b*j + i2 (b ~ sqrt(B T)), the block sums are
+
+            sum_i dA^(W-1-i) u_(k,i) = sum_j dA^(b*j) [sum_i2 dA^i2 u_(k,j,i2)]
+
+        the bracket one real matmul per channel, (B*N*J, b) by (b, S N) (`PowerTable`), then J multiply-adds with the
+        C dB-weighted high powers (`WeightedSum`) and the scan over blocks (`BlockStateScan`). The power table and the
+        matmul output stay at ~sqrt(B T) x (S N) per channel instead of W x (S N). On CPU the time is memory traffic
+        over those two tensors (D S N/2 sqrt(B T) complex, 33M at 4k), so each step writes each of them once and
+        reads it as few times as it can, in the forward and in the backward.
         """
         batch, length, channels = inputs.shape
         filters, dtype = self.num_filters, inputs.dtype
@@ -477,29 +603,27 @@ class BSTStateSpace(nn.Module):
         split = (num_blocks - 1) * block_size
         blocks = torch.cat([inputs[:, :split], gap, inputs[:, split:]], dim=1).view(batch, num_blocks, block_size, -1)
         log_da, c_db = self.kernel_generator.discretize()  # (D*C, N/2)
+        modes = log_da.shape[-1]
+        log_da, c_db = log_da.view(channels, filters, modes), c_db.view(channels, filters, modes)
         low_count = min(block_size, max(1, math.isqrt(batch * length)))
-        low_powers, high_powers = _split_powers(log_da, block_size, dtype, low_count)  # (H, N/2, b), (H, J, N/2)
-        high_count = high_powers.shape[-2]
+        high_count = -(-block_size // low_count)
         # Exponent e = W-1-i = b*j + i2: reverse the slots, pad to J*b, and put each channel's (B*N*J, b) rows first.
         exponent_major = F.pad(blocks.flip(2), (0, 0, 0, high_count * low_count - block_size))
         rows = exponent_major.view(-1, low_count, channels).permute(2, 0, 1).contiguous()  # (D, R = B*N*J, b)
-        modes = low_powers.shape[1]
-        # The real matmul operand: (Re, Im) of each filter's and mode's powers side by side, (D, b, C*N/2*2).
-        low_table = torch.view_as_real(low_powers).view(channels, filters, modes, low_count, 2)
-        low_table = low_table.permute(0, 3, 1, 2, 4).reshape(channels, low_count, -1)
-        inner = (rows @ low_table).view(channels, batch, num_blocks, high_count, filters, modes, 2)
-        inner = torch.view_as_complex(inner)  # (D, B, N, J, C, N/2)
-        weights = (c_db.unsqueeze(-2) * high_powers).view(channels, filters, high_count, modes).transpose(1, 2)
-        block_sums = (inner * weights[:, None, None]).sum(3)  # (D, B, N, C, N/2)
-        steps = torch.full((num_blocks,), block_size, dtype=torch.float64, device=inputs.device)
-        steps[-1] = last_size
-        decays = scaled_complex_exp(log_da.view(channels, 1, 1, filters, modes), steps.view(-1, 1, 1, 1), dtype)
-        state, ends = torch.zeros_like(block_sums[:, :, 0]), []
-        # unbind, not indexing: the backward of each index would zero-fill a full-size gradient (N^2 work in all).
-        for decay, block_sum in zip(decays.unbind(1), block_sums.unbind(2)):
-            state = decay * state + block_sum  # (D, 1, C, N/2) * (D, B, C, N/2) + (D, B, C, N/2)
-            ends.append(state)
-        return 2 * torch.stack(ends, dim=2).sum(-1).real.permute(1, 2, 0, 3)  # (B, N, D, C)
+        # The real matmul operand is the complex table's own memory, (Re, Im) of each filter's and mode's powers side
+        # by side, (D, b, C*N/2*2): no permute, and the output views as complex (D, B, N, J, C, N/2) directly.
+        low_powers = PowerTable.apply(log_da, low_count, dtype)  # z^i2, (D, b, C, N/2)
+        inner = rows @ torch.view_as_real(low_powers).flatten(2)
+        inner = torch.view_as_complex(inner.view(channels, batch * num_blocks, high_count, filters * modes, 2))
+        high_powers = PowerTable.apply(low_count * log_da.flatten(1), high_count, dtype)  # z^(b*j), (D, J, C*N/2)
+        weights = c_db.flatten(1).unsqueeze(1) * high_powers
+        block_sums = WeightedSum.apply(inner, weights).view(channels, batch, num_blocks, -1)  # (D, B, N, C*N/2)
+        # dA^W for whole blocks and dA^(W_last) for the last: two powers, not one table per block.
+        steps = torch.tensor([block_size, last_size], device=inputs.device, dtype=torch.float64)
+        decays = ComplexPowers.apply(log_da.flatten(1).unsqueeze(1), steps.view(-1, 1), dtype)  # (D, 2, C*N/2)
+        decays = decays[:, [0] * (num_blocks - 1) + [1]]  # (D, N, C*N/2)
+        states = BlockStateScan.apply(block_sums, decays)  # (D, B, N, C*N/2)
+        return 2 * states.view(channels, batch, num_blocks, filters, modes).sum(-1).real.permute(1, 2, 0, 3)
 
     def _block_end_convolution(self, inputs: torch.Tensor, block_size: int) -> torch.Tensor:
         r"""Outputs at the block ends for any kernel, (B, T, D) -> (B, N, D, C). For a whole block k,

@@ -11,7 +11,10 @@ from modeling_bst.modeling_bst import (
     BlockLayout,
     BSTS4DKernel,
     BSTStateSpace,
+    BlockStateScan,
     ComplexPowers,
+    PowerTable,
+    WeightedSum,
     block_end_index,
     real_vandermonde_sum,
     scaled_complex_exp,
@@ -111,3 +114,64 @@ def test_complex_powers_backward_equals_autograd_through_the_exponential():
     (expected_gradient,) = torch.autograd.grad((expected_powers * weights).real.sum(), log_z)
     torch.testing.assert_close(powers, expected_powers, atol=0, rtol=0)
     torch.testing.assert_close(gradient, expected_gradient, atol=1e-12, rtol=1e-12)
+
+
+def random_log_z(*shape):
+    return torch.complex(-torch.rand(*shape, dtype=torch.float64) * 0.1, torch.randn(*shape, dtype=torch.float64) * 3)
+
+
+@pytest.mark.parametrize("count", [1, 2, 7, 37, 64, 128])
+def test_power_table_equals_direct_powers_with_their_autograd_gradient(count):
+    """Exact and padded factorisations of the exponent range; the gradient against autograd through exp."""
+    log_z = random_log_z(5, 3, 2).requires_grad_()
+    exponents = torch.arange(count, dtype=torch.float64).view(-1, 1, 1)
+    weights = torch.randn(5, count, 3, 2, dtype=torch.complex128)
+    powers = PowerTable.apply(log_z, count, torch.float64)
+    expected_powers = torch.exp(log_z.unsqueeze(1) * exponents)
+    (gradient,) = torch.autograd.grad((powers * weights).real.sum(), log_z)
+    (expected_gradient,) = torch.autograd.grad((expected_powers * weights).real.sum(), log_z)
+    torch.testing.assert_close(powers, expected_powers, atol=1e-13, rtol=1e-13)
+    torch.testing.assert_close(gradient, expected_gradient, atol=1e-10, rtol=1e-12)
+
+
+def test_power_table_in_float32_is_as_accurate_as_the_reduced_phase_exponential():
+    """Up to the block size of the "mf" scan, with fast phases (|theta| up to ~10 rad per step)."""
+    log_z = random_log_z(64, 32)
+    exponents = torch.arange(512, dtype=torch.float64).view(-1, 1)
+    exact = torch.exp(log_z.unsqueeze(1) * exponents)
+    table_error = (PowerTable.apply(log_z, 512, torch.float32).to(exact.dtype) - exact).abs().max()
+    exponential_error = (scaled_complex_exp(log_z.unsqueeze(1), exponents, torch.float32).to(exact.dtype) - exact)
+    assert table_error <= exponential_error.abs().max()
+
+
+@pytest.mark.parametrize("rows, terms", [(5, 4), (2, 4)])
+def test_weighted_sum_equals_product_then_sum_with_its_gradients(rows, terms):
+    """Both backward loops: over the terms (fewer than the rows) and over the rows."""
+    x = torch.randn(3, rows, terms, 6, dtype=torch.complex128, requires_grad=True)
+    w = torch.randn(3, terms, 6, dtype=torch.complex128, requires_grad=True)
+    weights = torch.randn(3, rows, 6, dtype=torch.complex128)
+    total = WeightedSum.apply(x, w)
+    expected = (x * w.unsqueeze(1)).sum(2)
+    gradients = torch.autograd.grad((total * weights).real.sum(), [x, w])
+    expected_gradients = torch.autograd.grad((expected * weights).real.sum(), [x, w])
+    torch.testing.assert_close(total, expected, atol=1e-13, rtol=1e-13)
+    for gradient, expected_gradient in zip(gradients, expected_gradients):
+        torch.testing.assert_close(gradient, expected_gradient, atol=1e-13, rtol=1e-13)
+
+
+@pytest.mark.parametrize("steps", [1, 2, 6])
+def test_block_state_scan_equals_the_recurrence_with_its_gradients(steps):
+    x = torch.randn(3, 2, steps, 5, dtype=torch.complex128, requires_grad=True)
+    a = torch.randn(3, steps, 5, dtype=torch.complex128, requires_grad=True)
+    weights = torch.randn(3, 2, steps, 5, dtype=torch.complex128)
+    state, expected = torch.zeros_like(x[:, :, 0]), []
+    for k in range(steps):
+        state = a[:, None, k] * state + x[:, :, k]
+        expected.append(state)
+    expected = torch.stack(expected, dim=2)
+    states = BlockStateScan.apply(x, a)
+    gradients = torch.autograd.grad((states * weights).real.sum(), [x, a])
+    expected_gradients = torch.autograd.grad((expected * weights).real.sum(), [x, a])
+    torch.testing.assert_close(states, expected, atol=1e-13, rtol=1e-13)
+    for gradient, expected_gradient in zip(gradients, expected_gradients):
+        torch.testing.assert_close(gradient, expected_gradient, atol=1e-13, rtol=1e-13)
