@@ -6,8 +6,8 @@
 #
 # smoke:        the quality experiment and the benchmark at toy sizes on the GPU; stops here if either fails (1 min).
 # benchmark:    scripts/benchmark.py --device cuda, float32 then bfloat16 (one JSON each), alone on the GPU (1 min).
-# compiled:     its `generate` section with --compile (static caches, compiled decode steps), float32 then bfloat16
-#               (one JSON each; compilation takes most of the 2-4 min).
+# compiled:     its `generate` section with --compile (static caches, compiled decode steps) at 512 and 16k contexts,
+#               float32 then bfloat16 (one JSON each; compilation takes most of the 2-4 min).
 # quality:      scripts/quality_experiment.py --device cuda at 3x the CPU budget (batch 16 x 600 steps of 512
 #               tokens, 4.9M tokens per run), books and code, seeds 0-2 of the BST variants, Slide, Mistral and
 #               Llama, one process per (corpus, seed), and three ablations on books, one process per seed: 15
@@ -76,7 +76,7 @@ done
 wanted compiled && for dtype in float32 bfloat16; do
     elapsed "compiled decoding $dtype"
     timeout "$COMPILED_SECONDS" python scripts/benchmark.py --device "$DEVICE" --dtypes "$dtype" --sections generate \
-        --compile "${BENCHMARK_TIMING[@]}" --note "one GPU, alone; compiled decoding, scripts/gpu_checks.sh" \
+        --compile --decode-contexts 512 16k "${BENCHMARK_TIMING[@]}" --note "one GPU, alone; compiled decoding, scripts/gpu_checks.sh" \
         --output "$OUTPUT_DIR/benchmark_gpu_compiled_$dtype.json" --figures-dir "$OUTPUT_DIR/figures/compiled" \
         > "$OUTPUT_DIR/logs/compiled_$dtype.log" 2>&1 || echo "compiled $dtype: exit $?"
     grep -A30 "^Generation" "$OUTPUT_DIR/logs/compiled_$dtype.log" | head -40
