@@ -56,7 +56,7 @@ def _zero_padded(values: torch.Tensor, size: int) -> torch.Tensor:
     padding fills the whole buffer with zeros first, then copies the values over half of it)."""
     padded = values.new_empty(*values.shape[:-1], size)
     padded[..., : values.shape[-1]] = values
-    padded[..., values.shape[-1] :] = 0
+    padded[..., values.shape[-1] :].zero_()
     return padded
 
 
