@@ -51,40 +51,72 @@ logger = logging.get_logger(__name__)
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+def _zero_padded(values: torch.Tensor, size: int) -> torch.Tensor:
+    """values (..., L) -> (..., size), zeros after L, contiguous. Every element is written once (torch.fft's own `n=`
+    padding fills the whole buffer with zeros first, then copies the values over half of it)."""
+    padded = values.new_empty(*values.shape[:-1], size)
+    padded[..., : values.shape[-1]] = values
+    padded[..., values.shape[-1] :].zero_()
+    return padded
+
+
 class CausalFFTConvolution(torch.autograd.Function):
-    r"""y[b, d, c, t] = sum_{s <= t} k[d, c, t - s] u[b, d, s], with FFTs of size n >= 2L (zero padding makes the
-    circular convolution the linear one on t < L), and its adjoints, also through real FFTs:
+    r"""y[b, d, c, t] = sum_{s <= t} k[d, c, t - s] u[b, d, s] + skip[d, c] u[b, d, t], with FFTs of size n >= 2L
+    (zero padding makes the circular convolution the linear one on t < L), and its adjoints, also through real FFTs:
 
-        forward:   Y = U K                          y = irfft(Y)[:L]
-        backward:  grad_u = irfft(sum_c conj(K) G)[:L]        (correlation with the kernel)
+        forward:   Y = U K'                         y = irfft(Y)[:L]          K' = K with K'[0] = K[0] + skip
+        backward:  grad_u = irfft(sum_c conj(K') G)[:L]       (correlation with the kernel)
                    grad_k = irfft(sum_b conj(U) G)[:L]        (correlation with the input),   G = rfft(grad_y)
+                   grad_skip = grad_k[0]
 
-    Autograd through torch.fft would differentiate each rfft with a full complex FFT over zero-filled buffers; this
-    backward is one rfft and two irffts (forward + backward at L = 16k, D = 512 on 2 CPU cores: 0.63 s vs 0.81 s).
+    The skip term is tap 0 of the kernel, so it costs nothing here; as a separate `addcmul` it was one more pass over
+    the (B, L, D, C) outputs and two over their gradient. Autograd through torch.fft would differentiate each rfft with
+    a full complex FFT over zero-filled buffers; this backward is one rfft and two irffts (forward + backward at
+    L = 16k, D = 512 on 2 CPU cores: 0.63 s vs 0.81 s).
+
+    The output is a (B, D, C, L) view of a (B, C, D, n) buffer: each filter's (D, L) plane is one block of memory, the
+    layout in which "mh" attention reads filter h for head h (as (L, D) matrices, transposed in place). The products
+    write that layout directly, so no pass is spent on it.
     """
 
     @staticmethod
-    def forward(ctx, inputs: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
-        length = inputs.shape[-1]
+    def forward(ctx, inputs: torch.Tensor, kernel: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
+        length, kernel_length = inputs.shape[-1], kernel.shape[-1]
         fft_size = 1 << (2 * length - 1).bit_length()
-        inputs_f = torch.fft.rfft(inputs, n=fft_size)  # (B, D, F)
-        kernel_f = torch.fft.rfft(kernel, n=fft_size)  # (D, C, F)
+        inputs_f = torch.fft.rfft(_zero_padded(inputs, fft_size))  # (B, D, F)
+        padded_kernel = _zero_padded(kernel, fft_size)  # (D, C, n)
+        if skip is not None:
+            padded_kernel[..., 0] += skip
+        kernel_f = torch.fft.rfft(padded_kernel)  # (D, C, F)
         ctx.save_for_backward(inputs_f, kernel_f)
-        ctx.length, ctx.fft_size = length, fft_size
-        return torch.fft.irfft(inputs_f.unsqueeze(2) * kernel_f, n=fft_size)[..., :length]  # (B, D, C, L)
+        ctx.length, ctx.kernel_length, ctx.fft_size = length, kernel_length, fft_size
+        batch, channels, filters, frequencies = inputs.shape[0], *kernel_f.shape
+        outputs_f = inputs_f.new_empty(batch, filters, channels, frequencies)  # (B, C, D, F)
+        torch.mul(inputs_f.unsqueeze(2), kernel_f, out=outputs_f.transpose(1, 2))
+        return torch.fft.irfft(outputs_f, n=fft_size)[..., :length].transpose(1, 2)  # (B, D, C, L)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    def backward(ctx, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         inputs_f, kernel_f = ctx.saved_tensors
         length, fft_size = ctx.length, ctx.fft_size
-        grad_f = torch.fft.rfft(grad_output, n=fft_size)  # (B, D, C, F)
-        grad_inputs = grad_kernel = None
+        grad_f = torch.fft.rfft(_zero_padded(grad_output.transpose(1, 2), fft_size))  # (B, C, D, F)
+        grad_inputs = grad_kernel = grad_skip = None
+        needs_skip_grad = len(ctx.needs_input_grad) > 2 and ctx.needs_input_grad[2]  # `skip` may be left out
         if ctx.needs_input_grad[0]:
-            grad_inputs = torch.fft.irfft((grad_f * kernel_f.conj()).sum(2), n=fft_size)[..., :length]
-        if ctx.needs_input_grad[1]:
-            grad_kernel = torch.fft.irfft((grad_f * inputs_f.conj().unsqueeze(2)).sum(0), n=fft_size)[..., :length]
-        return grad_inputs, grad_kernel
+            grad_inputs_f = (grad_f * kernel_f.transpose(0, 1).conj()).sum(1)  # (B, D, F)
+            grad_inputs = torch.fft.irfft(grad_inputs_f, n=fft_size)[..., :length]
+        if ctx.needs_input_grad[1] or needs_skip_grad:
+            # Written as (D, C, F), the kernel's own layout: its gradient then reshapes to (D * C, L) without a copy.
+            grad_kernel_f = kernel_f.new_empty(kernel_f.shape)
+            if grad_f.shape[0] == 1:
+                torch.mul(grad_f[0], inputs_f[0].conj(), out=grad_kernel_f.transpose(0, 1))
+            else:
+                torch.sum(grad_f * inputs_f.conj().unsqueeze(1), dim=0, out=grad_kernel_f.transpose(0, 1))
+            grad_taps = torch.fft.irfft(grad_kernel_f, n=fft_size)  # (D, C, n)
+            grad_kernel = grad_taps[..., : ctx.kernel_length] if ctx.needs_input_grad[1] else None
+            grad_skip = grad_taps[..., 0] if needs_skip_grad else None
+        return grad_inputs, grad_kernel, grad_skip
 
 
 COMPLEX_DTYPES = {torch.float32: torch.complex64, torch.float64: torch.complex128}
@@ -96,16 +128,18 @@ def ssm_compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def causal_fft_conv(inputs: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
-    """Causal linear convolution y[..., c, t] = sum_{s <= t} kernel[d, c, t - s] * inputs[b, d, s].
+def causal_fft_conv(inputs: torch.Tensor, kernel: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
+    """Causal linear convolution y[b, d, c, t] = sum_{s <= t} kernel[d, c, t - s] * inputs[b, d, s], plus
+    skip[d, c] * inputs[b, d, t] when `skip` (D, C) is given.
 
     inputs (B, D, L), kernel (D, C, >= L) -> (B, D, C, L), in float32 (float64 when either operand is float64). FFTs
-    run in fp32 even under autocast.
+    run in fp32 even under autocast. The result is a view with filters outermost in memory (`CausalFFTConvolution`).
     """
     length = inputs.shape[-1]
     dtype = ssm_compute_dtype(torch.promote_types(inputs.dtype, kernel.dtype))
+    skip = None if skip is None else skip.to(dtype)
     with torch.autocast(device_type=inputs.device.type, enabled=False):
-        return CausalFFTConvolution.apply(inputs.to(dtype), kernel[..., :length].to(dtype))
+        return CausalFFTConvolution.apply(inputs.to(dtype), kernel[..., :length].to(dtype), skip)
 
 
 def complex_exp(exponent: torch.Tensor) -> torch.Tensor:
@@ -294,18 +328,49 @@ def vandermonde_sum(coefficients: torch.Tensor, log_z: torch.Tensor, length: int
     return (weighted @ low_powers).flatten(-2)[..., :length]  # (..., H, J*b) -> (..., H, length)
 
 
-def real_vandermonde_sum(coefficients: torch.Tensor, log_z: torch.Tensor, length: int) -> torch.Tensor:
-    """Re(vandermonde_sum(coefficients, log_z, length)), real of the coefficients' real dtype.
+def _power_factors(log_z: torch.Tensor, count: int, stride: int, real_dtype: torch.dtype):
+    """Powers z^(stride * k) for k in [0, count) as two factors whose product is the table, with f = ceil(sqrt(count)):
 
-    Only the real part is ever used (the kernel, the carried state), so the complex (J, N) by (N, b) matmul becomes one
-    real (J, 2N) by (2N, b) matmul: Re(w z) = Re(w) Re(z) - Im(w) Im(z). Half the FLOPs, and real batched matmuls run
-    much faster than complex ones on CPU (profiled: the "mh" kernel's matmuls and their copies at 4k, forward +
-    backward, about 2 s complex, 0.5 s real, on 2 busy cores).
+        z^(stride (f p + q)) = z^(stride f p) * z^(stride q)      coarse (..., P, 1, N), fine (..., 1, f, N)
+
+    log_z (..., N). Each factor is exponentiated through `ComplexPowers` (exponent in float64, angle reduced), about
+    2 sqrt(count) entries per mode instead of count; the product, which the caller forms (often with coefficients
+    folded into the small coarse factor first), adds one rounding of `real_dtype`.
     """
-    low_powers, high_powers = _split_powers(log_z, length, coefficients.real.dtype)
-    weighted = coefficients.unsqueeze(-2) * high_powers  # (..., H, J, N)
-    weighted = torch.cat([weighted.real, -weighted.imag], dim=-1)  # (..., H, J, 2N)
-    return (weighted @ torch.cat([low_powers.real, low_powers.imag], dim=-2)).flatten(-2)[..., :length]
+    fine_count = math.isqrt(max(count - 1, 0)) + 1
+    coarse_count = -(-count // fine_count)
+    steps = stride * torch.arange(max(fine_count, coarse_count), device=log_z.device, dtype=torch.float64)[:, None]
+    coarse = ComplexPowers.apply(log_z.unsqueeze(-2), fine_count * steps[:coarse_count], real_dtype)  # (..., P, N)
+    fine = ComplexPowers.apply(log_z.unsqueeze(-2), steps[:fine_count], real_dtype)  # (..., f, N)
+    return coarse.unsqueeze(-2), fine.unsqueeze(-3)
+
+
+def real_vandermonde_sum(coefficients: torch.Tensor, log_z: torch.Tensor, length: int) -> torch.Tensor:
+    """Re(vandermonde_sum(coefficients, log_z, length)), real of the coefficients' real dtype: (..., H, N) -> (..., H,
+    length).
+
+    The same split l = b*j + i, z^l = z^(b*j) z^i, but only the real part is ever used (the kernel, the carried state),
+    so the complex (J, N) by (N, b) matmul becomes one real (J, 2N) by (2N, b) matmul:
+
+        Re(w z) = Re(w) Re(z) + Im(w) Im(conj z)
+
+    The (J, N) complex table w z^(b*j) read as reals is the (J, 2N) left factor, and the powers of conj(z) read as reals
+    the (b, 2N) right one: both are views. Real batched matmuls run much faster than complex ones on CPU (profiled: the
+    "mh" kernel's matmuls and their copies at 4k, forward + backward, about 2 s complex, 0.5 s real, on 2 busy cores).
+    Both tables are products of two smaller ones (`_power_factors`): exponentials, with their float64 exponents and
+    angle reductions, were most of the kernel's time ("mh" at 4k: 128 per mode and channel, now 32).
+    """
+    low_count = math.isqrt(max(length - 1, 0)) + 1
+    high_count = -(-length // low_count)
+    real_dtype = coefficients.real.dtype
+    coarse, fine = _power_factors(log_z, high_count, low_count, real_dtype)  # (H, P, 1, N), (H, 1, f, N)
+    weighted = (coefficients.unsqueeze(-2).unsqueeze(-2) * coarse) * fine  # (..., H, P, f, N)
+    weighted = weighted.flatten(-3, -2)[..., :high_count, :]  # (..., H, J, N): w z^(b*j)
+    low_coarse, low_fine = _power_factors(log_z.conj(), low_count, 1, real_dtype)
+    conj_low = (low_coarse * low_fine).flatten(-3, -2)[..., :low_count, :]  # (H, b, N): conj(z)^i
+    real_weighted = torch.view_as_real(weighted).flatten(-2)  # (..., H, J, 2N)
+    real_low = torch.view_as_real(conj_low).flatten(-2)  # (H, b, 2N)
+    return (real_weighted @ real_low.transpose(-1, -2)).flatten(-2)[..., :length]
 
 
 def vandermonde_reduce(values: torch.Tensor, log_z: torch.Tensor) -> torch.Tensor:
@@ -457,6 +522,10 @@ class BSTStateSpace(nn.Module):
             if layout.has_padding:
                 # Padding must not enter the state (left-padded generation would otherwise leak it into later tokens).
                 inputs = inputs * layout.token_mask.unsqueeze(-1)
+            if layer_cache is None:
+                # No state to continue: one FFT convolution over the sequence, the skip term on the kernel's tap 0.
+                convolved = causal_fft_conv(inputs.transpose(1, 2), self.kernel(inputs.shape[1]), self.skip)
+                return convolved.permute(0, 3, 1, 2)  # (B, T, D, C), a view: filters outermost in memory
             if self.config.ssm_kernel == "unstructured":
                 convolved = self._forward_with_history(inputs, layout, layer_cache, kernel_cache)
             else:
@@ -472,11 +541,8 @@ class BSTStateSpace(nn.Module):
         return kernel_cache["log_da"], kernel_cache["c_db"], kernel_cache["da"]
 
     def _forward_with_state(self, inputs, layout, layer_cache, kernel_cache):
-        """With "s4" kernels: the convolution, continued from and into the cached SSM state when there is a cache."""
+        """With "s4" kernels: the convolution, continued from and into the cached SSM state."""
         batch, length, _ = inputs.shape
-        if layer_cache is None:
-            convolved = causal_fft_conv(inputs.transpose(1, 2), self.kernel(length))  # (B, D, C, T)
-            return convolved.permute(0, 3, 1, 2)  # (B, T, D, C)
 
         log_da, c_db, da = self._discretized(kernel_cache)
         state = layer_cache.get("ssm_state")
@@ -524,9 +590,6 @@ class BSTStateSpace(nn.Module):
         """With "unstructured" kernels: the convolution over the cached SSM inputs and this chunk's. The history holds
         each row's past real inputs right-aligned, (B, D, K) with the newest last, so a row's real tokens in this chunk
         (first in the row) follow its history directly."""
-        if layer_cache is None:
-            convolved = causal_fft_conv(inputs.transpose(1, 2), self.kernel(inputs.shape[1]))
-            return convolved.permute(0, 3, 1, 2)
         batch, length = inputs.shape[:2]
         history = layer_cache.get("ssm_history")
         if history is None:  # a static cache keeps the last `max_cache_len` inputs, a dynamic one all of them
@@ -886,6 +949,24 @@ def eager_attention_forward(
     return torch.matmul(probabilities, value).transpose(1, 2).contiguous(), probabilities
 
 
+def rms_normed_projection(
+    states: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor
+) -> torch.Tensor:
+    r"""RMSNorm over D, then a projection per filter: states (B, C, T, D), weight (C, E, D) -> (B, C, T, E),
+    W_c RMSNorm(y) with RMSNorm(y) = g * y * r and r = rsqrt(mean_D y^2 + eps), one number per (filter, position), so
+
+        W RMSNorm(y) = r * ((W diag g) y)
+
+    The norm weight g folds into the (small) projection weight, one batched matmul reads the states in place, any
+    strides (the SSM's (D, T) planes as transposed matrices), and r scales the E projected numbers of each row: no
+    normalised copy of the C * D numbers per position, and no passes over them in the backward beyond the matmul's and
+    the norm's own.
+    """
+    mean_square = torch.linalg.vector_norm(states, dim=-1, keepdim=True).square() / states.shape[-1]
+    projected = states @ (weight * norm_weight).transpose(1, 2)  # (B, C, T, E)
+    return (projected * torch.rsqrt(mean_square + eps)).to(projected.dtype)
+
+
 class BSTMLP(nn.Module):
     """down(act(up(x))), or with `config.gated_mlp` Llama's gated form down(act(gate(x)) * up(x))."""
 
@@ -1067,6 +1148,31 @@ class BSTAttention(nn.Module):
         projected = projection(context_states).unflatten(-1, (self.num_heads, self.head_dim))  # (B, C, T, H, d)
         return projected.diagonal(dim1=1, dim2=3).permute(0, 1, 3, 2)  # (B, T, d, C=H) -> (B, T, H, d)
 
+    def _context_keys_values(self, context_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Context states (B, T, D, C) -> keys and values (B, T, H, d) before RoPE, W_k RMSNorm(y) and W_v RMSNorm(y),
+        head h reading filter h ("mh", C = H) or the one filter ("sh").
+
+        Plain modules and float32 states take `rms_normed_projection`: keys and values in one matmul that reads the
+        SSM output in place, the norm folded into it ("mh" normalises H * D numbers per position; normalising them as
+        such, after a copy into the norm's layout, cost more than its SSM). Hooked or wrapped modules, and other
+        dtypes (whose rounding the norm's own order fixes), run the modules.
+        """
+        states = context_states.permute(0, 3, 1, 2)  # (B, C, T, D), a view
+        modules = (self.context_norm, self.context_k_proj, self.context_v_proj)
+        plain = type(self.context_norm) is BSTRMSNorm and all(type(module) is nn.Linear for module in modules[1:])
+        if not plain or states.dtype != torch.float32 or any(m._forward_hooks or m._forward_pre_hooks for m in modules):
+            # One copy to (B, C, T, D): the norm reduces over D and head h projects filter h, both on contiguous rows.
+            normed = self.context_norm(states.contiguous())
+            keys = self._project_context(self.context_k_proj, normed)
+            return keys, self._project_context(self.context_v_proj, normed)
+        batch, filters, length, width = states.shape
+        # Filter c's rows: [c, c + 1) * H / C * d of each projection, keys then values: (C, 2 H / C * d, D).
+        weight = torch.cat([module.weight.view(filters, -1, width) for module in modules[1:]], dim=1)
+        projected = rms_normed_projection(states, self.context_norm.weight, self.context_norm.variance_epsilon, weight)
+        keys, values = projected.transpose(1, 2).chunk(2, dim=-1)  # (B, T, C, H / C * d) each
+        shape = (batch, length, self.num_heads, self.head_dim)
+        return keys.reshape(shape), values.reshape(shape)  # views
+
     def _multi_filter_context(self, end_states, layout, layer_cache):
         """Context states of every block of the layout (B, N, S, D): the S filter outputs at the last position of the
         previous block (`end_states` (B, N, D, S), from `BSTStateSpace._block_end_outputs`); the first block reads the
@@ -1117,12 +1223,8 @@ class BSTAttention(nn.Module):
                 cross_output = layout.from_blocks(cross_output, hidden_states.shape[1])
         else:
             # Token i of a block reads the context states of positions j <= i of its block, like its own keys.
-            # One copy to (B, C, T, D): the norm reduces over D and head h projects filter h, both on contiguous rows
-            # (on the strided (B, T, D, C) view, the norm alone took longer than the "mh" SSM).
-            normed = self.context_norm(context_states.permute(0, 3, 1, 2).contiguous())
-            context_keys = self._project_context(self.context_k_proj, normed)
+            context_keys, context_values = self._context_keys_values(context_states)
             context_keys = apply_rotary(context_keys, rotations, self.rope_pairing)
-            context_values = self._project_context(self.context_v_proj, normed)
             cross_query = apply_rotary(cross_query, rotations, self.rope_pairing)
             cross_output = self._block_attention(
                 cross_query, context_keys, context_values, layout, layer_cache, "context_keys", "context_values"

@@ -1,5 +1,6 @@
 """The fast SSM paths against straightforward references, in float64, values and gradients: "mf" block ends without
-full-length outputs, the real-matmul "s4" kernel with its one-pass power backward, every variant and kernel end to
+full-length outputs, the real-matmul "s4" kernel with its factored powers and one-pass power backward, the skip term
+folded into the FFT convolution, the RMSNorm folded into the context projections, every variant and kernel end to
 end."""
 
 import pytest
@@ -9,14 +10,18 @@ from conftest import VARIANTS_AND_KERNELS, open_context_path, tiny_config
 from modeling_bst import BSTForCausalLM
 from modeling_bst.modeling_bst import (
     BlockLayout,
+    BSTRMSNorm,
     BSTS4DKernel,
     BSTStateSpace,
     BlockStateScan,
+    CausalFFTConvolution,
     ComplexPowers,
     PowerTable,
     WeightedSum,
     block_end_index,
+    causal_fft_conv,
     real_vandermonde_sum,
+    rms_normed_projection,
     scaled_complex_exp,
     vandermonde_sum,
 )
@@ -175,3 +180,121 @@ def test_block_state_scan_equals_the_recurrence_with_its_gradients(steps):
     torch.testing.assert_close(states, expected, atol=1e-13, rtol=1e-13)
     for gradient, expected_gradient in zip(gradients, expected_gradients):
         torch.testing.assert_close(gradient, expected_gradient, atol=1e-13, rtol=1e-13)
+@pytest.mark.parametrize("length", [1, 7, 64, 1000])
+def test_real_vandermonde_sum_gradients_equal_autograd_through_naive_powers(length):
+    """The factored power tables (outer products of two smaller ones, one per side of the matmul) and the real views:
+    gradients of coefficients with a batch dimension (the carried-state use) and of log z, against every power
+    exponentiated on its own."""
+    log_z = torch.complex(-torch.rand(5, 4, dtype=torch.float64) * 0.1, torch.randn(5, 4, dtype=torch.float64))
+    log_z.requires_grad_()
+    coefficients = torch.randn(3, 5, 4, dtype=torch.complex128, requires_grad=True)
+    weights = torch.randn(3, 5, length, dtype=torch.float64)
+    powers = torch.exp(log_z.unsqueeze(-1) * torch.arange(length, dtype=torch.float64))  # (H, N, L)
+    naive = torch.einsum("khn,hnl->khl", coefficients, powers).real
+    fast = real_vandermonde_sum(coefficients, log_z, length)
+    torch.testing.assert_close(fast, naive, atol=1e-12, rtol=1e-12)
+    gradients = torch.autograd.grad((fast * weights).sum(), (coefficients, log_z))
+    expected = torch.autograd.grad((naive * weights).sum(), (coefficients, log_z))
+    for gradient, reference in zip(gradients, expected):
+        torch.testing.assert_close(gradient, reference, atol=1e-10, rtol=1e-10)
+
+
+def direct_causal_convolution(inputs, kernel, skip):
+    """y[b, d, c, t] = sum_{s <= t} k[d, c, t - s] u[b, d, s] + skip[d, c] u[b, d, t], summed term by term."""
+    length = inputs.shape[-1]
+    terms = [torch.einsum("bds,dcs->bdc", inputs[..., : t + 1], kernel[..., : t + 1].flip(-1)) for t in range(length)]
+    return torch.stack(terms, -1) + skip[..., None] * inputs[:, :, None]
+
+
+@pytest.mark.parametrize("batch", [1, 2])  # the kernel gradient's sum over the batch has its own branch for 1
+def test_fft_convolution_with_skip_equals_the_direct_formula(batch):
+    """The skip term as the kernel's tap 0 inside the FFT convolution: values and the gradients of inputs, kernel and
+    skip, plus torch's numerical gradcheck."""
+    inputs = torch.randn(batch, 3, 21, dtype=torch.float64, requires_grad=True)
+    kernel = torch.randn(3, 4, 21, dtype=torch.float64, requires_grad=True)
+    skip = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    direct = direct_causal_convolution(inputs, kernel, skip)
+    grad_output = torch.randn(direct.shape, dtype=torch.float64)
+    expected = torch.autograd.grad(direct, (inputs, kernel, skip), grad_output)
+    fft = CausalFFTConvolution.apply(inputs, kernel, skip)
+    torch.testing.assert_close(fft, direct, atol=1e-12, rtol=1e-12)
+    for actual, reference in zip(torch.autograd.grad(fft, (inputs, kernel, skip), grad_output), expected):
+        torch.testing.assert_close(actual, reference, atol=1e-12, rtol=1e-12)
+    small = [tensor[..., :9].detach().requires_grad_() for tensor in (inputs, kernel)]
+    assert torch.autograd.gradcheck(CausalFFTConvolution.apply, (*small, skip.detach().requires_grad_()))
+
+
+@pytest.mark.parametrize("variant, kernel", [(v, k) for v, k in VARIANTS_AND_KERNELS if v != "mf"])
+def test_state_space_without_cache_equals_convolution_plus_skip(variant, kernel):
+    """The SSM sublayer without a cache (skip folded into the convolution, the output a view with filters outermost)
+    against the convolution and the skip product taken apart; the second row is padded at its end."""
+    config = tiny_config(bst_variant=variant, ssm_kernel=kernel)
+    ssm = BSTStateSpace(config)
+    ssm.kernel_generator.reset_parameters()
+    torch.nn.init.normal_(ssm.skip)
+    ssm.double()
+    inputs = torch.randn(2, 19, config.hidden_size, dtype=torch.float64, requires_grad=True)
+    token_mask = torch.ones(2, 19, dtype=torch.bool)
+    token_mask[1, 12:] = False
+    layout = BlockLayout.build(
+        token_mask, torch.zeros(2, dtype=torch.long), config.block_size, has_cache=False, has_padding=True
+    )
+
+    def reference():
+        masked = (inputs * token_mask[..., None]).transpose(1, 2)  # (B, D, T)
+        convolved = causal_fft_conv(masked, ssm.kernel(19)) + ssm.skip[..., None] * masked[:, :, None]
+        return convolved.permute(0, 3, 1, 2)  # (B, T, D, C)
+
+    fast, fast_gradients = values_and_gradients(lambda: ssm(inputs, layout, None), inputs, ssm)
+    expected, expected_gradients = values_and_gradients(reference, inputs, ssm)
+    torch.testing.assert_close(fast, expected, atol=1e-12, rtol=1e-12)
+    for fast_gradient, expected_gradient in zip(fast_gradients, expected_gradients):
+        torch.testing.assert_close(fast_gradient, expected_gradient, atol=1e-11, rtol=1e-11)
+
+
+@pytest.mark.parametrize("filters", [1, 4])
+def test_rms_normed_projection_equals_norm_then_projection(filters):
+    """r * ((W diag g) y) against the norm written out, then filter c through its own weight: values and the
+    gradients of the states (a strided view, as the SSM output is), the norm weight and the projection weight."""
+    states = torch.randn(2, filters, 6, 7, dtype=torch.float64).transpose(2, 3).requires_grad_()  # (B, C, T, D)
+    norm_weight = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(filters, 5, 6, dtype=torch.float64, requires_grad=True)
+    eps = 1e-3
+    normed = norm_weight * states * torch.rsqrt(states.pow(2).mean(-1, keepdim=True) + eps)
+    direct = torch.einsum("bctd,ced->bcte", normed, weight)
+    fast = rms_normed_projection(states, norm_weight, eps, weight)
+    torch.testing.assert_close(fast, direct, atol=1e-12, rtol=1e-12)
+    grad_output = torch.randn(direct.shape, dtype=torch.float64)
+    expected = torch.autograd.grad(direct, (states, norm_weight, weight), grad_output)
+    for actual, reference in zip(torch.autograd.grad(fast, (states, norm_weight, weight), grad_output), expected):
+        torch.testing.assert_close(actual, reference, atol=1e-12, rtol=1e-12)
+    zero_rows = torch.zeros(1, filters, 3, 6, dtype=torch.float64, requires_grad=True)  # padding: y = 0, r = eps^-1/2
+    (gradient,) = torch.autograd.grad(rms_normed_projection(zero_rows, norm_weight, eps, weight).sum(), zero_rows)
+    assert torch.isfinite(gradient).all()
+
+
+@pytest.mark.parametrize("variant", ["sh", "mh"])
+def test_context_keys_values_fold_equals_the_norm_and_projection_modules(variant):
+    """The attention's folded path (float32, plain modules) against the same modules run one after the other, which a
+    hook on the norm forces: context keys and values, and the gradients of the states and of the three modules."""
+    model = open_context_path(BSTForCausalLM(tiny_config(bst_variant=variant))).train()
+    attention = model.model.layers[0].attention
+    filters = model.config.num_context_states
+    states = torch.randn(2, 11, filters, model.config.hidden_size).permute(0, 1, 3, 2).requires_grad_()  # (B,T,D,C)
+    parameters = [p for name, p in attention.named_parameters() if name.startswith(("context_norm", "context_k"))]
+    parameters += [attention.context_v_proj.weight]
+
+    def keys_values_and_gradients():
+        keys, values = attention._context_keys_values(states)
+        loss = (keys * torch.linspace(-1, 1, keys.shape[-1])).sum() + (values**2).sum()
+        return keys.detach(), values.detach(), torch.autograd.grad(loss, [states, *parameters])
+
+    folded = keys_values_and_gradients()
+    handle = attention.context_norm.register_forward_hook(lambda module, args, output: None)
+    modules = keys_values_and_gradients()
+    handle.remove()
+    assert type(attention.context_norm) is BSTRMSNorm
+    torch.testing.assert_close(folded[0], modules[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(folded[1], modules[1], atol=1e-5, rtol=1e-5)
+    for folded_gradient, module_gradient in zip(folded[2], modules[2]):
+        torch.testing.assert_close(folded_gradient, module_gradient, atol=1e-5, rtol=1e-4)
