@@ -719,6 +719,15 @@ class BSTStateSpace(nn.Module):
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+def step_reads_all_slots(device: torch.device) -> bool:
+    """Whether a decoding step attends to all W slots of its block (with a mask) instead of stopping at the furthest
+    row's slot: when compiling (shapes must not change) and on accelerators. There a key length that changes every
+    step costs a new attention plan per length (measured on an H100 in bf16: cuDNN's SDPA backend took 42-62 ms a
+    step, 3.5-6 ms with it off, until every length had been seen) and reading the furthest slot syncs with the host;
+    the W - span extra keys cost nothing next to that."""
+    return torch.compiler.is_compiling() or device.type != "cpu"
+
+
 @dataclass
 class BlockLayout:
     """Places a chunk of T tokens (real tokens first in each row) into blocks of `block_size` tokens.
@@ -741,9 +750,9 @@ class BlockLayout:
     # RoPE rotation by -W (1, 1, head_dim/2): a previous-block key at slot j sits W - j + i before a query at slot i.
     previous_block_rotation: torch.Tensor | None = None
     # A decoding step attends to the first `step_span` slots of its block, with `step_mask` (B, 1, 1, step_span), or
-    # with no mask when every row sees all of them (rows at the same slot). Eager steps stop at the furthest row's
-    # slot, so the early slots of a block cost less and a mask-free attention call takes the fast kernel; a compiled
-    # step always reads all W slots, so that its shapes never change.
+    # with no mask when every row sees all of them (rows at the same slot). Eager steps on CPU stop at the furthest
+    # row's slot, so the early slots of a block cost less and a mask-free attention call takes the fast kernel; other
+    # steps read all W slots (`step_reads_all_slots`).
     step_span: int = 0
     step_mask: torch.Tensor | None = None
 
@@ -759,7 +768,7 @@ class BlockLayout:
             # One token per row, at its own slot of one block: no data-dependent branch.
             virtual_index, span = offsets[:, None], 1
             lowest, highest = 0, -1
-            if not torch.compiler.is_compiling():
+            if not step_reads_all_slots(token_mask.device):
                 lowest, highest = offsets.aminmax()
                 lowest, highest = int(lowest), int(highest)
                 step_span = highest + 1
@@ -1099,9 +1108,10 @@ class BSTAttention(nn.Module):
         cached = {} if layer_cache is None else layer_cache
         if layout.is_single_step and cached.get("keys") is not None:
             # A real token at slot 0 opens a new block: the full current block becomes the previous one (in place; a
-            # compiled step always copies, an eager one only when some row opens a block).
+            # compiled step or one on an accelerator always copies, which needs no host sync; an eager CPU step only
+            # when some row opens a block).
             opens_block = (layout.offsets == 0) & (layout.seen_tokens > 0) & layout.token_mask[:, 0]
-            if torch.compiler.is_compiling() or bool(opens_block.any()):
+            if step_reads_all_slots(query.device) or bool(opens_block.any()):
                 for name in ("keys", "values"):
                     flag = opens_block.view(-1, *([1] * (cached[name].dim() - 1)))
                     cached["previous_" + name] = torch.where(flag, cached[name], cached["previous_" + name])

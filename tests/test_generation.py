@@ -48,6 +48,31 @@ def test_chunks_with_left_padding_equal_each_row_alone(variant, kernel, attend_p
     assert (batched[1] - alone_long).abs().max() < 1e-4
 
 
+@pytest.mark.parametrize("attend_previous_block", [False, True])
+@pytest.mark.parametrize("variant, kernel", VARIANTS_AND_KERNELS)
+def test_decoding_steps_that_read_all_slots_equal_each_row_alone(variant, kernel, attend_previous_block, monkeypatch):
+    """On accelerators a decoding step attends to all W slots with a mask (fixed shapes; `step_reads_all_slots`): the
+    same logits as each row alone, with left-padded rows at different slots of their blocks."""
+    from modeling_bst import modeling_bst
+
+    model = tiny_model(bst_variant=variant, ssm_kernel=kernel, attend_previous_block=attend_previous_block)
+    short, long = torch.randint(2, 97, (1, 12)), torch.randint(2, 97, (1, 23))
+    batch, mask = torch.zeros(2, 23, dtype=torch.long), torch.zeros(2, 23, dtype=torch.long)
+    batch[0, 11:], mask[0, 11:] = short[0], 1
+    batch[1], mask[1] = long[0], 1
+    monkeypatch.setattr(modeling_bst, "step_reads_all_slots", lambda device: True)
+    layout = modeling_bst.BlockLayout.build(
+        torch.ones(2, 1, dtype=torch.bool), torch.tensor([3, 5]), 8, has_cache=True, has_padding=False
+    )
+    expected = [[True] * 4 + [False] * 4, [True] * 6 + [False] * 2]
+    assert layout.step_span == 8 and layout.step_mask[:, 0, 0].tolist() == expected
+    with torch.no_grad():
+        alone_short, alone_long = model(short).logits[0], model(long).logits[0]
+        batched, _ = run_in_chunks(model, batch, [5] + [1] * 18, attention_mask=mask)
+    assert (batched[0, 11:] - alone_short).abs().max() < 1e-4
+    assert (batched[1] - alone_long).abs().max() < 1e-4
+
+
 @pytest.mark.parametrize("variant, kernel", VARIANTS_AND_KERNELS)
 def test_greedy_generate_logits_equal_the_full_forward(variant, kernel):
     model = tiny_model(bst_variant=variant, ssm_kernel=kernel)
