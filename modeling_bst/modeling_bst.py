@@ -328,23 +328,6 @@ def vandermonde_sum(coefficients: torch.Tensor, log_z: torch.Tensor, length: int
     return (weighted @ low_powers).flatten(-2)[..., :length]  # (..., H, J*b) -> (..., H, length)
 
 
-def _power_factors(log_z: torch.Tensor, count: int, stride: int, real_dtype: torch.dtype):
-    """Powers z^(stride * k) for k in [0, count) as two factors whose product is the table, with f = ceil(sqrt(count)):
-
-        z^(stride (f p + q)) = z^(stride f p) * z^(stride q)      coarse (..., P, 1, N), fine (..., 1, f, N)
-
-    log_z (..., N). Each factor is exponentiated through `ComplexPowers` (exponent in float64, angle reduced), about
-    2 sqrt(count) entries per mode instead of count; the product, which the caller forms (often with coefficients
-    folded into the small coarse factor first), adds one rounding of `real_dtype`.
-    """
-    fine_count = math.isqrt(max(count - 1, 0)) + 1
-    coarse_count = -(-count // fine_count)
-    steps = stride * torch.arange(max(fine_count, coarse_count), device=log_z.device, dtype=torch.float64)[:, None]
-    coarse = ComplexPowers.apply(log_z.unsqueeze(-2), fine_count * steps[:coarse_count], real_dtype)  # (..., P, N)
-    fine = ComplexPowers.apply(log_z.unsqueeze(-2), steps[:fine_count], real_dtype)  # (..., f, N)
-    return coarse.unsqueeze(-2), fine.unsqueeze(-3)
-
-
 def real_vandermonde_sum(coefficients: torch.Tensor, log_z: torch.Tensor, length: int) -> torch.Tensor:
     """Re(vandermonde_sum(coefficients, log_z, length)), real of the coefficients' real dtype: (..., H, N) -> (..., H,
     length).
@@ -357,17 +340,15 @@ def real_vandermonde_sum(coefficients: torch.Tensor, log_z: torch.Tensor, length
     The (J, N) complex table w z^(b*j) read as reals is the (J, 2N) left factor, and the powers of conj(z) read as reals
     the (b, 2N) right one: both are views. Real batched matmuls run much faster than complex ones on CPU (profiled: the
     "mh" kernel's matmuls and their copies at 4k, forward + backward, about 2 s complex, 0.5 s real, on 2 busy cores).
-    Both tables are products of two smaller ones (`_power_factors`): exponentials, with their float64 exponents and
-    angle reductions, were most of the kernel's time ("mh" at 4k: 128 per mode and channel, now 32).
+    Both tables come from `PowerTable` (two small float64 factor tables and one product): exponentials, with their
+    float64 exponents and angle reductions, were most of the kernel's time ("mh" at 4k: 128 per mode and channel).
     """
     low_count = math.isqrt(max(length - 1, 0)) + 1
     high_count = -(-length // low_count)
     real_dtype = coefficients.real.dtype
-    coarse, fine = _power_factors(log_z, high_count, low_count, real_dtype)  # (H, P, 1, N), (H, 1, f, N)
-    weighted = (coefficients.unsqueeze(-2).unsqueeze(-2) * coarse) * fine  # (..., H, P, f, N)
-    weighted = weighted.flatten(-3, -2)[..., :high_count, :]  # (..., H, J, N): w z^(b*j)
-    low_coarse, low_fine = _power_factors(log_z.conj(), low_count, 1, real_dtype)
-    conj_low = (low_coarse * low_fine).flatten(-3, -2)[..., :low_count, :]  # (H, b, N): conj(z)^i
+    high_powers = PowerTable.apply(low_count * log_z, high_count, real_dtype)  # (H, J, N): z^(b*j)
+    weighted = coefficients.unsqueeze(-2) * high_powers  # (..., H, J, N)
+    conj_low = PowerTable.apply(log_z.conj(), low_count, real_dtype)  # (H, b, N): conj(z)^i
     real_weighted = torch.view_as_real(weighted).flatten(-2)  # (..., H, J, 2N)
     real_low = torch.view_as_real(conj_low).flatten(-2)  # (H, b, 2N)
     return (real_weighted @ real_low.transpose(-1, -2)).flatten(-2)[..., :length]
