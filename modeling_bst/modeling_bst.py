@@ -939,6 +939,12 @@ def eager_attention_forward(
     return torch.matmul(probabilities, value).transpose(1, 2).contiguous(), probabilities
 
 
+def runs_as_written(module: nn.Module, module_class: type) -> bool:
+    """Whether `module` is exactly `module_class` with no forward hooks, so that its weights may be used directly
+    (a LoRA-wrapped, quantised or hooked module must run as a module)."""
+    return type(module) is module_class and not (module._forward_hooks or module._forward_pre_hooks)
+
+
 def rms_normed_projection(
     states: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor
 ) -> torch.Tensor:
@@ -1129,7 +1135,7 @@ class BSTAttention(nn.Module):
         """(B, C, T, D) -> (B, T, H, d). With one filter per head ("mh"), head h projects filter h's states."""
         if context_states.shape[1] == 1:
             return projection(context_states[:, 0]).unflatten(-1, (self.num_heads, self.head_dim))
-        if type(projection) is nn.Linear and not (projection._forward_hooks or projection._forward_pre_hooks):
+        if runs_as_written(projection, nn.Linear):
             # Head h needs only its own d rows of the weight applied to filter h: one batched matmul over heads, which
             # reads the (B, C, T, D) states in place.
             weight = projection.weight.view(self.num_heads, self.head_dim, -1)  # (H, d, D)
@@ -1149,16 +1155,17 @@ class BSTAttention(nn.Module):
         dtypes (whose rounding the norm's own order fixes), run the modules.
         """
         states = context_states.permute(0, 3, 1, 2)  # (B, C, T, D), a view
-        modules = (self.context_norm, self.context_k_proj, self.context_v_proj)
-        plain = type(self.context_norm) is BSTRMSNorm and all(type(module) is nn.Linear for module in modules[1:])
-        if not plain or states.dtype != torch.float32 or any(m._forward_hooks or m._forward_pre_hooks for m in modules):
+        projections = (self.context_k_proj, self.context_v_proj)
+        plain = runs_as_written(self.context_norm, BSTRMSNorm)
+        plain = plain and all(runs_as_written(projection, nn.Linear) for projection in projections)
+        if not plain or states.dtype != torch.float32:
             # One copy to (B, C, T, D): the norm reduces over D and head h projects filter h, both on contiguous rows.
             normed = self.context_norm(states.contiguous())
             keys = self._project_context(self.context_k_proj, normed)
             return keys, self._project_context(self.context_v_proj, normed)
         batch, filters, length, width = states.shape
         # Filter c's rows: [c, c + 1) * H / C * d of each projection, keys then values: (C, 2 H / C * d, D).
-        weight = torch.cat([module.weight.view(filters, -1, width) for module in modules[1:]], dim=1)
+        weight = torch.cat([projection.weight.view(filters, -1, width) for projection in projections], dim=1)
         projected = rms_normed_projection(states, self.context_norm.weight, self.context_norm.variance_epsilon, weight)
         keys, values = projected.transpose(1, 2).chunk(2, dim=-1)  # (B, T, C, H / C * d) each
         shape = (batch, length, self.num_heads, self.head_dim)
