@@ -164,9 +164,14 @@ def run_generate_section(runner, dtype):
             runner.finish(record)
         del active
     caches.clear()
+    # Compiled decoding runs as it is deployed: bf16 weights, not autocast (Transformers' StaticCache allocates the
+    # model's dtype and refuses autocast's bf16 keys). One copy for all contexts, so that each step compiles once.
+    compiled_models = models
+    if args.compile and dtype != "float32":
+        compiled_models = {name: bfloat16_copy(model) for name, model in models.items()}
     for context in args.decode_contexts:
-        measure_generate_decode(runner, models, extras, prompt, context, dtype)
-    del models
+        measure_generate_decode(runner, models, compiled_models, extras, prompt, context, dtype)
+    del models, compiled_models
 
 
 def prefill_prefix(model, prompt, context, device, dtype, cache=None):
@@ -211,7 +216,7 @@ def error_text(error):
     return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
 
 
-def measure_generate_decode(runner, models, extras, prompt, context, dtype):
+def measure_generate_decode(runner, models, compiled_models, extras, prompt, context, dtype):
     """Per-token decode time through `model.generate()`, greedy, exactly `--decode-tokens` new tokens, at `context`:
     eager ("decode_generate") and, with `--compile`, compiled ("decode_compiled"), all in the same rounds.
 
@@ -231,8 +236,8 @@ def measure_generate_decode(runner, models, extras, prompt, context, dtype):
     state could cause. The warm-up wall time less two timed calls is recorded as `compile_seconds` (inductor's
     on-disk cache makes it shorter on a machine that compiled the same graphs before), and
     `graphs_compiled_while_timed` counts compilations during the timed rounds (should be 0). In bfloat16 the compiled
-    mode runs bf16 copies of the models (`bfloat16_copy`, autocast off), as compiled decoding is deployed; the eager
-    modes run under autocast.
+    mode runs `compiled_models`, bf16 copies of the models (`bfloat16_copy`, autocast off), as compiled decoding is
+    deployed; the eager modes run under autocast.
 
     Every member (model x mode) takes one call per round, so that eager and compiled, BST and Llama are timed under
     the same machine load; one warm-up round (two with `--compile`). A member that fails (compilation, a cache it
@@ -265,11 +270,8 @@ def measure_generate_decode(runner, models, extras, prompt, context, dtype):
                     prefix = prefill_prefix(model, prompt, context, device, dtype)
                     call = eager_generate_call(model, name, prefix, inputs, new_tokens, device, dtype)
                 else:
-                    # Compiled decoding runs as it is deployed: bf16 weights, not autocast (Transformers'
-                    # StaticCache allocates the model's dtype and refuses autocast's bf16 keys).
-                    weights_dtype = "float32" if dtype == "float32" else "bfloat16 weights, autocast off"
-                    record["weights"] = weights_dtype
-                    model = model if dtype == "float32" else bfloat16_copy(model)
+                    record["weights"] = "float32" if dtype == "float32" else "bfloat16 weights, autocast off"
+                    model = compiled_models[name]
                     step_dtype = "float32"  # no autocast
                     cache = static_cache(model, context + new_tokens)
                     prefill_prefix(model, prompt, context, device, step_dtype, cache)
