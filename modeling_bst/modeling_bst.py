@@ -19,7 +19,7 @@ layers, and scatters the outputs back. Generation keeps a bounded state per row 
 keys/values, the current block's context states, and the SSM state ("s4") or the SSM input history ("unstructured").
 """
 
-import copy
+
 import glob
 import json
 import math
@@ -33,337 +33,554 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import initialization as init
 from transformers.activations import ACT2FN
-from transformers.cache_utils import Cache, CacheLayerMixin, LinearAttentionLayer
+from transformers.cache_utils import Cache
 from transformers.generation import GenerationMixin
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 from transformers.utils import logging
 
+from .cache_bst import CACHE_SIGNATURE_FIELDS, BSTCache
 from .configuration_bst import BSTConfig
+from .ssm_ops import (
+    COMPLEX_DTYPES,
+    block_end_convolution,
+    block_end_scan,
+    causal_fft_conv,
+    complex_exp,
+    real_vandermonde_sum,
+    scaled_complex_exp,
+    ssm_compute_dtype,
+    vandermonde_reduce,
+)
 
 
 logger = logging.get_logger(__name__)
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# State-space math
-# ---------------------------------------------------------------------------------------------------------------------
+class BSTRMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        input_dtype = hidden_states.dtype
+        hidden_states = hidden_states.to(torch.float32)
+        variance = hidden_states.pow(2).mean(-1, keepdim=True)
+        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+        return self.weight * hidden_states.to(input_dtype)
 
 
-def _zero_padded(values: torch.Tensor, size: int) -> torch.Tensor:
-    """values (..., L) -> (..., size), zeros after L, contiguous. Every element is written once (torch.fft's own `n=`
-    padding fills the whole buffer with zeros first, then copies the values over half of it)."""
-    padded = values.new_empty(*values.shape[:-1], size)
-    padded[..., : values.shape[-1]] = values
-    padded[..., values.shape[-1] :].zero_()
-    return padded
+class BSTRotaryEmbedding(nn.Module):
+    """RoPE over the slot of a token inside its block (0..W-1): positions never exceed W, so any length works."""
+
+    def __init__(self, config: BSTConfig):
+        super().__init__()
+        self.config = config
+        self.inv_freq = nn.Buffer(self.compute_inv_freq(config), persistent=False)
+
+    @staticmethod
+    def compute_inv_freq(config: BSTConfig) -> torch.Tensor:
+        exponents = torch.arange(0, config.head_dim, 2, dtype=torch.float32) / config.head_dim
+        return 1.0 / (config.rope_theta**exponents)
+
+    @torch.no_grad()
+    def forward(self, slots: torch.Tensor) -> torch.Tensor:
+        """slots (B, T) -> rotations exp(i * slot * inv_freq) (B, T, head_dim/2), complex64."""
+        angles = slots[..., None].float() * self.inv_freq.to(slots.device)
+        return torch.polar(torch.ones_like(angles), angles)
 
 
-class CausalFFTConvolution(torch.autograd.Function):
-    r"""y[b, d, c, t] = sum_{s <= t} k[d, c, t - s] u[b, d, s] + skip[d, c] u[b, d, t], with FFTs of size n >= 2L
-    (zero padding makes the circular convolution the linear one on t < L), and its adjoints, also through real FFTs:
+def apply_rotary(states: torch.Tensor, rotations: torch.Tensor, pairing: str = "interleaved") -> torch.Tensor:
+    """RoPE: channels (2i, 2i+1) of every head ("interleaved"), or (i, i + head_dim/2) ("rotate_half", Llama's
+    convention), read as one complex number, are multiplied by rotations[..., i].
 
-        forward:   Y = U K'                         y = irfft(Y)[:L]          K' = K with K'[0] = K[0] + skip
-        backward:  grad_u = irfft(sum_c conj(K') G)[:L]       (correlation with the kernel)
-                   grad_k = irfft(sum_b conj(U) G)[:L]        (correlation with the input),   G = rfft(grad_y)
-                   grad_skip = grad_k[0]
+    states (B, T, H, head_dim), rotations (B or 1, T, head_dim/2) complex. One complex multiply is ~4x faster on CPU
+    (forward + backward) than the rotate-half form, which needs a split, a negation, a concatenation and three more
+    elementwise passes; "rotate_half" pairs are gathered into complex numbers by a transpose and multiplied the same
+    way: (x1 + i x2) e^(i theta) = (x1 cos - x2 sin) + i (x2 cos + x1 sin), Llama's q * cos + rotate_half(q) * sin.
+    Computed in fp32: there is no bfloat16 complex type.
+    """
+    if pairing == "rotate_half":
+        halves = states.float().unflatten(-1, (2, -1)).transpose(-1, -2)  # (B, T, H, head_dim/2, 2)
+        pairs = torch.view_as_complex(halves.contiguous())
+        return torch.view_as_real(pairs * rotations.unsqueeze(2)).transpose(-1, -2).flatten(-2).to(states.dtype)
+    pairs = torch.view_as_complex(states.float().contiguous().unflatten(-1, (-1, 2)))  # (B, T, H, head_dim/2)
+    return torch.view_as_real(pairs * rotations.unsqueeze(2)).flatten(-2).to(states.dtype)
 
-    The skip term is tap 0 of the kernel, so it costs nothing here; as a separate `addcmul` it was one more pass over
-    the (B, L, D, C) outputs and two over their gradient. Autograd through torch.fft would differentiate each rfft with
-    a full complex FFT over zero-filled buffers; this backward is one rfft and two irffts (forward + backward at
-    L = 16k, D = 512 on 2 CPU cores: 0.63 s vs 0.81 s).
 
-    The output is a (B, D, C, L) view of a (B, C, D, n) buffer: each filter's (D, L) plane is one block of memory, the
-    layout in which "mh" attention reads filter h for head h (as (L, D) matrices, transposed in place). The products
-    write that layout directly, so no pass is spent on it.
+class BSTMLP(nn.Module):
+    """down(act(up(x))), or with `config.gated_mlp` Llama's gated form down(act(gate(x)) * up(x))."""
+
+    def __init__(self, config: BSTConfig):
+        super().__init__()
+        self.gated = config.gated_mlp
+        if self.gated:
+            self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if self.gated:
+            return self.down_proj(self.act_fn(self.gate_proj(hidden_states)) * self.up_proj(hidden_states))
+        return self.down_proj(self.act_fn(self.up_proj(hidden_states)))
+
+
+def step_reads_all_slots(device: torch.device) -> bool:
+    """Whether a decoding step attends to all W slots of its block (with a mask) instead of stopping at the furthest
+    row's slot: when compiling (shapes must not change) and on accelerators. There a key length that changes every
+    step costs a new attention plan per length (measured on an H100 in bf16: cuDNN's SDPA backend took 42-62 ms a
+    step, 3.5-6 ms with it off, until every length had been seen) and reading the furthest slot syncs with the host;
+    the W - span extra keys cost nothing next to that."""
+    return torch.compiler.is_compiling() or device.type != "cpu"
+
+
+@dataclass
+class BlockLayout:
+    """Places a chunk of T tokens (real tokens first in each row) into blocks of `block_size` tokens.
+
+    Row r has already seen `seen_tokens[r]` real tokens (from the cache), so its first new token sits at slot
+    `offsets[r] = seen_tokens[r] % W` of the current block, and the block's earlier slots come from the cache. When
+    every offset is 0 the layout is the chunk itself, padded at the end to whole blocks (`virtual_index` is None);
+    otherwise token t of row r goes to virtual position offsets[r] + t.
     """
 
-    @staticmethod
-    def forward(ctx, inputs: torch.Tensor, kernel: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
-        length, kernel_length = inputs.shape[-1], kernel.shape[-1]
-        fft_size = 1 << (2 * length - 1).bit_length()
-        inputs_f = torch.fft.rfft(_zero_padded(inputs, fft_size))  # (B, D, F)
-        padded_kernel = _zero_padded(kernel, fft_size)  # (D, C, n)
-        if skip is not None:
-            padded_kernel[..., 0] += skip
-        kernel_f = torch.fft.rfft(padded_kernel)  # (D, C, F)
-        ctx.save_for_backward(inputs_f, kernel_f)
-        ctx.length, ctx.kernel_length, ctx.fft_size = length, kernel_length, fft_size
-        batch, channels, filters, frequencies = inputs.shape[0], *kernel_f.shape
-        outputs_f = inputs_f.new_empty(batch, filters, channels, frequencies)  # (B, C, D, F)
-        torch.mul(inputs_f.unsqueeze(2), kernel_f, out=outputs_f.transpose(1, 2))
-        return torch.fft.irfft(outputs_f, n=fft_size)[..., :length].transpose(1, 2)  # (B, D, C, L)
+    block_size: int
+    lengths: torch.Tensor  # (B,) real tokens of each row in this chunk
+    token_mask: torch.Tensor  # (B, T) True for real tokens (a prefix of each row)
+    seen_tokens: torch.Tensor  # (B,) real tokens seen before this chunk
+    offsets: torch.Tensor  # (B,) slot of the first new token in its block
+    virtual_index: torch.Tensor | None  # (B, T) offsets + t, or None when all offsets are 0
+    num_blocks: int
+    has_padding: bool  # some token_mask entry is False
+    is_single_step: bool  # one new token per row on top of a cache: queries stay out of the block layout
+    # RoPE rotation by -W (1, 1, head_dim/2): a previous-block key at slot j sits W - j + i before a query at slot i.
+    previous_block_rotation: torch.Tensor | None = None
+    # A decoding step attends to the first `step_span` slots of its block, with `step_mask` (B, 1, 1, step_span), or
+    # with no mask when every row sees all of them (rows at the same slot). Eager steps on CPU stop at the furthest
+    # row's slot, so the early slots of a block cost less and a mask-free attention call takes the fast kernel; other
+    # steps read all W slots (`step_reads_all_slots`).
+    step_span: int = 0
+    step_mask: torch.Tensor | None = None
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        inputs_f, kernel_f = ctx.saved_tensors
-        length, fft_size = ctx.length, ctx.fft_size
-        grad_f = torch.fft.rfft(_zero_padded(grad_output.transpose(1, 2), fft_size))  # (B, C, D, F)
-        grad_inputs = grad_kernel = grad_skip = None
-        needs_skip_grad = len(ctx.needs_input_grad) > 2 and ctx.needs_input_grad[2]  # `skip` may be left out
-        if ctx.needs_input_grad[0]:
-            grad_inputs_f = (grad_f * kernel_f.transpose(0, 1).conj()).sum(1)  # (B, D, F)
-            grad_inputs = torch.fft.irfft(grad_inputs_f, n=fft_size)[..., :length]
-        if ctx.needs_input_grad[1] or needs_skip_grad:
-            # Written as (D, C, F), the kernel's own layout: its gradient then reshapes to (D * C, L) without a copy.
-            grad_kernel_f = kernel_f.new_empty(kernel_f.shape)
-            if grad_f.shape[0] == 1:
-                torch.mul(grad_f[0], inputs_f[0].conj(), out=grad_kernel_f.transpose(0, 1))
-            else:
-                torch.sum(grad_f * inputs_f.conj().unsqueeze(1), dim=0, out=grad_kernel_f.transpose(0, 1))
-            grad_taps = torch.fft.irfft(grad_kernel_f, n=fft_size)  # (D, C, n)
-            grad_kernel = grad_taps[..., : ctx.kernel_length] if ctx.needs_input_grad[1] else None
-            grad_skip = grad_taps[..., 0] if needs_skip_grad else None
-        return grad_inputs, grad_kernel, grad_skip
-
-
-COMPLEX_DTYPES = {torch.float32: torch.complex64, torch.float64: torch.complex128}
-
-
-def ssm_compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The real dtype the SSM and its FFTs compute in: float64 in a float64 model, float32 otherwise (bf16/fp16 lose
-    the small, long-range taps that are the reason to have an SSM)."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def causal_fft_conv(inputs: torch.Tensor, kernel: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
-    """Causal linear convolution y[b, d, c, t] = sum_{s <= t} kernel[d, c, t - s] * inputs[b, d, s], plus
-    skip[d, c] * inputs[b, d, t] when `skip` (D, C) is given.
-
-    inputs (B, D, L), kernel (D, C, >= L) -> (B, D, C, L), in float32 (float64 when either operand is float64). FFTs
-    run in fp32 even under autocast. The result is a view with filters outermost in memory (`CausalFFTConvolution`).
-    """
-    length = inputs.shape[-1]
-    dtype = ssm_compute_dtype(torch.promote_types(inputs.dtype, kernel.dtype))
-    skip = None if skip is None else skip.to(dtype)
-    with torch.autocast(device_type=inputs.device.type, enabled=False):
-        return CausalFFTConvolution.apply(inputs.to(dtype), kernel[..., :length].to(dtype), skip)
-
-
-def complex_exp(exponent: torch.Tensor) -> torch.Tensor:
-    """exp(a + ib) = e^a (cos b + i sin b); three real kernels run ~3x faster on CPU than torch's complex exp."""
-    return torch.polar(torch.exp(exponent.real), exponent.imag)
-
-
-def scaled_complex_exp(log_z: torch.Tensor, scale: torch.Tensor, real_dtype: torch.dtype) -> torch.Tensor:
-    """z^scale = exp(scale * log z), complex with `real_dtype` parts, for large real `scale` (powers up to the length).
-
-    The exponent is formed in float64 and its angle reduced modulo 2 pi before the cast: in float32 the phase
-    scale * theta carries an error of ~6e-8 * scale * |theta| rad (1e-3 rad for a slow mode at 16k tokens), and that
-    is the kernel's relative error. After the reduction the cast costs at most ~4e-7 rad at any length. The
-    exponentials themselves run in `real_dtype`, so autograd saves no float64 tables.
-    """
-    log_magnitude = (log_z.real.double() * scale).to(real_dtype)
-    angle = torch.remainder(log_z.imag.double() * scale, 2 * math.pi).to(real_dtype)
-    return torch.polar(torch.exp(log_magnitude), angle)
-
-
-class ComplexPowers(torch.autograd.Function):
-    """z^scale = `scaled_complex_exp(log_z, scale, real_dtype)`, `scale` real and not differentiated, with a one-pass
-    backward: d z^s / d log z = s z^s, so grad log z = sum over the broadcast of s conj(z^s) grad (holomorphic).
-
-    Autograd through `scaled_complex_exp` takes about ten passes over the power table (polar, exp, casts, remainder,
-    products); the tables are the largest tensors of "s4" kernel generation, and that backward was most of its time.
-    """
-
-    @staticmethod
-    def forward(ctx, log_z: torch.Tensor, scale: torch.Tensor, real_dtype: torch.dtype) -> torch.Tensor:
-        powers = scaled_complex_exp(log_z, scale, real_dtype)
-        ctx.save_for_backward(powers, scale)
-        ctx.log_z_shape, ctx.log_z_dtype = log_z.shape, log_z.dtype
-        return powers
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_powers: torch.Tensor) -> tuple[torch.Tensor, None, None]:
-        powers, scale = ctx.saved_tensors
-        grad_log_z = grad_powers * powers.conj() * scale.to(powers.real.dtype)
-        return grad_log_z.sum_to_size(ctx.log_z_shape).to(ctx.log_z_dtype), None, None
-
-
-def _power_ladder(log_z: torch.Tensor, step: int, count: int) -> torch.Tensor:
-    """z^(step*k) for k in [0, count) on a new dim 1, complex128, for a small `count`: exp(step log z) once, then a
-    cumulative product, whose float64 roundings (~count * 1e-16) stay far below float32's."""
-    base = complex_exp(step * log_z.to(torch.complex128)).unsqueeze(1)
-    ladder = torch.cumprod(base.expand(-1, count - 1, *base.shape[2:]), dim=1)
-    return torch.cat([torch.ones_like(base), ladder], dim=1)
-
-
-class PowerTable(torch.autograd.Function):
-    """z^i for i in [0, count) on a new dim 1: log_z (H, *rest) -> (H, count, *rest), complex with `real_dtype` parts.
-
-    The "mf" block scan's matmul operand, as large as the matmul's output: `ComplexPowers` on it is several passes
-    (float64 phase, reduction mod 2 pi, cast, exp, polar), and those passes were most of the scan's time. With
-    i = q*i1 + i2 (q ~ sqrt(count)) the table is one product z^(q*i1) * z^i2 of two small float64 tables
-    (`_power_ladder`); after their cast it adds one rounding of `real_dtype` (~1e-7 relative in float32, as the cast
-    of `scaled_complex_exp`'s reduced phase).
-
-    Backward: grad log z = sum_i i conj(z^i) grad_i (as `ComplexPowers`), regrouped by the split so that no table-size
-    conjugate is formed: with Y_e(i1) = sum_i2 e(i2) conj(z^i2) grad_(i1, i2) for e = 1 and e = i2 (one elementwise
-    product, then one matmul with the two weight rows), grad log z = sum_i1 conj(z^(q*i1)) (q*i1 Y_1 + Y_i2).
-    """
-
-    @staticmethod
-    def forward(ctx, log_z: torch.Tensor, count: int, real_dtype: torch.dtype) -> torch.Tensor:
-        inner_count = max(1, math.isqrt(count - 1) + 1)
-        # An exact factorisation when one is near sqrt(count) (128 = 8 * 16): no unused tail to pad in backward.
-        inner_count = next((q for q in range(inner_count, inner_count // 2, -1) if count % q == 0), inner_count)
-        outer_count = -(-count // inner_count)
-        complex_dtype = COMPLEX_DTYPES[real_dtype]
-        inner = _power_ladder(log_z, 1, inner_count).to(complex_dtype)  # z^i2, (H, q, *rest)
-        outer = _power_ladder(log_z, inner_count, outer_count).to(complex_dtype)  # z^(q*i1), (H, p, *rest)
-        ctx.save_for_backward(inner, outer)
-        ctx.count, ctx.log_z_dtype = count, log_z.dtype
-        return (outer.unsqueeze(2) * inner.unsqueeze(1)).flatten(1, 2)[:, :count]  # (H, count, *rest)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_powers: torch.Tensor) -> tuple[torch.Tensor, None, None]:
-        inner, outer = ctx.saved_tensors
-        heads, inner_count, *rest = inner.shape
-        outer_count = outer.shape[1]
-        if ctx.count < outer_count * inner_count:  # the table's unused tail, zero (F.pad would copy even for none)
-            grad_powers = F.pad(grad_powers, [0, 0] * len(rest) + [0, outer_count * inner_count - ctx.count])
-        grad_powers = grad_powers.reshape(heads, outer_count, inner_count, *rest)
-        products = grad_powers * inner.conj().resolve_conj().unsqueeze(1)  # (H, p, q, *rest)
-        exponents = torch.arange(inner_count, device=inner.device, dtype=inner.real.dtype)
-        sum_weights = torch.stack([torch.ones_like(exponents), exponents])  # (2, q)
-        sums = sum_weights @ torch.view_as_real(products).reshape(heads * outer_count, inner_count, -1)
-        sums = torch.view_as_complex(sums.view(heads, outer_count, 2, *rest, 2))  # Y_1, Y_i2: (H, p, 2, *rest)
-        outer_exponents = inner_count * torch.arange(outer_count, device=inner.device, dtype=inner.real.dtype)
-        combined = outer_exponents.view(-1, *[1] * len(rest)) * sums[:, :, 0] + sums[:, :, 1]
-        grad_log_z = (outer.conj() * combined).sum(1)
-        return grad_log_z.to(ctx.log_z_dtype), None, None
-
-
-class WeightedSum(torch.autograd.Function):
-    """sum_j x[:, :, j] w[:, j]: x (H, R, J, X), w (H, J, X) complex -> (H, R, X), with J in-place multiply-adds.
-
-    x is the "mf" block scan's matmul output and J small: the plain product-then-sum writes, reads and, in its
-    backward, conjugates an x-size temporary more than once. Backward: grad x = grad conj(w) (the matmul's gradient,
-    written once); grad w = sum_r conj(x_r) grad_r, R multiply-adds into a w-size sum, or J products and sums when
-    J < R (many rows: a long batch).
-    """
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(x, w)
-        total = x[:, :, 0] * w[:, None, 0]
-        for j in range(1, x.shape[2]):
-            total.addcmul_(x[:, :, j], w[:, None, j])
-        return total
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x, w = ctx.saved_tensors
-        grad_x = grad.unsqueeze(2) * w.conj().resolve_conj().unsqueeze(1)
-        grad_conj = grad.conj().resolve_conj()
-        rows, terms = x.shape[1:3]
-        if rows <= terms:  # sum_r x_r conj(grad_r), conjugated once at the end; the shorter loop of the two
-            conj_grad_w = torch.zeros_like(w)
-            for r in range(rows):
-                conj_grad_w.addcmul_(x[:, r], grad_conj[:, r, None])
+    @classmethod
+    def build(
+        cls, token_mask: torch.Tensor, seen_tokens: torch.Tensor, block_size: int, has_cache: bool, has_padding: bool
+    ):
+        batch, length = token_mask.shape
+        offsets = seen_tokens % block_size
+        is_single_step = has_cache and length == 1
+        step_span, step_mask = block_size, None
+        if is_single_step:
+            # One token per row, at its own slot of one block: no data-dependent branch.
+            virtual_index, span = offsets[:, None], 1
+            lowest, highest = 0, -1
+            if not step_reads_all_slots(token_mask.device):
+                lowest, highest = offsets.aminmax()
+                lowest, highest = int(lowest), int(highest)
+                step_span = highest + 1
+            if lowest != highest:
+                slots = torch.arange(step_span, device=token_mask.device)
+                step_mask = (slots <= offsets[:, None]).view(-1, 1, 1, step_span)
+        elif bool((offsets == 0).all()):
+            virtual_index, span = None, length
         else:
-            conj_grad_w = torch.stack([(x[:, :, j] * grad_conj).sum(1) for j in range(terms)], dim=1)
-        return grad_x, conj_grad_w.conj()
+            virtual_index = offsets[:, None] + torch.arange(length, device=token_mask.device)
+            span = int(offsets.max()) + length
+        return cls(
+            block_size=block_size,
+            lengths=token_mask.sum(1),
+            token_mask=token_mask,
+            seen_tokens=seen_tokens,
+            offsets=offsets,
+            virtual_index=virtual_index,
+            num_blocks=-(-span // block_size),
+            has_padding=has_padding,
+            is_single_step=is_single_step,
+            step_span=step_span,
+            step_mask=step_mask,
+        )
+
+    def to_blocks(self, states: torch.Tensor, cached_block: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T, ...) -> (B, num_blocks, W, ...); the first block's earlier slots come from `cached_block` (B, W, ...)."""
+        batch, length = states.shape[:2]
+        span = self.num_blocks * self.block_size
+        if self.virtual_index is None:
+            padded = states if span == length else F.pad(states, (0, 0) * (states.dim() - 2) + (0, span - length))
+        else:
+            padded = states.new_zeros(batch, span, *states.shape[2:])
+            if cached_block is not None:
+                padded[:, : self.block_size] = cached_block
+            index = self.virtual_index.view(batch, length, *([1] * (states.dim() - 2))).expand_as(states)
+            padded = padded.scatter(1, index, states)
+        return padded.unflatten(1, (self.num_blocks, self.block_size))
+
+    def from_blocks(self, blocks: torch.Tensor, length: int) -> torch.Tensor:
+        """Inverse of `to_blocks` for the chunk's tokens: (B, num_blocks, W, ...) -> (B, T, ...)."""
+        flat = blocks.flatten(1, 2)
+        if self.virtual_index is None:
+            return flat[:, :length]
+        index = self.virtual_index.view(*self.virtual_index.shape, *([1] * (flat.dim() - 2)))
+        return flat.gather(1, index.expand(-1, -1, *flat.shape[2:]))
+
+    def current_block_index(self) -> torch.Tensor:
+        """(B,) index, among this chunk's blocks, of the block that holds each row's next token (may be num_blocks)."""
+        return (self.offsets + self.lengths) // self.block_size
+
+    def last_block(self, blocks: torch.Tensor) -> torch.Tensor:
+        """The block each row's next token falls in, to carry to the next call: (B, num_blocks, W, ...) -> (B, W, ...).
+        When that block starts fresh, any block will do: its slots are masked until overwritten."""
+        index = self.current_block_index().clamp(max=self.num_blocks - 1)
+        index = index.view(-1, 1, *([1] * (blocks.dim() - 2))).expand(-1, 1, *blocks.shape[2:])
+        return blocks.gather(1, index).squeeze(1)
+
+    def write_step(self, cached_block: torch.Tensor, states: torch.Tensor) -> None:
+        """Writes a decoding step's (B, 1, ...) states into each row's slot of the cached block (B, W, ...), in place.
+        Eagerly a scatter is cheapest; a compiled step indexes rows and slots, which inductor keeps in place (it turns
+        a scatter into a copy of the whole block)."""
+        if torch.compiler.is_compiling():
+            rows = torch.arange(states.shape[0], device=states.device)
+            cached_block[rows, self.offsets] = states[:, 0]
+        else:
+            cached_block.scatter_(1, self.offsets.view(-1, *([1] * (states.dim() - 1))).expand_as(states), states)
+
+    def single_step_mask(self) -> torch.Tensor:
+        """(B, 1, 1, W) keys a lone new token at slot `offsets` may see: the slots of its block up to itself."""
+        slots = torch.arange(self.block_size, device=self.offsets.device)
+        return (slots <= self.offsets[:, None]).view(-1, 1, 1, self.block_size)
+
+    def previous_of_last_block(self, blocks_with_previous: torch.Tensor) -> torch.Tensor:
+        """The block before the one holding each row's next token. `blocks_with_previous` (B, 1 + num_blocks, W, ...)
+        has the block before the chunk's first block in front: (B, W, ...)."""
+        index = self.current_block_index().view(-1, 1, *([1] * (blocks_with_previous.dim() - 2)))
+        return blocks_with_previous.gather(1, index.expand(-1, 1, *blocks_with_previous.shape[2:])).squeeze(1)
+
+    def previous_block_mask(self) -> torch.Tensor:
+        """(B * num_blocks, 1, W, 2W) keys each query may see when the previous block joins its own: all W slots of the
+        previous block (when the sequence has one), then the slots of its own block up to itself."""
+        block_size, device = self.block_size, self.offsets.device
+        first_block = self.seen_tokens // block_size  # absolute index of the chunk's first block
+        has_previous = (first_block[:, None] + torch.arange(self.num_blocks, device=device)) >= 1  # (B, N)
+        own = torch.ones(block_size, block_size, dtype=torch.bool, device=device).tril()
+        mask = torch.cat(
+            [
+                has_previous[:, :, None, None].expand(-1, -1, block_size, block_size),
+                own.expand(*has_previous.shape, -1, -1),
+            ],
+            dim=-1,
+        )  # (B, N, W, 2W)
+        return mask.flatten(0, 1).unsqueeze(1)
+
+    def single_step_previous_block_mask(self) -> torch.Tensor:
+        """(B, 1, 1, 2W): `previous_block_mask` for a lone new token at slot `offsets`."""
+        has_previous = (self.seen_tokens // self.block_size >= 1)[:, None].expand(-1, self.block_size)
+        own = self.single_step_mask().view(-1, self.block_size)
+        return torch.cat([has_previous, own], dim=-1).view(-1, 1, 1, 2 * self.block_size)
 
 
-class BlockStateScan(torch.autograd.Function):
-    """The block-end states s_k = a_k s_(k-1) + x_k, s_(-1) = 0: x (H, B, N, X), a (H, N, X) complex -> s like x.
-
-    N steps that write into one output (no per-step tensors, stack or conjugate copies as autograd through the loop
-    makes). Backward, the reverse scan: grad x_k = grad s_k + conj(a_(k+1)) grad x_(k+1), and
-    grad a_k = sum_b grad x_k conj(s_(k-1)).
-    """
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-        states = torch.empty_like(x)
-        states[:, :, 0] = x[:, :, 0]
-        for k in range(1, x.shape[2]):
-            torch.addcmul(x[:, :, k], a[:, None, k], states[:, :, k - 1], out=states[:, :, k])
-        ctx.save_for_backward(a, states)
-        return states
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        a, states = ctx.saved_tensors
-        conj_a = a.conj().resolve_conj()
-        grad_x = torch.empty_like(states)
-        grad_x[:, :, -1] = grad_states[:, :, -1]
-        for k in range(states.shape[2] - 2, -1, -1):
-            torch.addcmul(grad_states[:, :, k], conj_a[:, None, k + 1], grad_x[:, :, k + 1], out=grad_x[:, :, k])
-        grad_a = torch.zeros_like(a)
-        grad_a[:, 1:] = (grad_x[:, :, 1:] * states[:, :, :-1].conj().resolve_conj()).sum(1)
-        return grad_x, grad_a
+def block_end_index(layout: BlockLayout, length: int) -> torch.Tensor:
+    """(B, N) chunk positions of the last token of each of the layout's blocks, clamped to the chunk: where "mf" reads
+    its context states."""
+    block_ends = torch.arange(1, layout.num_blocks + 1, device=layout.offsets.device) * layout.block_size - 1
+    return (block_ends[None, :] - layout.offsets[:, None]).clamp(0, length - 1)
 
 
-def _split_powers(
-    log_z: torch.Tensor, length: int, real_dtype: torch.dtype, low_count: int | None = None
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    is_causal: bool = False,
+    **kwargs,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Powers z^l for l in [0, length) split as l = b*j + i with b = `low_count` (default ~ sqrt(length)):
-    low powers z^i (H, N, b) and high powers z^(b*j) (H, J, N), so z^l = high[j] * low[i]."""
-    low_count = low_count or max(1, math.isqrt(max(length - 1, 0)) + 1)
-    high_count = -(-length // low_count)
-    steps = torch.arange(max(low_count, high_count), device=log_z.device, dtype=torch.float64)
-    low_powers = ComplexPowers.apply(log_z.unsqueeze(-1), steps[:low_count], real_dtype)  # (H, N, b)
-    high_steps = low_count * steps[:high_count, None]
-    high_powers = ComplexPowers.apply(log_z.unsqueeze(-2), high_steps, real_dtype)  # (H, J, N)
-    return low_powers, high_powers
+    """query (N, H, Q, d), key/value (N, H, K, d); `attention_mask` is boolean (True = may attend)."""
+    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if is_causal:
+        causal = torch.ones(query.shape[2], key.shape[2], dtype=torch.bool, device=query.device).tril()
+        attention_mask = causal if attention_mask is None else attention_mask & causal
+    if attention_mask is not None:
+        scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
+    probabilities = F.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    probabilities = F.dropout(probabilities, p=dropout, training=module.training)
+    return torch.matmul(probabilities, value).transpose(1, 2).contiguous(), probabilities
 
 
-def vandermonde_sum(coefficients: torch.Tensor, log_z: torch.Tensor, length: int) -> torch.Tensor:
-    """sum_n coefficients[..., h, n] * z[h, n] ** l for l in [0, length): (..., H, N) -> (..., H, length), complex of
-    the coefficients' dtype.
+def repeat_key_value_heads(key, value, num_heads):
+    """(..., H_kv, d) -> (..., H, d): grouped key/value heads each serve H / H_kv query heads. Repeated at attention
+    time, after the cache, which keeps H_kv heads."""
+    if key.shape[-2] == num_heads:
+        return key, value
+    groups = num_heads // key.shape[-2]
+    return key.repeat_interleave(groups, dim=-2), value.repeat_interleave(groups, dim=-2)
 
-    The naive (H, N, L) table of powers costs seconds at long L. With l = b*j + i, z^l = z^(b*j) * z^i, so the sum is
-    one batched matmul of a (J, N) by an (N, b) matrix per channel, and only (J + b) * N powers are exponentiated.
+
+def runs_as_written(module: nn.Module, module_class: type) -> bool:
+    """Whether `module` is exactly `module_class` with no forward hooks, so that its weights may be used directly
+    (a LoRA-wrapped, quantised or hooked module must run as a module)."""
+    return type(module) is module_class and not (module._forward_hooks or module._forward_pre_hooks)
+
+
+def rms_normed_projection(
+    states: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor
+) -> torch.Tensor:
+    r"""RMSNorm over D, then a projection per filter: states (B, C, T, D), weight (C, E, D) -> (B, C, T, E),
+    W_c RMSNorm(y) with RMSNorm(y) = g * y * r and r = rsqrt(mean_D y^2 + eps), one number per (filter, position), so
+
+        W RMSNorm(y) = r * ((W diag g) y)
+
+    The norm weight g folds into the (small) projection weight, one batched matmul reads the states in place, any
+    strides (the SSM's (D, T) planes as transposed matrices), and r scales the E projected numbers of each row: no
+    normalised copy of the C * D numbers per position, and no passes over them in the backward beyond the matmul's and
+    the norm's own.
     """
-    low_powers, high_powers = _split_powers(log_z, length, coefficients.real.dtype)
-    weighted = coefficients.unsqueeze(-2) * high_powers  # (..., H, J, N)
-    return (weighted @ low_powers).flatten(-2)[..., :length]  # (..., H, J*b) -> (..., H, length)
+    mean_square = torch.linalg.vector_norm(states, dim=-1, keepdim=True).square() / states.shape[-1]
+    projected = states @ (weight * norm_weight).transpose(1, 2)  # (B, C, T, E)
+    return (projected * torch.rsqrt(mean_square + eps)).to(projected.dtype)
 
 
-def real_vandermonde_sum(coefficients: torch.Tensor, log_z: torch.Tensor, length: int) -> torch.Tensor:
-    """Re(vandermonde_sum(coefficients, log_z, length)), real of the coefficients' real dtype: (..., H, N) -> (..., H,
-    length).
+class BSTOutputProjection(nn.Linear):
+    """`o_proj` of a BST layer: the self-attention heads, then the cross-attention heads, mixed into the model width.
+    A plain linear map; its own class only so that initialisation can start the cross-attention half at zero."""
 
-    The same split l = b*j + i, z^l = z^(b*j) z^i, but only the real part is ever used (the kernel, the carried state),
-    so the complex (J, N) by (N, b) matmul becomes one real (J, 2N) by (2N, b) matmul:
+    def __init__(self, inner_size: int, hidden_size: int):
+        super().__init__(2 * inner_size, hidden_size, bias=False)
 
-        Re(w z) = Re(w) Re(z) + Im(w) Im(conj z)
 
-    The (J, N) complex table w z^(b*j) read as reals is the (J, 2N) left factor, and the powers of conj(z) read as reals
-    the (b, 2N) right one: both are views. Real batched matmuls run much faster than complex ones on CPU (profiled: the
-    "mh" kernel's matmuls and their copies at 4k, forward + backward, about 2 s complex, 0.5 s real, on 2 busy cores).
-    Both tables come from `PowerTable` (two small float64 factor tables and one product): exponentials, with their
-    float64 exponents and angle reductions, were most of the kernel's time ("mh" at 4k: 128 per mode and channel).
+class BSTAttention(nn.Module):
+    """Causal self-attention inside each block and, in BST layers, cross-attention to the block's context states.
+
+    The self- and cross-attention heads are concatenated and mixed by one output projection (the Block-Recurrent
+    Transformer's "vertical" cell without recurrence and without gates).
     """
-    low_count = math.isqrt(max(length - 1, 0)) + 1
-    high_count = -(-length // low_count)
-    real_dtype = coefficients.real.dtype
-    high_powers = PowerTable.apply(low_count * log_z, high_count, real_dtype)  # (H, J, N): z^(b*j)
-    weighted = coefficients.unsqueeze(-2) * high_powers  # (..., H, J, N)
-    conj_low = PowerTable.apply(log_z.conj(), low_count, real_dtype)  # (H, b, N): conj(z)^i
-    real_weighted = torch.view_as_real(weighted).flatten(-2)  # (..., H, J, 2N)
-    real_low = torch.view_as_real(conj_low).flatten(-2)  # (H, b, 2N)
-    return (real_weighted @ real_low.transpose(-1, -2)).flatten(-2)[..., :length]
 
+    def __init__(self, config: BSTConfig, layer_idx: int, is_bst_layer: bool):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.is_bst_layer = is_bst_layer
+        self.num_heads = config.num_attention_heads
+        self.num_key_value_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        # What Transformers' attention functions would repeat key/value heads by. `_attend` repeats them itself (the
+        # cross-attention's context keys have all heads), so the functions must not.
+        self.num_key_value_groups = 1
+        self.scaling = self.head_dim**-0.5
+        self.is_causal = True
+        self.rope_pairing = config.rope_pairing
+        inner_size = self.num_heads * self.head_dim
+        key_value_size = self.num_key_value_heads * self.head_dim
+        self.q_proj = nn.Linear(config.hidden_size, inner_size, bias=config.qkv_bias)
+        self.k_proj = nn.Linear(config.hidden_size, key_value_size, bias=config.qkv_bias)
+        self.v_proj = nn.Linear(config.hidden_size, key_value_size, bias=config.qkv_bias)
+        if is_bst_layer:
+            self.context_norm = BSTRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+            self.cross_q_proj = nn.Linear(config.hidden_size, inner_size, bias=False)
+            self.context_k_proj = nn.Linear(config.hidden_size, inner_size, bias=False)
+            self.context_v_proj = nn.Linear(config.hidden_size, inner_size, bias=False)
+            if config.bst_variant == "mf":
+                self.initial_context = nn.Parameter(torch.empty(config.num_context_states, config.hidden_size))
+                self.context_ids = nn.Parameter(torch.empty(config.num_context_states, config.hidden_size))
+        if is_bst_layer:
+            self.o_proj = BSTOutputProjection(inner_size, config.hidden_size)
+        else:
+            self.o_proj = nn.Linear(inner_size, config.hidden_size, bias=False)
 
-def vandermonde_reduce(values: torch.Tensor, log_z: torch.Tensor) -> torch.Tensor:
-    """sum_l values[..., h, l] * z[h, n] ** l: (..., H, L) real -> (..., H, N) complex, with the same power split."""
-    length = values.shape[-1]
-    real_dtype = ssm_compute_dtype(values.dtype)
-    low_powers, high_powers = _split_powers(log_z, length, real_dtype)
-    low_count, high_count = low_powers.shape[-1], high_powers.shape[-2]
-    values = F.pad(values.to(real_dtype), (0, low_count * high_count - length))
-    values = values.unflatten(-1, (high_count, low_count)).to(low_powers.dtype)  # (..., H, J, b)
-    inner = values @ low_powers.transpose(-1, -2)  # (..., H, J, N)
-    return (inner * high_powers).sum(-2)
+    def _attend(self, query, key, value, attention_mask=None, is_causal=False) -> torch.Tensor:
+        """query (B, N, Q, H, d), key/value (B, N, K, H or H_kv, d) -> (B, N, Q, H*d): one attention call over all
+        blocks."""
+        batch, num_blocks = query.shape[:2]
+        key, value = repeat_key_value_heads(key, value, query.shape[-2])
+        flat = [states.flatten(0, 1).transpose(1, 2) for states in (query, key, value)]  # (B*N, H, len, d)
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        output, _ = attention_interface(
+            self,
+            *flat,
+            attention_mask,
+            dropout=self.config.attention_dropout if self.training else 0.0,
+            scaling=self.scaling,
+            is_causal=is_causal,
+        )
+        return output.reshape(batch, num_blocks, query.shape[2], -1)
+
+    def _attend_step(self, query, key, value, attention_mask) -> torch.Tensor:
+        """One decoding step: query (B, 1, H, d), key/value (B, K, H, d) -> (B, 1, H*d). With SDPA it calls the kernel
+        directly: for one query, `_attend`'s block reshaping and Transformers' SDPA wrapper cost more than the attention
+        itself (0.6 ms of a 7.5 ms step, d = 256, 4 layers, on CPU)."""
+        if self.config._attn_implementation != "sdpa" or self.training:
+            return self._attend(query[:, None], key[:, None], value[:, None], attention_mask)[:, 0]
+        key, value = repeat_key_value_heads(key, value, query.shape[-2])
+        output = F.scaled_dot_product_attention(
+            query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), attention_mask, scale=self.scaling
+        )  # (B, H, 1, d)
+        return output.transpose(1, 2).reshape(query.shape[0], 1, -1)
+
+    def _block_attention(self, query, key, value, layout, layer_cache, key_name, value_name):
+        """Causal attention inside blocks; keys/values (B, T, H, d) of this chunk join the cached ones of the block."""
+        cached_keys = None if layer_cache is None else layer_cache.get(key_name)
+        cached_values = None if layer_cache is None else layer_cache.get(value_name)
+        if layout.is_single_step and cached_keys is not None:
+            # Decoding: write the new key/value into its slot of the cached block in place, attend to slots <= it.
+            layout.write_step(cached_keys, key)
+            layout.write_step(cached_values, value)
+            keys, values = cached_keys[:, : layout.step_span], cached_values[:, : layout.step_span]
+            return self._attend_step(query, keys, values, layout.step_mask)
+        key_blocks = layout.to_blocks(key, cached_keys)  # (B, N, W, H, d)
+        value_blocks = layout.to_blocks(value, cached_values)
+        if layer_cache is not None:
+            layer_cache[key_name] = layout.last_block(key_blocks)
+            layer_cache[value_name] = layout.last_block(value_blocks)
+        if layout.is_single_step:  # a single token on an empty cache
+            output = self._attend(query[:, None], key_blocks, value_blocks, layout.single_step_mask())
+            return output[:, 0]  # (B, 1, H*d)
+        output = self._attend(layout.to_blocks(query), key_blocks, value_blocks, is_causal=True)
+        return layout.from_blocks(output, query.shape[1])
+
+    def _previous_block_attention(self, query, key, value, layout, layer_cache):
+        """Causal self-attention over the token's own block and the whole previous block (`attend_previous_block`):
+        (B, T, H, d) -> (B, T, H*d). The cache holds both blocks' keys/values (2W slots)."""
+        cached = {} if layer_cache is None else layer_cache
+        if layout.is_single_step and cached.get("keys") is not None:
+            # A real token at slot 0 opens a new block: the full current block becomes the previous one (in place; a
+            # compiled step or one on an accelerator always copies, which needs no host sync; an eager CPU step only
+            # when some row opens a block).
+            opens_block = (layout.offsets == 0) & (layout.seen_tokens > 0) & layout.token_mask[:, 0]
+            if step_reads_all_slots(query.device) or bool(opens_block.any()):
+                for name in ("keys", "values"):
+                    flag = opens_block.view(-1, *([1] * (cached[name].dim() - 1)))
+                    cached["previous_" + name] = torch.where(flag, cached[name], cached["previous_" + name])
+            layout.write_step(cached["keys"], key)
+            layout.write_step(cached["values"], value)
+            previous_keys = apply_rotary(cached["previous_keys"], layout.previous_block_rotation, self.rope_pairing)
+            span = layout.step_span
+            keys = torch.cat([previous_keys, cached["keys"][:, :span]], dim=1)  # (B, W + span, H, d)
+            values = torch.cat([cached["previous_values"], cached["values"][:, :span]], dim=1)
+            mask = layout.single_step_previous_block_mask()[..., : self.config.block_size + span]
+            return self._attend_step(query, keys, values, mask)
+
+        key_blocks = layout.to_blocks(key, cached.get("keys"))  # (B, N, W, H, d)
+        value_blocks = layout.to_blocks(value, cached.get("values"))
+        first_previous = [cached.get(name) for name in ("previous_keys", "previous_values")]
+        # The block before the chunk's first one: from the cache, or zeros (masked) at the sequence start.
+        key_blocks_with_previous, value_blocks_with_previous = (
+            torch.cat([(blocks[:, 0] * 0 if previous is None else previous)[:, None], blocks], dim=1)
+            for blocks, previous in zip((key_blocks, value_blocks), first_previous)
+        )  # (B, 1 + N, W, H, d)
+        if layer_cache is not None:
+            layer_cache["keys"], layer_cache["values"] = layout.last_block(key_blocks), layout.last_block(value_blocks)
+            layer_cache["previous_keys"] = layout.previous_of_last_block(key_blocks_with_previous)
+            layer_cache["previous_values"] = layout.previous_of_last_block(value_blocks_with_previous)
+        previous_keys = apply_rotary(
+            key_blocks_with_previous[:, :-1].flatten(1, 2), layout.previous_block_rotation, self.rope_pairing
+        )
+        keys = torch.cat([previous_keys.view_as(key_blocks), key_blocks], dim=2)  # (B, N, 2W, H, d)
+        values = torch.cat([value_blocks_with_previous[:, :-1], value_blocks], dim=2)
+        output = self._attend(layout.to_blocks(query), keys, values, layout.previous_block_mask())
+        return layout.from_blocks(output, query.shape[1])
+
+    def _project_context(self, projection: nn.Linear, context_states: torch.Tensor) -> torch.Tensor:
+        """(B, C, T, D) -> (B, T, H, d). With one filter per head ("mh"), head h projects filter h's states."""
+        if context_states.shape[1] == 1:
+            return projection(context_states[:, 0]).unflatten(-1, (self.num_heads, self.head_dim))
+        if runs_as_written(projection, nn.Linear):
+            # Head h needs only its own d rows of the weight applied to filter h: one batched matmul over heads, which
+            # reads the (B, C, T, D) states in place.
+            weight = projection.weight.view(self.num_heads, self.head_dim, -1)  # (H, d, D)
+            return (context_states @ weight.transpose(1, 2)).transpose(1, 2)  # (B, H, T, d) -> (B, T, H, d)
+        # A wrapped or hooked projection (LoRA, quantised, FSDP-managed) must run as a module: every head projects
+        # every filter and head h keeps filter h - H times the FLOPs, the same result.
+        projected = projection(context_states).unflatten(-1, (self.num_heads, self.head_dim))  # (B, C, T, H, d)
+        return projected.diagonal(dim1=1, dim2=3).permute(0, 1, 3, 2)  # (B, T, d, C=H) -> (B, T, H, d)
+
+    def _context_keys_values(self, context_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Context states (B, T, D, C) -> keys and values (B, T, H, d) before RoPE, W_k RMSNorm(y) and W_v RMSNorm(y),
+        head h reading filter h ("mh", C = H) or the one filter ("sh").
+
+        Plain modules and float32 states take `rms_normed_projection`: keys and values in one matmul that reads the
+        SSM output in place, the norm folded into it ("mh" normalises H * D numbers per position; normalising them as
+        such, after a copy into the norm's layout, cost more than its SSM). Hooked or wrapped modules, and other
+        dtypes (whose rounding the norm's own order fixes), run the modules.
+        """
+        states = context_states.permute(0, 3, 1, 2)  # (B, C, T, D), a view
+        projections = (self.context_k_proj, self.context_v_proj)
+        plain = runs_as_written(self.context_norm, BSTRMSNorm)
+        plain = plain and all(runs_as_written(projection, nn.Linear) for projection in projections)
+        if not plain or states.dtype != torch.float32:
+            # One copy to (B, C, T, D): the norm reduces over D and head h projects filter h, both on contiguous rows.
+            normed = self.context_norm(states.contiguous())
+            keys = self._project_context(self.context_k_proj, normed)
+            return keys, self._project_context(self.context_v_proj, normed)
+        batch, filters, length, width = states.shape
+        # Filter c's rows: [c, c + 1) * H / C * d of each projection, keys then values: (C, 2 H / C * d, D).
+        weight = torch.cat([projection.weight.view(filters, -1, width) for projection in projections], dim=1)
+        projected = rms_normed_projection(states, self.context_norm.weight, self.context_norm.variance_epsilon, weight)
+        keys, values = projected.transpose(1, 2).chunk(2, dim=-1)  # (B, T, C, H / C * d) each
+        shape = (batch, length, self.num_heads, self.head_dim)
+        return keys.reshape(shape), values.reshape(shape)  # views
+
+    def _multi_filter_context(self, end_states, layout, layer_cache):
+        """Context states of every block of the layout (B, N, S, D): the S filter outputs at the last position of the
+        previous block (`end_states` (B, N, D, S), from `BSTStateSpace._block_end_outputs`); the first block reads the
+        cache, or the learned initial context at the sequence start."""
+        batch = end_states.shape[0]
+        end_states = end_states.transpose(2, 3).to(self.initial_context.dtype)  # (B, N, S, D)
+        first = self.initial_context.expand(batch, -1, -1)
+        if layer_cache is not None and layer_cache.get("context_states") is not None:
+            started = layout.seen_tokens > 0
+            first = torch.where(started[:, None, None], layer_cache["context_states"], first)
+        every_block = torch.cat([first[:, None], end_states], dim=1)  # (B, N + 1, S, D)
+        if layer_cache is not None:
+            index = layout.current_block_index().view(-1, 1, 1, 1).expand(-1, 1, *every_block.shape[2:])
+            layer_cache["context_states"] = every_block.gather(1, index).squeeze(1)
+        return every_block[:, :-1]
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        rotations: torch.Tensor,
+        layout: BlockLayout,
+        context_states: torch.Tensor | None = None,
+        layer_cache: dict | None = None,
+    ) -> torch.Tensor:
+        hidden_shape = (*hidden_states.shape[:-1], self.num_heads, self.head_dim)
+        key_value_shape = (*hidden_states.shape[:-1], self.num_key_value_heads, self.head_dim)
+        query = apply_rotary(self.q_proj(hidden_states).view(hidden_shape), rotations, self.rope_pairing)  # (B,T,H,d)
+        key = apply_rotary(self.k_proj(hidden_states).view(key_value_shape), rotations, self.rope_pairing)  # H_kv heads
+        value = self.v_proj(hidden_states).view(key_value_shape)
+        if self.config.attend_previous_block:
+            output = self._previous_block_attention(query, key, value, layout, layer_cache)
+        else:
+            output = self._block_attention(query, key, value, layout, layer_cache, "keys", "values")
+        if not self.is_bst_layer:
+            return self.o_proj(output)
+
+        cross_query = self.cross_q_proj(hidden_states).view(hidden_shape)
+        context_states = context_states.to(hidden_states.dtype)  # (B, T, D, C); "mf": (B, N, D, S) at block ends
+        if self.config.bst_variant == "mf":
+            contexts = self._multi_filter_context(context_states, layout, layer_cache)  # (B, N, S, D)
+            contexts = self.context_norm(contexts) + self.context_ids
+            context_keys = self.context_k_proj(contexts).unflatten(-1, (self.num_heads, self.head_dim))
+            context_values = self.context_v_proj(contexts).unflatten(-1, (self.num_heads, self.head_dim))
+            if layout.is_single_step:
+                cross_output = self._attend_step(cross_query, context_keys[:, 0], context_values[:, 0], None)
+            else:
+                cross_output = self._attend(layout.to_blocks(cross_query), context_keys, context_values)
+                cross_output = layout.from_blocks(cross_output, hidden_states.shape[1])
+        else:
+            # Token i of a block reads the context states of positions j <= i of its block, like its own keys.
+            context_keys, context_values = self._context_keys_values(context_states)
+            context_keys = apply_rotary(context_keys, rotations, self.rope_pairing)
+            cross_query = apply_rotary(cross_query, rotations, self.rope_pairing)
+            cross_output = self._block_attention(
+                cross_query, context_keys, context_values, layout, layer_cache, "context_keys", "context_values"
+            )
+        return self.o_proj(torch.cat([output, cross_output], dim=-1))
 
 
 class BSTS4DKernel(nn.Module):
@@ -616,618 +833,11 @@ class BSTStateSpace(nn.Module):
         if layout.has_padding:
             inputs = inputs * layout.token_mask.unsqueeze(-1)  # as in forward: padding never enters the state
         if self.config.ssm_kernel == "s4":
-            convolved = self._block_end_scan(inputs, layout.block_size)
+            convolved = block_end_scan(inputs, *self.kernel_generator.discretize(), self.num_filters, layout.block_size)
         else:
-            convolved = self._block_end_convolution(inputs, layout.block_size)
+            convolved = block_end_convolution(inputs, self.kernel(length), layout.block_size)
         end_inputs = inputs.gather(1, end_index[..., None].expand(-1, -1, self.hidden_size))  # (B, N, D)
         return torch.addcmul(convolved, end_inputs.unsqueeze(-1), self.skip.to(inputs.dtype))  # + skip * u
-
-    def _block_end_scan(self, inputs: torch.Tensor, block_size: int) -> torch.Tensor:
-        r""""s4" outputs at the block ends, (B, T, D) -> (B, N, D, C), through the state at each block end:
-
-            s_k = dA^W_k s_(k-1) + C dB sum_i dA^(W_k-1-i) u_(k,i),   y_k = 2 Re(sum_n s_k)
-
-        W_k = W, except for a partial last block (its tokens are read up to the chunk's last one). With the exponent
-        W-1-i = b*j + i2 (b ~ sqrt(B T)), the block sums are
-
-            sum_i dA^(W-1-i) u_(k,i) = sum_j dA^(b*j) [sum_i2 dA^i2 u_(k,j,i2)]
-
-        the bracket one real matmul per channel, (B*N*J, b) by (b, S N) (`PowerTable`), then J multiply-adds with the
-        C dB-weighted high powers (`WeightedSum`) and the scan over blocks (`BlockStateScan`). The power table and the
-        matmul output stay at ~sqrt(B T) x (S N) per channel instead of W x (S N). On CPU the time is memory traffic
-        over those two tensors (D S N/2 sqrt(B T) complex, 33M at 4k), so each step writes each of them once and
-        reads it as few times as it can, in the forward and in the backward.
-        """
-        batch, length, channels = inputs.shape
-        filters, dtype = self.num_filters, inputs.dtype
-        num_blocks = -(-length // block_size)
-        last_size = length - (num_blocks - 1) * block_size
-        # The last block's tokens go to its end slots, so that exponent W-1-i counts from the chunk's last token.
-        gap = inputs.new_zeros(batch, block_size - last_size, channels)
-        split = (num_blocks - 1) * block_size
-        blocks = torch.cat([inputs[:, :split], gap, inputs[:, split:]], dim=1).view(batch, num_blocks, block_size, -1)
-        log_da, c_db = self.kernel_generator.discretize()  # (D*C, N/2)
-        modes = log_da.shape[-1]
-        log_da, c_db = log_da.view(channels, filters, modes), c_db.view(channels, filters, modes)
-        low_count = min(block_size, max(1, math.isqrt(batch * length)))
-        high_count = -(-block_size // low_count)
-        # Exponent e = W-1-i = b*j + i2: reverse the slots, pad to J*b, and put each channel's (B*N*J, b) rows first.
-        exponent_major = F.pad(blocks.flip(2), (0, 0, 0, high_count * low_count - block_size))
-        rows = exponent_major.view(-1, low_count, channels).permute(2, 0, 1).contiguous()  # (D, R = B*N*J, b)
-        # The real matmul operand is the complex table's own memory, (Re, Im) of each filter's and mode's powers side
-        # by side, (D, b, C*N/2*2): no permute, and the output views as complex (D, B, N, J, C, N/2) directly.
-        low_powers = PowerTable.apply(log_da, low_count, dtype)  # z^i2, (D, b, C, N/2)
-        inner = rows @ torch.view_as_real(low_powers).flatten(2)
-        inner = torch.view_as_complex(inner.view(channels, batch * num_blocks, high_count, filters * modes, 2))
-        high_powers = PowerTable.apply(low_count * log_da.flatten(1), high_count, dtype)  # z^(b*j), (D, J, C*N/2)
-        weights = c_db.flatten(1).unsqueeze(1) * high_powers
-        block_sums = WeightedSum.apply(inner, weights).view(channels, batch, num_blocks, -1)  # (D, B, N, C*N/2)
-        # dA^W for whole blocks and dA^(W_last) for the last: two powers, not one table per block.
-        steps = torch.tensor([block_size, last_size], device=inputs.device, dtype=torch.float64)
-        decays = ComplexPowers.apply(log_da.flatten(1).unsqueeze(1), steps.view(-1, 1), dtype)  # (D, 2, C*N/2)
-        decays = decays[:, [0] * (num_blocks - 1) + [1]]  # (D, N, C*N/2)
-        states = BlockStateScan.apply(block_sums, decays)  # (D, B, N, C*N/2)
-        return 2 * states.view(channels, batch, num_blocks, filters, modes).sum(-1).real.permute(1, 2, 0, 3)
-
-    def _block_end_convolution(self, inputs: torch.Tensor, block_size: int) -> torch.Tensor:
-        r"""Outputs at the block ends for any kernel, (B, T, D) -> (B, N, D, C). For a whole block k,
-
-            y_k = sum_(q <= k) sum_i Kb[q, i] ub[k - q, i],   Kb[q, i] = K[qW + W-1-i],   ub[m, i] = u[mW + i]
-
-        a convolution over the block axis with W-vector taps: FFTs of length 2 N_full along that axis and a sum over
-        i. A partial last block is read at the chunk's last token: y = sum_s K[T-1-s] u[s], one dot product.
-        """
-        batch, length, channels = inputs.shape
-        whole_blocks = length // block_size
-        taps = self.kernel(length).to(inputs.dtype)  # (D, C, T)
-        ends = []
-        if whole_blocks:
-            fft_size = 2 * whole_blocks
-            used = whole_blocks * block_size
-            input_blocks = inputs[:, :used].view(batch, whole_blocks, block_size, channels)
-            input_f = torch.fft.rfft(input_blocks, n=fft_size, dim=1).permute(3, 1, 2, 0)  # (D, F, W, B)
-            tap_blocks = taps[..., :used].view(channels, self.num_filters, whole_blocks, block_size).flip(-1)
-            tap_f = torch.fft.rfft(tap_blocks.transpose(1, 2), n=fft_size, dim=1)  # (D, F, C, W)
-            ends.append(torch.fft.irfft(tap_f @ input_f, n=fft_size, dim=1)[:, :whole_blocks].permute(3, 1, 0, 2))
-        if length > whole_blocks * block_size:
-            last = torch.einsum("bsd,dcs->bdc", inputs, taps.flip(-1))  # y[T-1] = sum_s K[T-1-s] u[s]
-            ends.append(last.unsqueeze(1))
-        return torch.cat(ends, dim=1)  # (B, N, D, C)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Block layout: where each token sits among the blocks of W tokens
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-def step_reads_all_slots(device: torch.device) -> bool:
-    """Whether a decoding step attends to all W slots of its block (with a mask) instead of stopping at the furthest
-    row's slot: when compiling (shapes must not change) and on accelerators. There a key length that changes every
-    step costs a new attention plan per length (measured on an H100 in bf16: cuDNN's SDPA backend took 42-62 ms a
-    step, 3.5-6 ms with it off, until every length had been seen) and reading the furthest slot syncs with the host;
-    the W - span extra keys cost nothing next to that."""
-    return torch.compiler.is_compiling() or device.type != "cpu"
-
-
-@dataclass
-class BlockLayout:
-    """Places a chunk of T tokens (real tokens first in each row) into blocks of `block_size` tokens.
-
-    Row r has already seen `seen_tokens[r]` real tokens (from the cache), so its first new token sits at slot
-    `offsets[r] = seen_tokens[r] % W` of the current block, and the block's earlier slots come from the cache. When
-    every offset is 0 the layout is the chunk itself, padded at the end to whole blocks (`virtual_index` is None);
-    otherwise token t of row r goes to virtual position offsets[r] + t.
-    """
-
-    block_size: int
-    lengths: torch.Tensor  # (B,) real tokens of each row in this chunk
-    token_mask: torch.Tensor  # (B, T) True for real tokens (a prefix of each row)
-    seen_tokens: torch.Tensor  # (B,) real tokens seen before this chunk
-    offsets: torch.Tensor  # (B,) slot of the first new token in its block
-    virtual_index: torch.Tensor | None  # (B, T) offsets + t, or None when all offsets are 0
-    num_blocks: int
-    has_padding: bool  # some token_mask entry is False
-    is_single_step: bool  # one new token per row on top of a cache: queries stay out of the block layout
-    # RoPE rotation by -W (1, 1, head_dim/2): a previous-block key at slot j sits W - j + i before a query at slot i.
-    previous_block_rotation: torch.Tensor | None = None
-    # A decoding step attends to the first `step_span` slots of its block, with `step_mask` (B, 1, 1, step_span), or
-    # with no mask when every row sees all of them (rows at the same slot). Eager steps on CPU stop at the furthest
-    # row's slot, so the early slots of a block cost less and a mask-free attention call takes the fast kernel; other
-    # steps read all W slots (`step_reads_all_slots`).
-    step_span: int = 0
-    step_mask: torch.Tensor | None = None
-
-    @classmethod
-    def build(
-        cls, token_mask: torch.Tensor, seen_tokens: torch.Tensor, block_size: int, has_cache: bool, has_padding: bool
-    ):
-        batch, length = token_mask.shape
-        offsets = seen_tokens % block_size
-        is_single_step = has_cache and length == 1
-        step_span, step_mask = block_size, None
-        if is_single_step:
-            # One token per row, at its own slot of one block: no data-dependent branch.
-            virtual_index, span = offsets[:, None], 1
-            lowest, highest = 0, -1
-            if not step_reads_all_slots(token_mask.device):
-                lowest, highest = offsets.aminmax()
-                lowest, highest = int(lowest), int(highest)
-                step_span = highest + 1
-            if lowest != highest:
-                slots = torch.arange(step_span, device=token_mask.device)
-                step_mask = (slots <= offsets[:, None]).view(-1, 1, 1, step_span)
-        elif bool((offsets == 0).all()):
-            virtual_index, span = None, length
-        else:
-            virtual_index = offsets[:, None] + torch.arange(length, device=token_mask.device)
-            span = int(offsets.max()) + length
-        return cls(
-            block_size=block_size,
-            lengths=token_mask.sum(1),
-            token_mask=token_mask,
-            seen_tokens=seen_tokens,
-            offsets=offsets,
-            virtual_index=virtual_index,
-            num_blocks=-(-span // block_size),
-            has_padding=has_padding,
-            is_single_step=is_single_step,
-            step_span=step_span,
-            step_mask=step_mask,
-        )
-
-    def to_blocks(self, states: torch.Tensor, cached_block: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, T, ...) -> (B, num_blocks, W, ...); the first block's earlier slots come from `cached_block` (B, W, ...)."""
-        batch, length = states.shape[:2]
-        span = self.num_blocks * self.block_size
-        if self.virtual_index is None:
-            padded = states if span == length else F.pad(states, (0, 0) * (states.dim() - 2) + (0, span - length))
-        else:
-            padded = states.new_zeros(batch, span, *states.shape[2:])
-            if cached_block is not None:
-                padded[:, : self.block_size] = cached_block
-            index = self.virtual_index.view(batch, length, *([1] * (states.dim() - 2))).expand_as(states)
-            padded = padded.scatter(1, index, states)
-        return padded.unflatten(1, (self.num_blocks, self.block_size))
-
-    def from_blocks(self, blocks: torch.Tensor, length: int) -> torch.Tensor:
-        """Inverse of `to_blocks` for the chunk's tokens: (B, num_blocks, W, ...) -> (B, T, ...)."""
-        flat = blocks.flatten(1, 2)
-        if self.virtual_index is None:
-            return flat[:, :length]
-        index = self.virtual_index.view(*self.virtual_index.shape, *([1] * (flat.dim() - 2)))
-        return flat.gather(1, index.expand(-1, -1, *flat.shape[2:]))
-
-    def current_block_index(self) -> torch.Tensor:
-        """(B,) index, among this chunk's blocks, of the block that holds each row's next token (may be num_blocks)."""
-        return (self.offsets + self.lengths) // self.block_size
-
-    def last_block(self, blocks: torch.Tensor) -> torch.Tensor:
-        """The block each row's next token falls in, to carry to the next call: (B, num_blocks, W, ...) -> (B, W, ...).
-        When that block starts fresh, any block will do: its slots are masked until overwritten."""
-        index = self.current_block_index().clamp(max=self.num_blocks - 1)
-        index = index.view(-1, 1, *([1] * (blocks.dim() - 2))).expand(-1, 1, *blocks.shape[2:])
-        return blocks.gather(1, index).squeeze(1)
-
-    def write_step(self, cached_block: torch.Tensor, states: torch.Tensor) -> None:
-        """Writes a decoding step's (B, 1, ...) states into each row's slot of the cached block (B, W, ...), in place.
-        Eagerly a scatter is cheapest; a compiled step indexes rows and slots, which inductor keeps in place (it turns
-        a scatter into a copy of the whole block)."""
-        if torch.compiler.is_compiling():
-            rows = torch.arange(states.shape[0], device=states.device)
-            cached_block[rows, self.offsets] = states[:, 0]
-        else:
-            cached_block.scatter_(1, self.offsets.view(-1, *([1] * (states.dim() - 1))).expand_as(states), states)
-
-    def single_step_mask(self) -> torch.Tensor:
-        """(B, 1, 1, W) keys a lone new token at slot `offsets` may see: the slots of its block up to itself."""
-        slots = torch.arange(self.block_size, device=self.offsets.device)
-        return (slots <= self.offsets[:, None]).view(-1, 1, 1, self.block_size)
-
-    def previous_of_last_block(self, blocks_with_previous: torch.Tensor) -> torch.Tensor:
-        """The block before the one holding each row's next token. `blocks_with_previous` (B, 1 + num_blocks, W, ...)
-        has the block before the chunk's first block in front: (B, W, ...)."""
-        index = self.current_block_index().view(-1, 1, *([1] * (blocks_with_previous.dim() - 2)))
-        return blocks_with_previous.gather(1, index.expand(-1, 1, *blocks_with_previous.shape[2:])).squeeze(1)
-
-    def previous_block_mask(self) -> torch.Tensor:
-        """(B * num_blocks, 1, W, 2W) keys each query may see when the previous block joins its own: all W slots of the
-        previous block (when the sequence has one), then the slots of its own block up to itself."""
-        block_size, device = self.block_size, self.offsets.device
-        first_block = self.seen_tokens // block_size  # absolute index of the chunk's first block
-        has_previous = (first_block[:, None] + torch.arange(self.num_blocks, device=device)) >= 1  # (B, N)
-        own = torch.ones(block_size, block_size, dtype=torch.bool, device=device).tril()
-        mask = torch.cat(
-            [
-                has_previous[:, :, None, None].expand(-1, -1, block_size, block_size),
-                own.expand(*has_previous.shape, -1, -1),
-            ],
-            dim=-1,
-        )  # (B, N, W, 2W)
-        return mask.flatten(0, 1).unsqueeze(1)
-
-    def single_step_previous_block_mask(self) -> torch.Tensor:
-        """(B, 1, 1, 2W): `previous_block_mask` for a lone new token at slot `offsets`."""
-        has_previous = (self.seen_tokens // self.block_size >= 1)[:, None].expand(-1, self.block_size)
-        own = self.single_step_mask().view(-1, self.block_size)
-        return torch.cat([has_previous, own], dim=-1).view(-1, 1, 1, 2 * self.block_size)
-
-
-def block_end_index(layout: BlockLayout, length: int) -> torch.Tensor:
-    """(B, N) chunk positions of the last token of each of the layout's blocks, clamped to the chunk: where "mf" reads
-    its context states."""
-    block_ends = torch.arange(1, layout.num_blocks + 1, device=layout.offsets.device) * layout.block_size - 1
-    return (block_ends[None, :] - layout.offsets[:, None]).clamp(0, length - 1)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Block Transformer sublayer
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-class BSTRMSNorm(nn.Module):
-    def __init__(self, hidden_size: int, eps: float = 1e-6):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(hidden_size))
-        self.variance_epsilon = eps
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        input_dtype = hidden_states.dtype
-        hidden_states = hidden_states.to(torch.float32)
-        variance = hidden_states.pow(2).mean(-1, keepdim=True)
-        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
-        return self.weight * hidden_states.to(input_dtype)
-
-
-class BSTRotaryEmbedding(nn.Module):
-    """RoPE over the slot of a token inside its block (0..W-1): positions never exceed W, so any length works."""
-
-    def __init__(self, config: BSTConfig):
-        super().__init__()
-        self.config = config
-        self.inv_freq = nn.Buffer(self.compute_inv_freq(config), persistent=False)
-
-    @staticmethod
-    def compute_inv_freq(config: BSTConfig) -> torch.Tensor:
-        exponents = torch.arange(0, config.head_dim, 2, dtype=torch.float32) / config.head_dim
-        return 1.0 / (config.rope_theta**exponents)
-
-    @torch.no_grad()
-    def forward(self, slots: torch.Tensor) -> torch.Tensor:
-        """slots (B, T) -> rotations exp(i * slot * inv_freq) (B, T, head_dim/2), complex64."""
-        angles = slots[..., None].float() * self.inv_freq.to(slots.device)
-        return torch.polar(torch.ones_like(angles), angles)
-
-
-def apply_rotary(states: torch.Tensor, rotations: torch.Tensor, pairing: str = "interleaved") -> torch.Tensor:
-    """RoPE: channels (2i, 2i+1) of every head ("interleaved"), or (i, i + head_dim/2) ("rotate_half", Llama's
-    convention), read as one complex number, are multiplied by rotations[..., i].
-
-    states (B, T, H, head_dim), rotations (B or 1, T, head_dim/2) complex. One complex multiply is ~4x faster on CPU
-    (forward + backward) than the rotate-half form, which needs a split, a negation, a concatenation and three more
-    elementwise passes; "rotate_half" pairs are gathered into complex numbers by a transpose and multiplied the same
-    way: (x1 + i x2) e^(i theta) = (x1 cos - x2 sin) + i (x2 cos + x1 sin), Llama's q * cos + rotate_half(q) * sin.
-    Computed in fp32: there is no bfloat16 complex type.
-    """
-    if pairing == "rotate_half":
-        halves = states.float().unflatten(-1, (2, -1)).transpose(-1, -2)  # (B, T, H, head_dim/2, 2)
-        pairs = torch.view_as_complex(halves.contiguous())
-        return torch.view_as_real(pairs * rotations.unsqueeze(2)).transpose(-1, -2).flatten(-2).to(states.dtype)
-    pairs = torch.view_as_complex(states.float().contiguous().unflatten(-1, (-1, 2)))  # (B, T, H, head_dim/2)
-    return torch.view_as_real(pairs * rotations.unsqueeze(2)).flatten(-2).to(states.dtype)
-
-
-def eager_attention_forward(
-    module: nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    scaling: float,
-    dropout: float = 0.0,
-    is_causal: bool = False,
-    **kwargs,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """query (N, H, Q, d), key/value (N, H, K, d); `attention_mask` is boolean (True = may attend)."""
-    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
-    if is_causal:
-        causal = torch.ones(query.shape[2], key.shape[2], dtype=torch.bool, device=query.device).tril()
-        attention_mask = causal if attention_mask is None else attention_mask & causal
-    if attention_mask is not None:
-        scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
-    probabilities = F.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
-    probabilities = F.dropout(probabilities, p=dropout, training=module.training)
-    return torch.matmul(probabilities, value).transpose(1, 2).contiguous(), probabilities
-
-
-def runs_as_written(module: nn.Module, module_class: type) -> bool:
-    """Whether `module` is exactly `module_class` with no forward hooks, so that its weights may be used directly
-    (a LoRA-wrapped, quantised or hooked module must run as a module)."""
-    return type(module) is module_class and not (module._forward_hooks or module._forward_pre_hooks)
-
-
-def rms_normed_projection(
-    states: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor
-) -> torch.Tensor:
-    r"""RMSNorm over D, then a projection per filter: states (B, C, T, D), weight (C, E, D) -> (B, C, T, E),
-    W_c RMSNorm(y) with RMSNorm(y) = g * y * r and r = rsqrt(mean_D y^2 + eps), one number per (filter, position), so
-
-        W RMSNorm(y) = r * ((W diag g) y)
-
-    The norm weight g folds into the (small) projection weight, one batched matmul reads the states in place, any
-    strides (the SSM's (D, T) planes as transposed matrices), and r scales the E projected numbers of each row: no
-    normalised copy of the C * D numbers per position, and no passes over them in the backward beyond the matmul's and
-    the norm's own.
-    """
-    mean_square = torch.linalg.vector_norm(states, dim=-1, keepdim=True).square() / states.shape[-1]
-    projected = states @ (weight * norm_weight).transpose(1, 2)  # (B, C, T, E)
-    return (projected * torch.rsqrt(mean_square + eps)).to(projected.dtype)
-
-
-class BSTMLP(nn.Module):
-    """down(act(up(x))), or with `config.gated_mlp` Llama's gated form down(act(gate(x)) * up(x))."""
-
-    def __init__(self, config: BSTConfig):
-        super().__init__()
-        self.gated = config.gated_mlp
-        if self.gated:
-            self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
-        self.act_fn = ACT2FN[config.hidden_act]
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        if self.gated:
-            return self.down_proj(self.act_fn(self.gate_proj(hidden_states)) * self.up_proj(hidden_states))
-        return self.down_proj(self.act_fn(self.up_proj(hidden_states)))
-
-
-class BSTOutputProjection(nn.Linear):
-    """`o_proj` of a BST layer: the self-attention heads, then the cross-attention heads, mixed into the model width.
-    A plain linear map; its own class only so that initialisation can start the cross-attention half at zero."""
-
-    def __init__(self, inner_size: int, hidden_size: int):
-        super().__init__(2 * inner_size, hidden_size, bias=False)
-
-
-def repeat_key_value_heads(key, value, num_heads):
-    """(..., H_kv, d) -> (..., H, d): grouped key/value heads each serve H / H_kv query heads. Repeated at attention
-    time, after the cache, which keeps H_kv heads."""
-    if key.shape[-2] == num_heads:
-        return key, value
-    groups = num_heads // key.shape[-2]
-    return key.repeat_interleave(groups, dim=-2), value.repeat_interleave(groups, dim=-2)
-
-
-class BSTAttention(nn.Module):
-    """Causal self-attention inside each block and, in BST layers, cross-attention to the block's context states.
-
-    The self- and cross-attention heads are concatenated and mixed by one output projection (the Block-Recurrent
-    Transformer's "vertical" cell without recurrence and without gates).
-    """
-
-    def __init__(self, config: BSTConfig, layer_idx: int, is_bst_layer: bool):
-        super().__init__()
-        self.config = config
-        self.layer_idx = layer_idx
-        self.is_bst_layer = is_bst_layer
-        self.num_heads = config.num_attention_heads
-        self.num_key_value_heads = config.num_key_value_heads
-        self.head_dim = config.head_dim
-        # What Transformers' attention functions would repeat key/value heads by. `_attend` repeats them itself (the
-        # cross-attention's context keys have all heads), so the functions must not.
-        self.num_key_value_groups = 1
-        self.scaling = self.head_dim**-0.5
-        self.is_causal = True
-        self.rope_pairing = config.rope_pairing
-        inner_size = self.num_heads * self.head_dim
-        key_value_size = self.num_key_value_heads * self.head_dim
-        self.q_proj = nn.Linear(config.hidden_size, inner_size, bias=config.qkv_bias)
-        self.k_proj = nn.Linear(config.hidden_size, key_value_size, bias=config.qkv_bias)
-        self.v_proj = nn.Linear(config.hidden_size, key_value_size, bias=config.qkv_bias)
-        if is_bst_layer:
-            self.context_norm = BSTRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-            self.cross_q_proj = nn.Linear(config.hidden_size, inner_size, bias=False)
-            self.context_k_proj = nn.Linear(config.hidden_size, inner_size, bias=False)
-            self.context_v_proj = nn.Linear(config.hidden_size, inner_size, bias=False)
-            if config.bst_variant == "mf":
-                self.initial_context = nn.Parameter(torch.empty(config.num_context_states, config.hidden_size))
-                self.context_ids = nn.Parameter(torch.empty(config.num_context_states, config.hidden_size))
-        if is_bst_layer:
-            self.o_proj = BSTOutputProjection(inner_size, config.hidden_size)
-        else:
-            self.o_proj = nn.Linear(inner_size, config.hidden_size, bias=False)
-
-    def _attend(self, query, key, value, attention_mask=None, is_causal=False) -> torch.Tensor:
-        """query (B, N, Q, H, d), key/value (B, N, K, H or H_kv, d) -> (B, N, Q, H*d): one attention call over all
-        blocks."""
-        batch, num_blocks = query.shape[:2]
-        key, value = repeat_key_value_heads(key, value, query.shape[-2])
-        flat = [states.flatten(0, 1).transpose(1, 2) for states in (query, key, value)]  # (B*N, H, len, d)
-        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
-            self.config._attn_implementation, eager_attention_forward
-        )
-        output, _ = attention_interface(
-            self,
-            *flat,
-            attention_mask,
-            dropout=self.config.attention_dropout if self.training else 0.0,
-            scaling=self.scaling,
-            is_causal=is_causal,
-        )
-        return output.reshape(batch, num_blocks, query.shape[2], -1)
-
-    def _attend_step(self, query, key, value, attention_mask) -> torch.Tensor:
-        """One decoding step: query (B, 1, H, d), key/value (B, K, H, d) -> (B, 1, H*d). With SDPA it calls the kernel
-        directly: for one query, `_attend`'s block reshaping and Transformers' SDPA wrapper cost more than the attention
-        itself (0.6 ms of a 7.5 ms step, d = 256, 4 layers, on CPU)."""
-        if self.config._attn_implementation != "sdpa" or self.training:
-            return self._attend(query[:, None], key[:, None], value[:, None], attention_mask)[:, 0]
-        key, value = repeat_key_value_heads(key, value, query.shape[-2])
-        output = F.scaled_dot_product_attention(
-            query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), attention_mask, scale=self.scaling
-        )  # (B, H, 1, d)
-        return output.transpose(1, 2).reshape(query.shape[0], 1, -1)
-
-    def _block_attention(self, query, key, value, layout, layer_cache, key_name, value_name):
-        """Causal attention inside blocks; keys/values (B, T, H, d) of this chunk join the cached ones of the block."""
-        cached_keys = None if layer_cache is None else layer_cache.get(key_name)
-        cached_values = None if layer_cache is None else layer_cache.get(value_name)
-        if layout.is_single_step and cached_keys is not None:
-            # Decoding: write the new key/value into its slot of the cached block in place, attend to slots <= it.
-            layout.write_step(cached_keys, key)
-            layout.write_step(cached_values, value)
-            keys, values = cached_keys[:, : layout.step_span], cached_values[:, : layout.step_span]
-            return self._attend_step(query, keys, values, layout.step_mask)
-        key_blocks = layout.to_blocks(key, cached_keys)  # (B, N, W, H, d)
-        value_blocks = layout.to_blocks(value, cached_values)
-        if layer_cache is not None:
-            layer_cache[key_name] = layout.last_block(key_blocks)
-            layer_cache[value_name] = layout.last_block(value_blocks)
-        if layout.is_single_step:  # a single token on an empty cache
-            output = self._attend(query[:, None], key_blocks, value_blocks, layout.single_step_mask())
-            return output[:, 0]  # (B, 1, H*d)
-        output = self._attend(layout.to_blocks(query), key_blocks, value_blocks, is_causal=True)
-        return layout.from_blocks(output, query.shape[1])
-
-    def _previous_block_attention(self, query, key, value, layout, layer_cache):
-        """Causal self-attention over the token's own block and the whole previous block (`attend_previous_block`):
-        (B, T, H, d) -> (B, T, H*d). The cache holds both blocks' keys/values (2W slots)."""
-        cached = {} if layer_cache is None else layer_cache
-        if layout.is_single_step and cached.get("keys") is not None:
-            # A real token at slot 0 opens a new block: the full current block becomes the previous one (in place; a
-            # compiled step or one on an accelerator always copies, which needs no host sync; an eager CPU step only
-            # when some row opens a block).
-            opens_block = (layout.offsets == 0) & (layout.seen_tokens > 0) & layout.token_mask[:, 0]
-            if step_reads_all_slots(query.device) or bool(opens_block.any()):
-                for name in ("keys", "values"):
-                    flag = opens_block.view(-1, *([1] * (cached[name].dim() - 1)))
-                    cached["previous_" + name] = torch.where(flag, cached[name], cached["previous_" + name])
-            layout.write_step(cached["keys"], key)
-            layout.write_step(cached["values"], value)
-            previous_keys = apply_rotary(cached["previous_keys"], layout.previous_block_rotation, self.rope_pairing)
-            span = layout.step_span
-            keys = torch.cat([previous_keys, cached["keys"][:, :span]], dim=1)  # (B, W + span, H, d)
-            values = torch.cat([cached["previous_values"], cached["values"][:, :span]], dim=1)
-            mask = layout.single_step_previous_block_mask()[..., : self.config.block_size + span]
-            return self._attend_step(query, keys, values, mask)
-
-        key_blocks = layout.to_blocks(key, cached.get("keys"))  # (B, N, W, H, d)
-        value_blocks = layout.to_blocks(value, cached.get("values"))
-        first_previous = [cached.get(name) for name in ("previous_keys", "previous_values")]
-        # The block before the chunk's first one: from the cache, or zeros (masked) at the sequence start.
-        key_blocks_with_previous, value_blocks_with_previous = (
-            torch.cat([(blocks[:, 0] * 0 if previous is None else previous)[:, None], blocks], dim=1)
-            for blocks, previous in zip((key_blocks, value_blocks), first_previous)
-        )  # (B, 1 + N, W, H, d)
-        if layer_cache is not None:
-            layer_cache["keys"], layer_cache["values"] = layout.last_block(key_blocks), layout.last_block(value_blocks)
-            layer_cache["previous_keys"] = layout.previous_of_last_block(key_blocks_with_previous)
-            layer_cache["previous_values"] = layout.previous_of_last_block(value_blocks_with_previous)
-        previous_keys = apply_rotary(
-            key_blocks_with_previous[:, :-1].flatten(1, 2), layout.previous_block_rotation, self.rope_pairing
-        )
-        keys = torch.cat([previous_keys.view_as(key_blocks), key_blocks], dim=2)  # (B, N, 2W, H, d)
-        values = torch.cat([value_blocks_with_previous[:, :-1], value_blocks], dim=2)
-        output = self._attend(layout.to_blocks(query), keys, values, layout.previous_block_mask())
-        return layout.from_blocks(output, query.shape[1])
-
-    def _project_context(self, projection: nn.Linear, context_states: torch.Tensor) -> torch.Tensor:
-        """(B, C, T, D) -> (B, T, H, d). With one filter per head ("mh"), head h projects filter h's states."""
-        if context_states.shape[1] == 1:
-            return projection(context_states[:, 0]).unflatten(-1, (self.num_heads, self.head_dim))
-        if runs_as_written(projection, nn.Linear):
-            # Head h needs only its own d rows of the weight applied to filter h: one batched matmul over heads, which
-            # reads the (B, C, T, D) states in place.
-            weight = projection.weight.view(self.num_heads, self.head_dim, -1)  # (H, d, D)
-            return (context_states @ weight.transpose(1, 2)).transpose(1, 2)  # (B, H, T, d) -> (B, T, H, d)
-        # A wrapped or hooked projection (LoRA, quantised, FSDP-managed) must run as a module: every head projects
-        # every filter and head h keeps filter h - H times the FLOPs, the same result.
-        projected = projection(context_states).unflatten(-1, (self.num_heads, self.head_dim))  # (B, C, T, H, d)
-        return projected.diagonal(dim1=1, dim2=3).permute(0, 1, 3, 2)  # (B, T, d, C=H) -> (B, T, H, d)
-
-    def _context_keys_values(self, context_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Context states (B, T, D, C) -> keys and values (B, T, H, d) before RoPE, W_k RMSNorm(y) and W_v RMSNorm(y),
-        head h reading filter h ("mh", C = H) or the one filter ("sh").
-
-        Plain modules and float32 states take `rms_normed_projection`: keys and values in one matmul that reads the
-        SSM output in place, the norm folded into it ("mh" normalises H * D numbers per position; normalising them as
-        such, after a copy into the norm's layout, cost more than its SSM). Hooked or wrapped modules, and other
-        dtypes (whose rounding the norm's own order fixes), run the modules.
-        """
-        states = context_states.permute(0, 3, 1, 2)  # (B, C, T, D), a view
-        projections = (self.context_k_proj, self.context_v_proj)
-        plain = runs_as_written(self.context_norm, BSTRMSNorm)
-        plain = plain and all(runs_as_written(projection, nn.Linear) for projection in projections)
-        if not plain or states.dtype != torch.float32:
-            # One copy to (B, C, T, D): the norm reduces over D and head h projects filter h, both on contiguous rows.
-            normed = self.context_norm(states.contiguous())
-            keys = self._project_context(self.context_k_proj, normed)
-            return keys, self._project_context(self.context_v_proj, normed)
-        batch, filters, length, width = states.shape
-        # Filter c's rows: [c, c + 1) * H / C * d of each projection, keys then values: (C, 2 H / C * d, D).
-        weight = torch.cat([projection.weight.view(filters, -1, width) for projection in projections], dim=1)
-        projected = rms_normed_projection(states, self.context_norm.weight, self.context_norm.variance_epsilon, weight)
-        keys, values = projected.transpose(1, 2).chunk(2, dim=-1)  # (B, T, C, H / C * d) each
-        shape = (batch, length, self.num_heads, self.head_dim)
-        return keys.reshape(shape), values.reshape(shape)  # views
-
-    def _multi_filter_context(self, end_states, layout, layer_cache):
-        """Context states of every block of the layout (B, N, S, D): the S filter outputs at the last position of the
-        previous block (`end_states` (B, N, D, S), from `BSTStateSpace._block_end_outputs`); the first block reads the
-        cache, or the learned initial context at the sequence start."""
-        batch = end_states.shape[0]
-        end_states = end_states.transpose(2, 3).to(self.initial_context.dtype)  # (B, N, S, D)
-        first = self.initial_context.expand(batch, -1, -1)
-        if layer_cache is not None and layer_cache.get("context_states") is not None:
-            started = layout.seen_tokens > 0
-            first = torch.where(started[:, None, None], layer_cache["context_states"], first)
-        every_block = torch.cat([first[:, None], end_states], dim=1)  # (B, N + 1, S, D)
-        if layer_cache is not None:
-            index = layout.current_block_index().view(-1, 1, 1, 1).expand(-1, 1, *every_block.shape[2:])
-            layer_cache["context_states"] = every_block.gather(1, index).squeeze(1)
-        return every_block[:, :-1]
-
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        rotations: torch.Tensor,
-        layout: BlockLayout,
-        context_states: torch.Tensor | None = None,
-        layer_cache: dict | None = None,
-    ) -> torch.Tensor:
-        hidden_shape = (*hidden_states.shape[:-1], self.num_heads, self.head_dim)
-        key_value_shape = (*hidden_states.shape[:-1], self.num_key_value_heads, self.head_dim)
-        query = apply_rotary(self.q_proj(hidden_states).view(hidden_shape), rotations, self.rope_pairing)  # (B,T,H,d)
-        key = apply_rotary(self.k_proj(hidden_states).view(key_value_shape), rotations, self.rope_pairing)  # H_kv heads
-        value = self.v_proj(hidden_states).view(key_value_shape)
-        if self.config.attend_previous_block:
-            output = self._previous_block_attention(query, key, value, layout, layer_cache)
-        else:
-            output = self._block_attention(query, key, value, layout, layer_cache, "keys", "values")
-        if not self.is_bst_layer:
-            return self.o_proj(output)
-
-        cross_query = self.cross_q_proj(hidden_states).view(hidden_shape)
-        context_states = context_states.to(hidden_states.dtype)  # (B, T, D, C); "mf": (B, N, D, S) at block ends
-        if self.config.bst_variant == "mf":
-            contexts = self._multi_filter_context(context_states, layout, layer_cache)  # (B, N, S, D)
-            contexts = self.context_norm(contexts) + self.context_ids
-            context_keys = self.context_k_proj(contexts).unflatten(-1, (self.num_heads, self.head_dim))
-            context_values = self.context_v_proj(contexts).unflatten(-1, (self.num_heads, self.head_dim))
-            if layout.is_single_step:
-                cross_output = self._attend_step(cross_query, context_keys[:, 0], context_values[:, 0], None)
-            else:
-                cross_output = self._attend(layout.to_blocks(cross_query), context_keys, context_values)
-                cross_output = layout.from_blocks(cross_output, hidden_states.shape[1])
-        else:
-            # Token i of a block reads the context states of positions j <= i of its block, like its own keys.
-            context_keys, context_values = self._context_keys_values(context_states)
-            context_keys = apply_rotary(context_keys, rotations, self.rope_pairing)
-            cross_query = apply_rotary(cross_query, rotations, self.rope_pairing)
-            cross_output = self._block_attention(
-                cross_query, context_keys, context_values, layout, layer_cache, "context_keys", "context_values"
-            )
-        return self.o_proj(torch.cat([output, cross_output], dim=-1))
 
 
 class BSTDecoderLayer(GradientCheckpointingLayer):
@@ -1261,264 +871,6 @@ class BSTDecoderLayer(GradientCheckpointingLayer):
         hidden_states = self.attention(hidden_states, rotations, layout, context_states, layer_cache)
         hidden_states = residual + hidden_states
         return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Generation cache
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-# The configuration fields that decide the shapes and meaning of a cache's tensors.
-CACHE_SIGNATURE_FIELDS = (
-    "num_hidden_layers",
-    "hidden_size",
-    "num_attention_heads",
-    "num_key_value_heads",
-    "head_dim",
-    "block_size",
-    "attend_previous_block",
-    "rope_pairing",
-    "bst_variant",
-    "ssm_kernel",
-    "ssm_state_size",
-    "num_context_states",
-    "bst_layers",
-)
-
-
-def cache_signature(config: BSTConfig) -> dict:
-    return {name: copy.deepcopy(getattr(config, name)) for name in CACHE_SIGNATURE_FIELDS}
-
-
-# The layer-cache names under which the model reads and writes its state; the rest live in `BSTLayerCache.slots`.
-RECURRENT_STATE, INPUT_HISTORY = "ssm_state", "ssm_history"
-
-
-class BatchRowsMixin:
-    """Beam search and batch edits of a cache: each applies one function to every per-row tensor (`_map_rows`)."""
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self._map_rows(lambda tensor: tensor.index_select(0, beam_idx.to(tensor.device)))
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self._map_rows(lambda tensor: tensor[indices])
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        self._map_rows(lambda tensor: tensor.repeat_interleave(repeats, dim=0))
-
-
-class BSTLayerCache(BatchRowsMixin, LinearAttentionLayer, CacheLayerMixin):
-    """One layer's decoding state, on Transformers' cache-layer API. Every tensor has the batch first and, once stored,
-    is updated in place while its shape stays the same, so its address is fixed across decoding steps (torch.compile,
-    CUDA graphs):
-
-    - `keys`/`values` (B, W, H_kv, d): the current block's self-attention keys/values in W fixed slots (slot = position
-      modulo W; H_kv = `num_key_value_heads`); only the slots up to a row's current position are read, a new block
-      overwrites them;
-    - `recurrent_states[0]` (B, D*C, N/2) complex128 ("s4"): the diagonal SSM state (double precision, so that its
-      rounding does not add up over thousands of decoding steps; 16 bytes per mode);
-    - `conv_states[0]` (B, D, K) ("unstructured", which has no finite state): the SSM inputs so far, right-aligned (the
-      newest last, zeros before the first). K grows with the sequence in a dynamic cache and is `max_cache_len` in a
-      static one;
-    - `slots`, the other fixed-size tensors: `previous_keys`/`previous_values` (B, W, H_kv, d) (`attend_previous_block`),
-      `context_keys`/`context_values` (B, W, H, d) ("sh"/"mh"), `context_states` (B, S, D) ("mf");
-    - `kernels`: what decoding reuses and no row owns, the "s4" discretisation (`log_da`, `c_db`, `da`) or the
-      "unstructured" `taps`, computed from the parameters on the cache's first use and kept until `reset`.
-
-    No standard layer fits: the block slots are written at each row's own slot (rows of a left-padded batch sit at
-    different slots), and a layer holds a recurrent state and block keys/values together. The model reads and writes
-    the tensors by name: `layer_cache.get("keys")`, `layer_cache["ssm_state"] = new_state`.
-    """
-
-    _layer_type = "bst_block_state"
-    is_compileable = True
-    is_croppable = False
-    is_sliding = False
-    supports_early_init = False
-
-    def __init__(self, max_cache_len: int | None = None, static: bool = False, **kwargs):
-        CacheLayerMixin.__init__(self)
-        LinearAttentionLayer.__init__(self, number_of_states=1)
-        self.max_cache_len = max_cache_len
-        self.static = static
-        self.slots: dict[str, torch.Tensor] = {}
-        self.kernels: dict[str, torch.Tensor] = {}
-
-    def get(self, name: str) -> torch.Tensor | None:
-        if name in ("keys", "values"):
-            return getattr(self, name)
-        if name in (RECURRENT_STATE, INPUT_HISTORY):
-            states = self.recurrent_states if name == RECURRENT_STATE else self.conv_states
-            return states[0] if self.has_previous_state[0] else None
-        return self.slots.get(name)
-
-    def __getitem__(self, name: str) -> torch.Tensor:
-        tensor = self.get(name)
-        if tensor is None:
-            raise KeyError(name)
-        return tensor
-
-    def __setitem__(self, name: str, value: torch.Tensor) -> None:
-        """Copies `value` into the tensor held under `name` when the shapes match (its address stays), else holds a
-        copy of it; the "unstructured" history of a dynamic cache grows that way."""
-        held = self.get(name)
-        if held is not None and held.shape == value.shape and held.dtype == value.dtype:
-            held.copy_(value)
-            return
-        held = value.clone(memory_format=torch.contiguous_format)
-        if self.static and not torch.compiler.is_compiling():
-            torch._dynamo.mark_static_address(held)
-        if name in ("keys", "values"):
-            setattr(self, name, held)
-        elif name in (RECURRENT_STATE, INPUT_HISTORY):
-            states = self.recurrent_states if name == RECURRENT_STATE else self.conv_states
-            states[0] = held
-            if name == RECURRENT_STATE:
-                self.is_recurrent_states_initialized[0] = True
-            else:
-                self.is_conv_states_initialized[0] = True
-            # Set here, not by `update_conv_state` only: a layer whose state was never flagged would restart from zero.
-            self.has_previous_state[0] = True
-        else:
-            self.slots[name] = held
-        self.dtype, self.device, self.is_initialized = value.dtype, value.device, True
-
-    def items(self) -> list[tuple[str, torch.Tensor]]:
-        """(name, tensor) of every per-row tensor held."""
-        named = {"keys": self.keys, "values": self.values, RECURRENT_STATE: self.get(RECURRENT_STATE)}
-        named[INPUT_HISTORY] = self.get(INPUT_HISTORY)
-        return [(name, tensor) for name, tensor in {**named, **self.slots}.items() if tensor is not None]
-
-    def nbytes(self) -> int:
-        tensors = [tensor for _, tensor in self.items()] + list(self.kernels.values())
-        return sum(tensor.numel() * tensor.element_size() for tensor in tensors)
-
-    def _map_rows(self, function: Callable[[torch.Tensor], torch.Tensor]) -> None:
-        for name, tensor in self.items():
-            self[name] = function(tensor)
-
-    def reset(self) -> None:
-        """Drops every tensor, the kernels included: the next use starts from the model's current parameters."""
-        self.__init__(max_cache_len=self.max_cache_len, static=self.static)
-
-    def update(self, key_states, value_states, *args, **kwargs):
-        raise NotImplementedError("BST layers write their keys and values into their block slots by name.")
-
-    def crop(self, tokens_to_remove: int) -> None:
-        raise NotImplementedError("BSTCache holds a recurrent state and cannot be cropped back to an earlier length.")
-
-    def get_seq_length(self) -> int:
-        return 0  # the cache counts positions, for all layers alike
-
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return query_length, 0
-
-    def get_max_length(self) -> int:
-        return -1 if self.max_cache_len is None else self.max_cache_len
-
-
-class BSTCache(BatchRowsMixin, Cache):
-    """Decoding state of a BST model: one `BSTLayerCache` per layer in `layers` (also `layer_states`), plus per row
-    `seen_tokens` (real tokens so far). Its size does not depend on the context length for "s4" kernels.
-
-    A static cache (`static=True`; `generate(..., cache_implementation="static")` makes one) can run a compiled
-    decoding step: every tensor keeps its shape and address, and `is_compileable` tells generate() so. With
-    "unstructured" kernels it keeps the last `max_cache_len` SSM inputs (a dynamic cache keeps them all). "s4" caches
-    have the same fixed-size tensors either way.
-
-    `layer_kernels` lists each layer's `kernels` (see `BSTLayerCache`): a cache continues the model as it was when the
-    cache started. `model_signature` records the configuration fields the cache was made for; a model with others
-    refuses it.
-    """
-
-    def __init__(self, config: BSTConfig, static: bool = False, max_cache_len: int | None = None):
-        if static and config.ssm_kernel == "unstructured" and config.bst_layers and max_cache_len is None:
-            raise ValueError(
-                'A static BSTCache with "unstructured" kernels keeps a fixed number of SSM inputs: pass '
-                "`max_cache_len`."
-            )
-        layers = [BSTLayerCache(max_cache_len, static) for _ in range(config.num_hidden_layers)]
-        super().__init__(layers=layers)
-        self.config = config
-        self.static = static
-        self.max_cache_len = max_cache_len
-        self.model_signature = cache_signature(config)
-        self.seen_tokens: torch.Tensor | None = None  # (B,)
-        # Positions consumed, padding included (what generate() slices inputs by); a tensor, so that a compiled step
-        # advances it in place instead of specialising on its value.
-        self.consumed = torch.zeros((), dtype=torch.long)
-
-    @property
-    def layer_states(self) -> list[BSTLayerCache]:
-        return self.layers
-
-    @property
-    def layer_kernels(self) -> list[dict[str, torch.Tensor]]:
-        return [layer.kernels for layer in self.layers]
-
-    @property
-    def sequence_length(self) -> int:
-        return int(self.consumed)
-
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return int(self.consumed)
-
-    def get_max_length(self, layer_idx: int | None = None) -> int:
-        return -1
-
-    @property
-    def is_compileable(self) -> bool:
-        return self.static
-
-    @property
-    def is_initialized(self) -> bool:
-        return self.seen_tokens is not None
-
-    @property
-    def batch_size(self) -> int:
-        return -1 if self.seen_tokens is None else self.seen_tokens.shape[0]
-
-    def start(self, batch: int, device: torch.device) -> None:
-        """Creates the per-row counters on the first forward."""
-        self.seen_tokens = torch.zeros(batch, dtype=torch.long, device=device)
-        self.consumed = self.consumed.to(device)
-        if self.static:
-            torch._dynamo.mark_static_address(self.seen_tokens)
-            torch._dynamo.mark_static_address(self.consumed)
-
-    def advance(self, lengths: torch.Tensor, positions: int) -> None:
-        """After a forward: `lengths` (B,) real tokens and `positions` positions were consumed, in place."""
-        self.seen_tokens.add_(lengths)
-        self.consumed.add_(positions)
-
-    def nbytes(self) -> int:
-        """Total bytes of all tensors held."""
-        held = sum(layer.nbytes() for layer in self.layers)
-        return held + (0 if self.seen_tokens is None else self.seen_tokens.numel() * self.seen_tokens.element_size())
-
-    def _map_rows(self, function: Callable[[torch.Tensor], torch.Tensor]) -> None:
-        if self.seen_tokens is None:
-            return
-        self.seen_tokens = function(self.seen_tokens)
-        for layer in self.layers:
-            layer._map_rows(function)
-
-    def reset(self) -> None:
-        for layer in self.layers:
-            layer.reset()
-        self.seen_tokens = None
-        self.consumed = torch.zeros((), dtype=torch.long)
-
-    def crop(self, max_length: int) -> None:
-        raise NotImplementedError("BSTCache holds a recurrent state and cannot be cropped back to an earlier length.")
-
-    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
-        return self.sequence_length + query_length, 0
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Models
-# ---------------------------------------------------------------------------------------------------------------------
 
 
 def safetensors_problem(path: str) -> str | None:

@@ -7,7 +7,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast, pipeline
 
 from modeling_bst import BSTCache, BSTForCausalLM
-from modeling_bst.modeling_bst import BSTLayerCache
+from modeling_bst.cache_bst import BSTLayerCache
 
 
 LENGTH = 37  # four full blocks of 8 and a partial one

@@ -1,7 +1,8 @@
 """A saved BST checkpoint loads where the `modeling_bst` package does not exist (`trust_remote_code=True`).
 
 Importing the package registers the classes for auto-class export, so `save_pretrained` writes `auto_map` into
-config.json and copies `configuration_bst.py` and `modeling_bst.py` flat next to the weights. A Hub user without our
+config.json and copies `configuration_bst.py`, `modeling_bst.py` and the sibling modules it imports (`ssm_ops.py`,
+`cache_bst.py`) flat next to the weights. A Hub user without our
 package then loads the folder through the Auto classes. The proof runs in a fresh interpreter, started from a scratch
 folder with an empty PYTHONPATH and a `sys.meta_path` finder that refuses to import `modeling_bst`, and compares its
 logits with the in-process model's.
@@ -20,7 +21,7 @@ from conftest import VARIANTS_AND_KERNELS, open_context_path, tiny_config
 from modeling_bst import BSTConfig, BSTForCausalLM
 
 
-CODE_FILES = ("configuration_bst.py", "modeling_bst.py")
+CODE_FILES = ("configuration_bst.py", "modeling_bst.py", "ssm_ops.py", "cache_bst.py")
 # A checkpoint's code may import only what every Transformers user has: the standard library, torch, transformers and
 # huggingface_hub (a hard dependency of transformers, whose own configs import `strict` from it).
 ALLOWED_TOP_LEVEL_IMPORTS = set(sys.stdlib_module_names) | {"torch", "transformers", "huggingface_hub"}
