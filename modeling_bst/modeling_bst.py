@@ -20,10 +20,7 @@ keys/values, the current block's context states, and the SSM state ("s4") or the
 """
 
 
-import glob
-import json
 import math
-import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -96,8 +93,8 @@ def apply_rotary(states: torch.Tensor, rotations: torch.Tensor, pairing: str = "
     """RoPE: channels (2i, 2i+1) of every head ("interleaved"), or (i, i + head_dim/2) ("rotate_half", Llama's
     convention), read as one complex number, are multiplied by rotations[..., i].
 
-    states (B, T, H, head_dim), rotations (B or 1, T, head_dim/2) complex. One complex multiply is ~4x faster on CPU
-    (forward + backward) than the rotate-half form, which needs a split, a negation, a concatenation and three more
+    states (B, T, H, head_dim), rotations (B or 1, T, head_dim/2) complex. One complex multiply is faster (forward + backward)
+    than the rotate-half form, which needs a split, a negation, a concatenation and three more
     elementwise passes; "rotate_half" pairs are gathered into complex numbers by a transpose and multiplied the same
     way: (x1 + i x2) e^(i theta) = (x1 cos - x2 sin) + i (x2 cos + x1 sin), Llama's q * cos + rotate_half(q) * sin.
     Computed in fp32: there is no bfloat16 complex type.
@@ -131,9 +128,8 @@ class BSTMLP(nn.Module):
 def step_reads_all_slots(device: torch.device) -> bool:
     """Whether a decoding step attends to all W slots of its block (with a mask) instead of stopping at the furthest
     row's slot: when compiling (shapes must not change) and on accelerators. There a key length that changes every
-    step costs a new attention plan per length (measured on an H100 in bf16: cuDNN's SDPA backend took 42-62 ms a
-    step, 3.5-6 ms with it off, until every length had been seen) and reading the furthest slot syncs with the host;
-    the W - span extra keys cost nothing next to that."""
+    step costs a new attention plan per length (cuDNN's SDPA backend; docs/design.md) and reading the furthest slot
+    syncs with the host; the W - span extra keys cost nothing next to that."""
     return torch.compiler.is_compiling() or device.type != "cpu"
 
 
@@ -412,7 +408,7 @@ class BSTAttention(nn.Module):
     def _attend_step(self, query, key, value, attention_mask) -> torch.Tensor:
         """One decoding step: query (B, 1, H, d), key/value (B, K, H, d) -> (B, 1, H*d). With SDPA it calls the kernel
         directly: for one query, `_attend`'s block reshaping and Transformers' SDPA wrapper cost more than the attention
-        itself (0.6 ms of a 7.5 ms step, d = 256, 4 layers, on CPU)."""
+        itself."""
         if self.config._attn_implementation != "sdpa" or self.training:
             return self._attend(query[:, None], key[:, None], value[:, None], attention_mask)[:, 0]
         key, value = repeat_key_value_heads(key, value, query.shape[-2])
@@ -873,33 +869,47 @@ class BSTDecoderLayer(GradientCheckpointingLayer):
         return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
 
 
-def safetensors_problem(path: str) -> str | None:
-    """Why a .safetensors file cannot be read in full, or None. A kill during a save leaves a file shorter than its
-    header says; the safetensors library then reports "incomplete metadata" without naming the file."""
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        prefix = f.read(8)
-        if len(prefix) < 8:
-            return f"{size} bytes, too short to hold a header"
-        header_length = int.from_bytes(prefix, "little")
-        if 8 + header_length > size:
-            return f"truncated inside its header ({size} bytes)"
-        try:
-            header = json.loads(f.read(header_length))
-            end = max((entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"), default=0)
-        except (ValueError, KeyError, TypeError, IndexError):
-            return "its header is not valid safetensors JSON"
-    if 8 + header_length + end != size:
-        return f"truncated: its header describes {8 + header_length + end} bytes, the file has {size}"
-    return None
-
-
 # Parameters that exist only for a given SSM/context configuration: a checkpoint that lacks them, or has others, was
 # saved for another `ssm_kernel`, `bst_variant`, `bst_layers` or `num_context_states`.
 SSM_AND_CONTEXT_KEYS = re.compile(
     r"(^|\.)(ssm|attention\.(context_norm|cross_q_proj|context_k_proj|context_v_proj|initial_context|context_ids))\."
     r"|\.attention\.(initial_context|context_ids)$"
 )
+
+
+def check_token_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
+    """Shape, dtype and range of token ids. An id outside the vocabulary would index past the embedding (on a GPU, a
+    device-side assert that names nothing). The range is read where that costs no device sync: on the CPU directly;
+    on an accelerator as an asynchronous assert, raised at the next synchronisation; a compiled step skips it."""
+    if input_ids.dim() != 2:
+        raise ValueError(f"`input_ids` must have shape (batch, length), got {tuple(input_ids.shape)}.")
+    if input_ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+        raise TypeError(f"`input_ids` must hold integer token ids, got dtype {input_ids.dtype}.")
+    if torch.compiler.is_compiling():
+        return
+    if input_ids.device.type == "cpu":
+        lowest, highest = (int(extreme) for extreme in input_ids.aminmax())
+        if lowest < 0 or highest >= vocab_size:
+            raise ValueError(
+                f"`input_ids` holds ids outside [0, {vocab_size}) (`vocab_size`): min {lowest}, max {highest}."
+            )
+    else:
+        in_range = ((input_ids >= 0) & (input_ids < vocab_size)).all()
+        torch._assert_async(in_range, f"`input_ids` holds ids outside [0, {vocab_size}) (`vocab_size`).")
+
+
+def check_embeddings(inputs_embeds: torch.Tensor, hidden_size: int, model_dtype: torch.dtype) -> None:
+    if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != hidden_size:
+        raise ValueError(
+            f"`inputs_embeds` must have shape (batch, length, {hidden_size}), got {tuple(inputs_embeds.shape)}."
+        )
+    if not inputs_embeds.is_floating_point():
+        raise TypeError(f"`inputs_embeds` must be floating point, got dtype {inputs_embeds.dtype}.")
+    if inputs_embeds.dtype != model_dtype and not torch.is_autocast_enabled(inputs_embeds.device.type):
+        raise TypeError(
+            f"`inputs_embeds` has dtype {inputs_embeds.dtype} but the model's weights are {model_dtype}: "
+            f"pass `inputs_embeds.to({model_dtype})` (or run under `torch.autocast`)."
+        )
 
 
 def check_attention_mask_shape(attention_mask: torch.Tensor, inputs: torch.Tensor, cache: Cache | None) -> None:
@@ -936,19 +946,9 @@ class BSTPreTrainedModel(PreTrainedModel):
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
         """`PreTrainedModel.from_pretrained`, plus an error when the checkpoint's SSM or context weights do not fit the
-        configuration (freshly initialised SSM layers would load with a warning only and give other outputs), and
-        errors that name a truncated weights file."""
+        configuration: freshly initialised SSM layers would load with a warning only and give other outputs."""
         output_loading_info = kwargs.pop("output_loading_info", False)
-        try:
-            model, loading_info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
-        except Exception as error:
-            if type(error).__name__ != "SafetensorError":
-                raise
-            name_or_path = args[0] if args else kwargs.get("pretrained_model_name_or_path", "")
-            folder = os.path.join(name_or_path, kwargs.get("subfolder", ""))
-            paths = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
-            broken = [f"{path} ({problem})" for path in paths if (problem := safetensors_problem(path))]
-            raise OSError(f"Unreadable weights: {', '.join(broken) or folder}: {error}") from error
+        model, loading_info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
         missing = sorted(k for k in loading_info["missing_keys"] if SSM_AND_CONTEXT_KEYS.search(k))
         unexpected = sorted(k for k in loading_info["unexpected_keys"] if SSM_AND_CONTEXT_KEYS.search(k))
         # A checkpoint with no weights at all for this model (an empty state dict) is a deliberate fresh start.
@@ -1002,6 +1002,7 @@ class BSTModel(BSTPreTrainedModel):
         self.embed_tokens = value
 
     def _check_inputs(self, input_ids, inputs_embeds, attention_mask, past_key_values):
+        """Clear errors for inputs the layers would fail on, or silently misread. Nothing here waits for a device."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of `input_ids` and `inputs_embeds`.")
         inputs, name = (input_ids, "input_ids") if input_ids is not None else (inputs_embeds, "inputs_embeds")
@@ -1010,32 +1011,9 @@ class BSTModel(BSTPreTrainedModel):
                 f"`{name}` is empty: shape {tuple(inputs.shape)}; need at least one row and one token per row."
             )
         if input_ids is not None:
-            if input_ids.dim() != 2:
-                raise ValueError(f"`input_ids` must have shape (batch, length), got {tuple(input_ids.shape)}.")
-            if input_ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
-                raise TypeError(f"`input_ids` must hold integer token ids, got dtype {input_ids.dtype}.")
-            vocab_size = self.embed_tokens.num_embeddings
-            # Reading the ids is data-dependent (a graph break): a compiled step skips it, eager calls keep the error.
-            if input_ids.numel() and not torch.compiler.is_compiling():
-                lowest, highest = (int(extreme) for extreme in input_ids.aminmax())
-                if lowest < 0 or highest >= vocab_size:
-                    raise ValueError(
-                        f"`input_ids` holds ids outside [0, {vocab_size}) (`vocab_size`): min {lowest}, max {highest}."
-                    )
+            check_token_ids(input_ids, self.embed_tokens.num_embeddings)
         else:
-            if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != self.config.hidden_size:
-                raise ValueError(
-                    f"`inputs_embeds` must have shape (batch, length, {self.config.hidden_size}), "
-                    f"got {tuple(inputs_embeds.shape)}."
-                )
-            if not inputs_embeds.is_floating_point():
-                raise TypeError(f"`inputs_embeds` must be floating point, got dtype {inputs_embeds.dtype}.")
-            model_dtype = self.embed_tokens.weight.dtype
-            if inputs_embeds.dtype != model_dtype and not torch.is_autocast_enabled(inputs_embeds.device.type):
-                raise TypeError(
-                    f"`inputs_embeds` has dtype {inputs_embeds.dtype} but the model's weights are {model_dtype}: "
-                    f"pass `inputs_embeds.to({model_dtype})` (or run under `torch.autocast`)."
-                )
+            check_embeddings(inputs_embeds, self.config.hidden_size, self.embed_tokens.weight.dtype)
         if past_key_values is not None and not isinstance(past_key_values, BSTCache):
             raise TypeError(
                 f"BST models keep their decoding state in a `BSTCache`, got {type(past_key_values).__name__}. "

@@ -59,7 +59,6 @@ except ImportError:  # a source checkout without `pip install -e .`
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     import modeling_bst  # noqa: F401
 
-from modeling_bst.modeling_bst import safetensors_problem
 from train_tokenizer import train_bpe_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -299,6 +298,27 @@ def check_arguments(model_args, data_args, training_args):
         raise ValueError(
             f"--validation_split_percentage must lie in (0, 100), got {data_args.validation_split_percentage}."
         )
+
+
+def safetensors_problem(path: str) -> str | None:
+    """Why a .safetensors file cannot be read in full, or None. A kill during a save leaves a file shorter than its
+    header says; the safetensors library then reports "incomplete metadata" without naming the file."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            return f"{size} bytes, too short to hold a header"
+        header_length = int.from_bytes(prefix, "little")
+        if 8 + header_length > size:
+            return f"truncated inside its header ({size} bytes)"
+        try:
+            header = json.loads(f.read(header_length))
+            end = max((entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"), default=0)
+        except (ValueError, KeyError, TypeError, IndexError):
+            return "its header is not valid safetensors JSON"
+    if 8 + header_length + end != size:
+        return f"truncated: its header describes {8 + header_length + end} bytes, the file has {size}"
+    return None
 
 
 def checkpoint_problem(folder):

@@ -189,8 +189,6 @@ def test_resume_last_skips_checkpoints_whose_save_was_interrupted(corpus, tmp_pa
     # Naming the broken checkpoint explicitly fails before any work, naming the file.
     with pytest.raises(ValueError, match="checkpoint-3.*model.safetensors is truncated"):
         train.main(base_argv(corpus, tmp_path, "--resume_from_checkpoint", str(tmp_path / "checkpoint-3")))
-    with pytest.raises(OSError, match="checkpoint-3/model.safetensors \\(truncated"):
-        BSTForCausalLM.from_pretrained(tmp_path / "checkpoint-3")
 
 
 def test_continue_from_checkpoint_and_evaluate_lengths(trained, corpus, tmp_path):
