@@ -154,6 +154,9 @@ class BlockLayout:
     is_single_step: bool  # one new token per row on top of a cache: queries stay out of the block layout
     # RoPE rotation by -W (1, 1, head_dim/2): a previous-block key at slot j sits W - j + i before a query at slot i.
     previous_block_rotation: torch.Tensor | None = None
+    # RoPE rotation that moves the attention sinks (at slots 0..k-1 of the first block) to just before a block's
+    # attention window: by -k, or by -(W + k) with previous-block attention (`num_sink_tokens`).
+    sink_rotation: torch.Tensor | None = None
     # A decoding step attends to the first `step_span` slots of its block, with `step_mask` (B, 1, 1, step_span), or
     # with no mask when every row sees all of them (rows at the same slot). Eager steps on CPU stop at the furthest
     # row's slot, so the early slots of a block cost less and a mask-free attention call takes the fast kernel; other
@@ -268,6 +271,14 @@ class BlockLayout:
             dim=-1,
         )  # (B, N, W, 2W)
         return mask.flatten(0, 1).unsqueeze(1)
+
+    def sinks_visible(self, first_visible_block: int) -> torch.Tensor:
+        """Whether the attention sinks join the keys of each block: (B, num_blocks), or (B,) for a single step. They
+        do from the first block whose window no longer holds them (absolute block index `first_visible_block`)."""
+        first_block = self.seen_tokens // self.block_size  # absolute index of the chunk's first block
+        if self.is_single_step:
+            return first_block >= first_visible_block
+        return (first_block[:, None] + torch.arange(self.num_blocks, device=first_block.device)) >= first_visible_block
 
     def single_step_previous_block_mask(self) -> torch.Tensor:
         """(B, 1, 1, 2W): `previous_block_mask` for a lone new token at slot `offsets`."""
@@ -417,8 +428,55 @@ class BSTAttention(nn.Module):
         )  # (B, H, 1, d)
         return output.transpose(1, 2).reshape(query.shape[0], 1, -1)
 
-    def _block_attention(self, query, key, value, layout, layer_cache, key_name, value_name):
-        """Causal attention inside blocks; keys/values (B, T, H, d) of this chunk join the cached ones of the block."""
+    def _attention_sinks(self, key, value, layout, layer_cache):
+        """The keys/values of the sequence's first `num_sink_tokens` tokens, (B, k, H_kv, d) each, which every later
+        block's self-attention also sees (StreamingLLM's attention sinks: pretrained models park attention on the first
+        tokens, and a window without them loses that). This chunk's tokens at sequence positions < k are written into
+        their sink slots first; the cache keeps the slots, so memory stays constant. The keys come back rotated to sit
+        just before a block's attention window."""
+        count = self.config.num_sink_tokens
+        batch, length = key.shape[:2]
+        stored = None if layer_cache is None else layer_cache.get("sink_keys")
+        if stored is None:
+            sink_keys = key.new_zeros(batch, count, *key.shape[2:])
+            sink_values = value.new_zeros(batch, count, *value.shape[2:])
+        else:
+            sink_keys, sink_values = stored, layer_cache["sink_values"]
+        new = min(length, count)  # only a chunk's first k tokens can be among the sequence's first k
+        positions = layout.seen_tokens[:, None] + torch.arange(new, device=key.device)  # (B, new)
+        # Tokens past the sinks (or padding) go to slot k, a discard slot cut off after the scatter.
+        slots = torch.where((positions < count) & layout.token_mask[:, :new], positions, count)
+        index = slots.view(batch, new, 1, 1).expand(-1, -1, *key.shape[2:])
+        sink_keys = torch.cat([sink_keys, sink_keys[:, :1]], dim=1).scatter(1, index, key[:, :new])[:, :count]
+        sink_values = torch.cat([sink_values, sink_values[:, :1]], dim=1).scatter(1, index, value[:, :new])[:, :count]
+        if layer_cache is not None:
+            layer_cache["sink_keys"], layer_cache["sink_values"] = sink_keys, sink_values
+        return apply_rotary(sink_keys, layout.sink_rotation, self.rope_pairing), sink_values
+
+    def _with_sinks(self, sinks, layout, keys, values, mask):
+        """Puts the attention sinks (`_attention_sinks`) in front of the key axis of `keys`/`values` ((B, N, K, H, d)
+        for blocks, (B, K, H, d) for a decoding step) and of `mask` ((B*N or B, 1, Q, K), None for plain causal
+        attention within the block, or None for a step that sees all K)."""
+        sink_keys, sink_values = sinks
+        visible = layout.sinks_visible(2 if self.config.attend_previous_block else 1)  # (B, N) or (B,)
+        key_axis = keys.dim() - 3
+        if key_axis == 2:  # blocks: the same sinks for every block
+            sink_keys = sink_keys[:, None].expand(-1, keys.shape[1], -1, -1, -1)
+            sink_values = sink_values[:, None].expand(-1, keys.shape[1], -1, -1, -1)
+        queries, count = (keys.shape[2] if key_axis == 2 else 1), sink_keys.shape[key_axis]
+        if mask is None:
+            own = torch.ones(queries, keys.shape[key_axis], dtype=torch.bool, device=keys.device)
+            mask = (own.tril() if key_axis == 2 else own).expand(visible.numel(), 1, -1, -1)
+        sink_mask = visible.reshape(-1, 1, 1, 1).expand(-1, 1, mask.shape[2], count)
+        return (
+            torch.cat([sink_keys, keys], dim=key_axis),
+            torch.cat([sink_values, values], dim=key_axis),
+            torch.cat([sink_mask, mask], dim=-1),
+        )
+
+    def _block_attention(self, query, key, value, layout, layer_cache, key_name, value_name, sinks=None):
+        """Causal attention inside blocks; keys/values (B, T, H, d) of this chunk join the cached ones of the block, and
+        the attention sinks when given."""
         cached_keys = None if layer_cache is None else layer_cache.get(key_name)
         cached_values = None if layer_cache is None else layer_cache.get(value_name)
         if layout.is_single_step and cached_keys is not None:
@@ -426,19 +484,29 @@ class BSTAttention(nn.Module):
             layout.write_step(cached_keys, key)
             layout.write_step(cached_values, value)
             keys, values = cached_keys[:, : layout.step_span], cached_values[:, : layout.step_span]
-            return self._attend_step(query, keys, values, layout.step_mask)
+            mask = layout.step_mask
+            if sinks is not None:
+                keys, values, mask = self._with_sinks(sinks, layout, keys, values, mask)
+            return self._attend_step(query, keys, values, mask)
         key_blocks = layout.to_blocks(key, cached_keys)  # (B, N, W, H, d)
         value_blocks = layout.to_blocks(value, cached_values)
         if layer_cache is not None:
             layer_cache[key_name] = layout.last_block(key_blocks)
             layer_cache[value_name] = layout.last_block(value_blocks)
         if layout.is_single_step:  # a single token on an empty cache
-            output = self._attend(query[:, None], key_blocks, value_blocks, layout.single_step_mask())
+            mask = layout.single_step_mask()
+            if sinks is not None:
+                key_blocks, value_blocks, mask = self._with_sinks(sinks, layout, key_blocks, value_blocks, mask)
+            output = self._attend(query[:, None], key_blocks, value_blocks, mask)
             return output[:, 0]  # (B, 1, H*d)
-        output = self._attend(layout.to_blocks(query), key_blocks, value_blocks, is_causal=True)
+        if sinks is None:
+            output = self._attend(layout.to_blocks(query), key_blocks, value_blocks, is_causal=True)
+        else:
+            key_blocks, value_blocks, mask = self._with_sinks(sinks, layout, key_blocks, value_blocks, None)
+            output = self._attend(layout.to_blocks(query), key_blocks, value_blocks, mask)
         return layout.from_blocks(output, query.shape[1])
 
-    def _previous_block_attention(self, query, key, value, layout, layer_cache):
+    def _previous_block_attention(self, query, key, value, layout, layer_cache, sinks=None):
         """Causal self-attention over the token's own block and the whole previous block (`attend_previous_block`):
         (B, T, H, d) -> (B, T, H*d). The cache holds both blocks' keys/values (2W slots)."""
         cached = {} if layer_cache is None else layer_cache
@@ -458,6 +526,8 @@ class BSTAttention(nn.Module):
             keys = torch.cat([previous_keys, cached["keys"][:, :span]], dim=1)  # (B, W + span, H, d)
             values = torch.cat([cached["previous_values"], cached["values"][:, :span]], dim=1)
             mask = layout.single_step_previous_block_mask()[..., : self.config.block_size + span]
+            if sinks is not None:
+                keys, values, mask = self._with_sinks(sinks, layout, keys, values, mask)
             return self._attend_step(query, keys, values, mask)
 
         key_blocks = layout.to_blocks(key, cached.get("keys"))  # (B, N, W, H, d)
@@ -477,7 +547,10 @@ class BSTAttention(nn.Module):
         )
         keys = torch.cat([previous_keys.view_as(key_blocks), key_blocks], dim=2)  # (B, N, 2W, H, d)
         values = torch.cat([value_blocks_with_previous[:, :-1], value_blocks], dim=2)
-        output = self._attend(layout.to_blocks(query), keys, values, layout.previous_block_mask())
+        mask = layout.previous_block_mask()
+        if sinks is not None:
+            keys, values, mask = self._with_sinks(sinks, layout, keys, values, mask)
+        output = self._attend(layout.to_blocks(query), keys, values, mask)
         return layout.from_blocks(output, query.shape[1])
 
     def _project_context(self, projection: nn.Linear, context_states: torch.Tensor) -> torch.Tensor:
@@ -549,10 +622,11 @@ class BSTAttention(nn.Module):
         query = apply_rotary(self.q_proj(hidden_states).view(hidden_shape), rotations, self.rope_pairing)  # (B,T,H,d)
         key = apply_rotary(self.k_proj(hidden_states).view(key_value_shape), rotations, self.rope_pairing)  # H_kv heads
         value = self.v_proj(hidden_states).view(key_value_shape)
+        sinks = self._attention_sinks(key, value, layout, layer_cache) if self.config.num_sink_tokens else None
         if self.config.attend_previous_block:
-            output = self._previous_block_attention(query, key, value, layout, layer_cache)
+            output = self._previous_block_attention(query, key, value, layout, layer_cache, sinks)
         else:
-            output = self._block_attention(query, key, value, layout, layer_cache, "keys", "values")
+            output = self._block_attention(query, key, value, layout, layer_cache, "keys", "values", sinks)
         if not self.is_bst_layer:
             return self.o_proj(output)
 
@@ -1122,6 +1196,10 @@ class BSTModel(BSTPreTrainedModel):
         rotations = self.rotary_emb(slots)
         if self.config.attend_previous_block:
             layout.previous_block_rotation = self.rotary_emb(torch.full((1, 1), -self.config.block_size, device=device))
+        if self.config.num_sink_tokens:
+            window_start = self.config.block_size if self.config.attend_previous_block else 0
+            sink_shift = -(window_start + self.config.num_sink_tokens)
+            layout.sink_rotation = self.rotary_emb(torch.full((1, 1), sink_shift, device=device))
 
         def restore_order(states: torch.Tensor) -> torch.Tensor:
             if compact_order is None:
