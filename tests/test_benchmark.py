@@ -92,6 +92,13 @@ def test_parse_length(settings):
         settings.parse_length("0")
 
 
+def test_default_outputs_are_the_docs_files(settings):
+    """Without --output / --figures-dir the report replaces the repository's docs/benchmark_cpu.json and figures."""
+    args = settings.parse_args(["--quick"])
+    docs = BENCHMARKS_DIR.parent.parent / "docs"
+    assert (args.output, args.figures_dir) == (docs / "benchmark_cpu.json", docs / "figures")
+
+
 def test_bad_arguments_fail_before_work(settings):
     with pytest.raises(SystemExit, match="not divisible"):
         settings.parse_args(["--quick", "--hidden-size", "65", "--num-heads", "2"])

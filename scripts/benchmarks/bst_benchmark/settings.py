@@ -9,7 +9,7 @@ import torch
 
 
 # The benchmark runs from a source checkout; reports and figures go to the repository's docs/ by default.
-REPO_ROOT = Path(__file__).resolve().parent.parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[3]  # scripts/benchmarks/bst_benchmark/settings.py
 DESCRIPTION = "Speed and memory benchmark of the Block-State Transformer against attention baselines."
 
 SECTIONS = ("layer", "model", "generate", "kernel", "profile")
