@@ -445,16 +445,10 @@ class BSTAttention(nn.Module):
     def _previous_block_attention(self, query, key, value, layout, layer_cache):
         """Causal self-attention over the token's own block and the whole previous block (`attend_previous_block`):
         (B, T, H, d) -> (B, T, H*d). The cache holds both blocks' keys/values (2W slots)."""
+        # The cache holds, per row, the block of the row's next token (`keys`/`values`) and the block before it
+        # (`previous_keys`/`previous_values`), whichever path wrote them.
         cached = {} if layer_cache is None else layer_cache
         if layout.is_single_step and cached.get("keys") is not None:
-            # A real token at slot 0 opens a new block: the full current block becomes the previous one (in place; a
-            # compiled step or one on an accelerator always copies, which needs no host sync; an eager CPU step only
-            # when some row opens a block).
-            opens_block = (layout.offsets == 0) & (layout.seen_tokens > 0) & layout.token_mask[:, 0]
-            if step_reads_all_slots(query.device) or bool(opens_block.any()):
-                for name in ("keys", "values"):
-                    flag = opens_block.view(-1, *([1] * (cached[name].dim() - 1)))
-                    cached["previous_" + name] = torch.where(flag, cached[name], cached["previous_" + name])
             layout.write_step(cached["keys"], key)
             layout.write_step(cached["values"], value)
             previous_keys = apply_rotary(cached["previous_keys"], layout.previous_block_rotation, self.rope_pairing)
@@ -462,6 +456,14 @@ class BSTAttention(nn.Module):
             keys = torch.cat([previous_keys, cached["keys"][:, :span]], dim=1)  # (B, W + span, H, d)
             values = torch.cat([cached["previous_values"], cached["values"][:, :span]], dim=1)
             mask = layout.single_step_previous_block_mask()[..., : self.config.block_size + span]
+            # A real token at slot W - 1 completes its block, which becomes the previous block of the row's next token
+            # (in place; a compiled step or one on an accelerator always copies, which needs no host sync; an eager CPU
+            # step only when some row completes a block).
+            closes_block = (layout.offsets == self.config.block_size - 1) & layout.token_mask[:, 0]
+            if step_reads_all_slots(query.device) or bool(closes_block.any()):
+                for name in ("keys", "values"):
+                    flag = closes_block.view(-1, *([1] * (cached[name].dim() - 1)))
+                    cached["previous_" + name] = torch.where(flag, cached[name], cached["previous_" + name])
             return self._attend_step(query, keys, values, mask)
 
         key_blocks = layout.to_blocks(key, cached.get("keys"))  # (B, N, W, H, d)
