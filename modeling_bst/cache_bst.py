@@ -166,8 +166,8 @@ class BSTCache(BatchRowsMixin, Cache):
 
     A static cache (`static=True`; `generate(..., cache_implementation="static")` makes one) can run a compiled
     decoding step: every tensor keeps its shape and address, and `is_compileable` tells generate() so. With
-    "unstructured" kernels it keeps the last `max_cache_len` SSM inputs (a dynamic cache keeps them all). "s4" caches
-    have the same fixed-size tensors either way.
+    "unstructured" kernels it holds `max_cache_len` SSM inputs and refuses to go further (`check_room`; a dynamic cache
+    keeps them all). "s4" caches have the same fixed-size tensors either way.
 
     `layer_kernels` lists each layer's `kernels` (see `BSTLayerCache`): a cache continues the model as it was when the
     cache started. `model_signature` records the configuration fields the cache was made for; a model with others
@@ -220,6 +220,21 @@ class BSTCache(BatchRowsMixin, Cache):
     @property
     def batch_size(self) -> int:
         return -1 if self.seen_tokens is None else self.seen_tokens.shape[0]
+
+    def check_room(self, new_positions: int) -> None:
+        """Raises when a static cache with "unstructured" kernels cannot take `new_positions` more positions: it holds
+        the last `max_cache_len` SSM inputs, and continuing past them would silently drop the oldest. Its tensors keep
+        their shapes (what compiled decoding relies on), so it cannot grow."""
+        if self.static and self.config.ssm_kernel == "unstructured" and self.config.bst_layers:
+            total_positions = int(self.consumed) + new_positions
+            if total_positions > self.max_cache_len:
+                raise ValueError(
+                    f"This static BSTCache holds the last max_cache_len={self.max_cache_len} SSM inputs of its "
+                    f'"unstructured" kernels, and {total_positions} positions do not fit. Make the cache with '
+                    f"`max_cache_len` >= {total_positions} (`BSTCache(config, static=True, max_cache_len=...)`, or "
+                    '`generate(..., cache_implementation="static", max_cache_len=...)` in the call that makes it), or '
+                    "use a dynamic cache, which grows."
+                )
 
     def start(self, batch: int, device: torch.device) -> None:
         """Creates the per-row counters on the first forward."""

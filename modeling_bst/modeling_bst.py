@@ -1131,6 +1131,8 @@ class BSTModel(BSTPreTrainedModel):
             inputs_embeds = inputs_embeds.gather(1, compact_order[..., None].expand_as(inputs_embeds))
             token_mask = token_mask.gather(1, compact_order)
 
+        if cache is not None and not torch.compiler.is_compiling():
+            cache.check_room(length)  # a compiled step runs within the length generate() sized the cache for
         if cache is not None and cache.seen_tokens is None:
             cache.start(batch, device)
         if cache is not None and cache.seen_tokens.shape[0] != batch:
@@ -1260,6 +1262,7 @@ class BSTForCausalLM(BSTPreTrainedModel, GenerationMixin):
             if not isinstance(cache, BSTCache):
                 raise TypeError(f"BST models generate with a `BSTCache`, got {type(cache).__name__}.")
             cache._is_user_defined = True
+            cache.check_room(max_cache_length - cache.get_seq_length())  # max_length - 1: the last token is not fed
             return
         if generation_config.use_cache is False:
             return
