@@ -789,7 +789,12 @@ class BSTStateSpace(nn.Module):
     def _forward_with_history(self, inputs, layout, layer_cache, kernel_cache):
         """With "unstructured" kernels: the convolution over the cached SSM inputs and this chunk's. The history holds
         each row's past real inputs right-aligned, (B, D, K) with the newest last, so a row's real tokens in this chunk
-        (first in the row) follow its history directly."""
+        (first in the row) follow its history directly.
+
+        A static cache's history and taps have `max_cache_len` positions whatever the prompt length, so a compiled
+        decoding step meets the same shapes for every prompt. It holds at most that many inputs (`BSTCache.check_room`),
+        so the first T of the history's K + T positions joined with this chunk's are zeros and the convolution reads
+        the last K."""
         batch, length = inputs.shape[:2]
         history = layer_cache.get("ssm_history")
         if history is None:  # a static cache keeps the last `max_cache_len` inputs, a dynamic one all of them
@@ -797,12 +802,13 @@ class BSTStateSpace(nn.Module):
             history = inputs.new_zeros(batch, self.hidden_size, capacity)
         past = history.shape[-1]
         combined = torch.cat([history, inputs.transpose(1, 2)], dim=-1)  # (B, D, past + T)
-        taps = self._cached_taps(kernel_cache, past + length)  # (D, C, past + T)
+        window = combined[..., length:] if layer_cache.static else combined  # (B, D, K) or (B, D, past + T)
+        taps = self._cached_taps(kernel_cache, window.shape[-1])  # (D, C, K) or (D, C, past + T)
         if length == 1:
             # One decoding step: y = sum_j taps[j] u[t - j], a dot product with the reversed history (no FFT).
-            convolved = torch.einsum("bdk,dck->bdc", combined.flip(-1), taps).unsqueeze(1)  # (B, 1, D, C)
+            convolved = torch.einsum("bdk,dck->bdc", window.flip(-1), taps).unsqueeze(1)  # (B, 1, D, C)
         else:
-            convolved = causal_fft_conv(combined, taps)[..., past:].permute(0, 3, 1, 2)  # (B, T, D, C)
+            convolved = causal_fft_conv(window, taps)[..., -length:].permute(0, 3, 1, 2)  # (B, T, D, C)
         # Right-align each row again: position j of the new history is position j - kept + past + len of `combined`.
         kept = past if layer_cache.static else past + length
         if length == 1 and not layout.has_padding:
@@ -1266,10 +1272,15 @@ class BSTForCausalLM(BSTPreTrainedModel, GenerationMixin):
             return
         if generation_config.use_cache is False:
             return
-        # A static cache holds the last `max_cache_len` SSM inputs of "unstructured" kernels: the whole generation.
+        # A static cache holds `max_cache_len` SSM inputs of "unstructured" kernels: the whole generation. Its tensors
+        # have that many positions, and a compiled decoding step compiles once per size: rounding up to a power of two
+        # lets prompts of many lengths share one graph (at most twice the positions each step reads), and
+        # `generation_config.max_cache_len` fixes the size across calls.
         max_cache_length = max(max_cache_length or 0, generation_config.max_cache_len or 0)
         max_cache_length = max_cache_length or generation_config.max_length
         static = generation_config.cache_implementation == "static"
+        if static:
+            max_cache_length = 1 << (max_cache_length - 1).bit_length()
         model_kwargs["past_key_values"] = BSTCache(self.config, static=static, max_cache_len=max_cache_length)
 
     def create_masks_for_generate(self, config, inputs_embeds, attention_mask, *args, **kwargs):

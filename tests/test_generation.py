@@ -193,7 +193,7 @@ def test_a_static_unstructured_cache_refuses_to_continue_past_max_cache_len():
         continued += [model(input_ids[:, t : t + 1], past_key_values=fitting).logits for t in range(14, 30)]
         assert (torch.cat(continued, 1) - full).abs().max() < 1e-4
         first = model.generate(input_ids[:, :6], max_new_tokens=8, cache_implementation="static", **settings)
-        with pytest.raises(ValueError, match=r"max_cache_len=13 SSM inputs .* 26 positions do not fit"):
+        with pytest.raises(ValueError, match=r"max_cache_len=16 SSM inputs .* 26 positions do not fit"):
             model.generate(first.sequences, past_key_values=first.past_key_values, max_new_tokens=13, **settings)
         # The generate() that makes the cache can size it for the whole conversation.
         first = model.generate(input_ids[:, :6], max_new_tokens=8, cache_implementation="static", max_cache_len=26,
