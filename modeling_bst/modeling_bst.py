@@ -1099,7 +1099,10 @@ class BSTModel(BSTPreTrainedModel):
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
-        use_cache = use_cache if use_cache is not None else self.config.use_cache
+        # In training the config's default does not apply (as in Mamba2): a cache and the final SSM state would cost
+        # 2x-8x a step for a state nobody reads. A call that asks for one gets it.
+        if use_cache is None:
+            use_cache = self.config.use_cache and not self.training
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         if kwargs.get("output_attentions"):
             logger.warning_once("BST does not return attention weights; `output_attentions` is ignored.")
