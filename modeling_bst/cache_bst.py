@@ -187,6 +187,7 @@ class BSTCache(BatchRowsMixin, Cache):
         self.max_cache_len = max_cache_len
         self.model_signature = cache_signature(config)
         self.seen_tokens: torch.Tensor | None = None  # (B,)
+        self.model_dtype: torch.dtype | None = None  # the weights' dtype of the model that fills it (`check_fits`)
         # Positions consumed, padding included (what generate() slices inputs by); a tensor, so that a compiled step
         # advances it in place instead of specialising on its value.
         self.consumed = torch.zeros((), dtype=torch.long)
@@ -236,8 +237,34 @@ class BSTCache(BatchRowsMixin, Cache):
                     "use a dynamic cache, which grows."
                 )
 
-    def start(self, batch: int, device: torch.device) -> None:
-        """Creates the per-row counters on the first forward."""
+    def check_fits(self, config: BSTConfig, dtype: torch.dtype) -> None:
+        """Raises unless this cache can continue a model with `config` and weights of `dtype`: the configuration
+        fields that decide its tensors' shapes and meaning, and the dtype of the model that filled it, must match. A
+        cache made with this very configuration object skips the field comparison (reading a dozen config fields costs
+        microseconds each decoding step)."""
+        if config is not self.config:
+            differences = [
+                f"{field}={self.model_signature.get(field)!r} (this model: {getattr(config, field)!r})"
+                for field in CACHE_SIGNATURE_FIELDS
+                if self.model_signature.get(field) != getattr(config, field)
+            ]
+            if differences:
+                raise ValueError(
+                    "`past_key_values` is a BSTCache made for another model configuration: "
+                    + ", ".join(differences)
+                    + ". A cache continues only a model with the configuration that made it; pass "
+                    "`past_key_values=None` to start a new one."
+                )
+        if self.model_dtype is not None and self.model_dtype != dtype:
+            raise ValueError(
+                f"`past_key_values` is a BSTCache filled by a model with {self.model_dtype} weights, and this model's "
+                f"weights are {dtype}. A cache continues only a model of the dtype that filled it; pass "
+                "`past_key_values=None` to start a new one (or continue with the model that made it)."
+            )
+
+    def start(self, batch: int, device: torch.device, dtype: torch.dtype) -> None:
+        """Creates the per-row counters on the first forward, and records the dtype of the model's weights."""
+        self.model_dtype = dtype
         self.seen_tokens = torch.zeros(batch, dtype=torch.long, device=device)
         self.consumed = self.consumed.to(device)
         if self.static:
@@ -265,6 +292,7 @@ class BSTCache(BatchRowsMixin, Cache):
         for layer in self.layers:
             layer.reset()
         self.seen_tokens = None
+        self.model_dtype = None
         self.consumed = torch.zeros((), dtype=torch.long)
 
     def crop(self, max_length: int) -> None:

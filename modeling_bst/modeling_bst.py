@@ -40,7 +40,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 from transformers.utils import logging
 
-from .cache_bst import CACHE_SIGNATURE_FIELDS, BSTCache
+from .cache_bst import BSTCache
 from .configuration_bst import BSTConfig
 from .ssm_ops import (
     COMPLEX_DTYPES,
@@ -1049,27 +1049,8 @@ class BSTModel(BSTPreTrainedModel):
                 f"BST models keep their decoding state in a `BSTCache`, got {type(past_key_values).__name__}. "
                 "Pass `past_key_values=None` (with `use_cache=True`) and the model creates one."
             )
-        # A cache made with this very configuration object fits; another one is compared field by field (a compiled
-        # step skips it: the eager prefill checked). Reading a config field costs microseconds: a dozen per decoding
-        # step add up.
-        if (
-            past_key_values is not None
-            and past_key_values.config is not self.config
-            and not torch.compiler.is_compiling()
-        ):
-            made_for = getattr(past_key_values, "model_signature", {})
-            differences = [
-                f"{field}={made_for.get(field)!r} (this model: {getattr(self.config, field)!r})"
-                for field in CACHE_SIGNATURE_FIELDS
-                if made_for.get(field) != getattr(self.config, field)
-            ]
-            if differences:
-                raise ValueError(
-                    "`past_key_values` is a BSTCache made for another model configuration: "
-                    + ", ".join(differences)
-                    + ". A cache continues only a model with the configuration that made it; pass "
-                    "`past_key_values=None` to start a new one."
-                )
+        if past_key_values is not None and not torch.compiler.is_compiling():  # the eager prefill checked
+            past_key_values.check_fits(self.config, self.embed_tokens.weight.dtype)
         if attention_mask is not None and not torch.compiler.is_compiling():  # reads the cache's position count
             inputs = input_ids if input_ids is not None else inputs_embeds
             check_attention_mask_shape(attention_mask, inputs, past_key_values)
@@ -1143,7 +1124,7 @@ class BSTModel(BSTPreTrainedModel):
         if cache is not None and not torch.compiler.is_compiling():
             cache.check_room(length)  # a compiled step runs within the length generate() sized the cache for
         if cache is not None and cache.seen_tokens is None:
-            cache.start(batch, device)
+            cache.start(batch, device, self.embed_tokens.weight.dtype)
         if cache is not None and cache.seen_tokens.shape[0] != batch:
             raise ValueError(f"The cache holds {cache.seen_tokens.shape[0]} rows but the inputs have {batch}.")
         seen_tokens = cache.seen_tokens if cache is not None else torch.zeros(batch, dtype=torch.long, device=device)

@@ -376,6 +376,20 @@ def test_a_cache_made_by_another_configuration_is_refused(other):
             user.generate(input_ids, past_key_values=cache, max_new_tokens=2)
 
 
+def test_a_cache_filled_by_a_copy_of_another_dtype_is_refused():
+    """A cache from a bf16 copy of the same model, passed to the fp32 model: before, a scatter dtype error."""
+    model = tiny_model()
+    copy = fresh_copy(model).to(torch.bfloat16)
+    input_ids = torch.randint(2, 97, (1, 12))
+    with torch.no_grad():
+        cache = copy(input_ids, use_cache=True).past_key_values
+        with pytest.raises(ValueError, match=r"torch\.bfloat16 weights, and this model's weights are torch\.float32"):
+            model(input_ids[:, :1], past_key_values=cache)
+        with pytest.raises(ValueError, match=r"torch\.bfloat16 .* torch\.float32"):
+            model.generate(input_ids, past_key_values=cache, max_new_tokens=2)
+        copy(input_ids[:, :1], past_key_values=cache)  # the model that filled it continues it
+
+
 @pytest.mark.parametrize(
     "edit",
     [dict(ssm_kernel="unstructured"), dict(ssm_kernel="s4")],
