@@ -167,8 +167,8 @@ class BSTCache(BatchRowsMixin, Cache):
 
     A static cache (`static=True`; `generate(..., cache_implementation="static")` makes one) can run a compiled
     decoding step: every tensor keeps its shape and address, and `is_compileable` tells generate() so. With
-    "unstructured" kernels it keeps the last `max_cache_len` SSM inputs (a dynamic cache keeps them all). "s4" caches
-    have the same fixed-size tensors either way.
+    "unstructured" kernels it holds `max_cache_len` SSM inputs and refuses to go further (`check_room`; a dynamic cache
+    keeps them all). "s4" caches have the same fixed-size tensors either way.
 
     `layer_kernels` lists each layer's `kernels` (see `BSTLayerCache`): a cache continues the model as it was when the
     cache started. `model_signature` records the configuration fields the cache was made for; a model with others
@@ -188,6 +188,7 @@ class BSTCache(BatchRowsMixin, Cache):
         self.max_cache_len = max_cache_len
         self.model_signature = cache_signature(config)
         self.seen_tokens: torch.Tensor | None = None  # (B,)
+        self.model_dtype: torch.dtype | None = None  # the weights' dtype of the model that fills it (`check_fits`)
         # Positions consumed, padding included (what generate() slices inputs by); a tensor, so that a compiled step
         # advances it in place instead of specialising on its value.
         self.consumed = torch.zeros((), dtype=torch.long)
@@ -222,8 +223,49 @@ class BSTCache(BatchRowsMixin, Cache):
     def batch_size(self) -> int:
         return -1 if self.seen_tokens is None else self.seen_tokens.shape[0]
 
-    def start(self, batch: int, device: torch.device) -> None:
-        """Creates the per-row counters on the first forward."""
+    def check_room(self, new_positions: int) -> None:
+        """Raises when a static cache with "unstructured" kernels cannot take `new_positions` more positions: it holds
+        the last `max_cache_len` SSM inputs, and continuing past them would silently drop the oldest. Its tensors keep
+        their shapes (what compiled decoding relies on), so it cannot grow."""
+        if self.static and self.config.ssm_kernel == "unstructured" and self.config.bst_layers:
+            total_positions = int(self.consumed) + new_positions
+            if total_positions > self.max_cache_len:
+                raise ValueError(
+                    f"This static BSTCache holds the last max_cache_len={self.max_cache_len} SSM inputs of its "
+                    f'"unstructured" kernels, and {total_positions} positions do not fit. Make the cache with '
+                    f"`max_cache_len` >= {total_positions} (`BSTCache(config, static=True, max_cache_len=...)`, or "
+                    '`generate(..., cache_implementation="static", max_cache_len=...)` in the call that makes it), or '
+                    "use a dynamic cache, which grows."
+                )
+
+    def check_fits(self, config: BSTConfig, dtype: torch.dtype) -> None:
+        """Raises unless this cache can continue a model with `config` and weights of `dtype`: the configuration
+        fields that decide its tensors' shapes and meaning, and the dtype of the model that filled it, must match. A
+        cache made with this very configuration object skips the field comparison (reading a dozen config fields costs
+        microseconds each decoding step)."""
+        if config is not self.config:
+            differences = [
+                f"{field}={self.model_signature.get(field)!r} (this model: {getattr(config, field)!r})"
+                for field in CACHE_SIGNATURE_FIELDS
+                if self.model_signature.get(field) != getattr(config, field)
+            ]
+            if differences:
+                raise ValueError(
+                    "`past_key_values` is a BSTCache made for another model configuration: "
+                    + ", ".join(differences)
+                    + ". A cache continues only a model with the configuration that made it; pass "
+                    "`past_key_values=None` to start a new one."
+                )
+        if self.model_dtype is not None and self.model_dtype != dtype:
+            raise ValueError(
+                f"`past_key_values` is a BSTCache filled by a model with {self.model_dtype} weights, and this model's "
+                f"weights are {dtype}. A cache continues only a model of the dtype that filled it; pass "
+                "`past_key_values=None` to start a new one (or continue with the model that made it)."
+            )
+
+    def start(self, batch: int, device: torch.device, dtype: torch.dtype) -> None:
+        """Creates the per-row counters on the first forward, and records the dtype of the model's weights."""
+        self.model_dtype = dtype
         self.seen_tokens = torch.zeros(batch, dtype=torch.long, device=device)
         self.consumed = self.consumed.to(device)
         if self.static:
@@ -251,6 +293,7 @@ class BSTCache(BatchRowsMixin, Cache):
         for layer in self.layers:
             layer.reset()
         self.seen_tokens = None
+        self.model_dtype = None
         self.consumed = torch.zeros((), dtype=torch.long)
 
     def crop(self, max_length: int) -> None:

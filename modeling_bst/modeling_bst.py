@@ -37,7 +37,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 from transformers.utils import logging
 
-from .cache_bst import CACHE_SIGNATURE_FIELDS, BSTCache
+from .cache_bst import BSTCache
 from .configuration_bst import BSTConfig
 from .ssm_ops import (
     COMPLEX_DTYPES,
@@ -509,16 +509,10 @@ class BSTAttention(nn.Module):
     def _previous_block_attention(self, query, key, value, layout, layer_cache, sinks=None):
         """Causal self-attention over the token's own block and the whole previous block (`attend_previous_block`):
         (B, T, H, d) -> (B, T, H*d). The cache holds both blocks' keys/values (2W slots)."""
+        # The cache holds, per row, the block of the row's next token (`keys`/`values`) and the block before it
+        # (`previous_keys`/`previous_values`), whichever path wrote them.
         cached = {} if layer_cache is None else layer_cache
         if layout.is_single_step and cached.get("keys") is not None:
-            # A real token at slot 0 opens a new block: the full current block becomes the previous one (in place; a
-            # compiled step or one on an accelerator always copies, which needs no host sync; an eager CPU step only
-            # when some row opens a block).
-            opens_block = (layout.offsets == 0) & (layout.seen_tokens > 0) & layout.token_mask[:, 0]
-            if step_reads_all_slots(query.device) or bool(opens_block.any()):
-                for name in ("keys", "values"):
-                    flag = opens_block.view(-1, *([1] * (cached[name].dim() - 1)))
-                    cached["previous_" + name] = torch.where(flag, cached[name], cached["previous_" + name])
             layout.write_step(cached["keys"], key)
             layout.write_step(cached["values"], value)
             previous_keys = apply_rotary(cached["previous_keys"], layout.previous_block_rotation, self.rope_pairing)
@@ -528,6 +522,14 @@ class BSTAttention(nn.Module):
             mask = layout.single_step_previous_block_mask()[..., : self.config.block_size + span]
             if sinks is not None:
                 keys, values, mask = self._with_sinks(sinks, layout, keys, values, mask)
+            # A real token at slot W - 1 completes its block, which becomes the previous block of the row's next token
+            # (in place; a compiled step or one on an accelerator always copies, which needs no host sync; an eager CPU
+            # step only when some row completes a block).
+            closes_block = (layout.offsets == self.config.block_size - 1) & layout.token_mask[:, 0]
+            if step_reads_all_slots(query.device) or bool(closes_block.any()):
+                for name in ("keys", "values"):
+                    flag = closes_block.view(-1, *([1] * (cached[name].dim() - 1)))
+                    cached["previous_" + name] = torch.where(flag, cached[name], cached["previous_" + name])
             return self._attend_step(query, keys, values, mask)
 
         key_blocks = layout.to_blocks(key, cached.get("keys"))  # (B, N, W, H, d)
@@ -857,7 +859,12 @@ class BSTStateSpace(nn.Module):
     def _forward_with_history(self, inputs, layout, layer_cache, kernel_cache):
         """With "unstructured" kernels: the convolution over the cached SSM inputs and this chunk's. The history holds
         each row's past real inputs right-aligned, (B, D, K) with the newest last, so a row's real tokens in this chunk
-        (first in the row) follow its history directly."""
+        (first in the row) follow its history directly.
+
+        A static cache's history and taps have `max_cache_len` positions whatever the prompt length, so a compiled
+        decoding step meets the same shapes for every prompt. It holds at most that many inputs (`BSTCache.check_room`),
+        so the first T of the history's K + T positions joined with this chunk's are zeros and the convolution reads
+        the last K."""
         batch, length = inputs.shape[:2]
         history = layer_cache.get("ssm_history")
         if history is None:  # a static cache keeps the last `max_cache_len` inputs, a dynamic one all of them
@@ -865,12 +872,13 @@ class BSTStateSpace(nn.Module):
             history = inputs.new_zeros(batch, self.hidden_size, capacity)
         past = history.shape[-1]
         combined = torch.cat([history, inputs.transpose(1, 2)], dim=-1)  # (B, D, past + T)
-        taps = self._cached_taps(kernel_cache, past + length)  # (D, C, past + T)
+        window = combined[..., length:] if layer_cache.static else combined  # (B, D, K) or (B, D, past + T)
+        taps = self._cached_taps(kernel_cache, window.shape[-1])  # (D, C, K) or (D, C, past + T)
         if length == 1:
             # One decoding step: y = sum_j taps[j] u[t - j], a dot product with the reversed history (no FFT).
-            convolved = torch.einsum("bdk,dck->bdc", combined.flip(-1), taps).unsqueeze(1)  # (B, 1, D, C)
+            convolved = torch.einsum("bdk,dck->bdc", window.flip(-1), taps).unsqueeze(1)  # (B, 1, D, C)
         else:
-            convolved = causal_fft_conv(combined, taps)[..., past:].permute(0, 3, 1, 2)  # (B, T, D, C)
+            convolved = causal_fft_conv(window, taps)[..., -length:].permute(0, 3, 1, 2)  # (B, T, D, C)
         # Right-align each row again: position j of the new history is position j - kept + past + len of `combined`.
         kept = past if layer_cache.static else past + length
         if length == 1 and not layout.has_padding:
@@ -1093,27 +1101,8 @@ class BSTModel(BSTPreTrainedModel):
                 f"BST models keep their decoding state in a `BSTCache`, got {type(past_key_values).__name__}. "
                 "Pass `past_key_values=None` (with `use_cache=True`) and the model creates one."
             )
-        # A cache made with this very configuration object fits; another one is compared field by field (a compiled
-        # step skips it: the eager prefill checked). Reading a config field costs microseconds: a dozen per decoding
-        # step add up.
-        if (
-            past_key_values is not None
-            and past_key_values.config is not self.config
-            and not torch.compiler.is_compiling()
-        ):
-            made_for = getattr(past_key_values, "model_signature", {})
-            differences = [
-                f"{field}={made_for.get(field)!r} (this model: {getattr(self.config, field)!r})"
-                for field in CACHE_SIGNATURE_FIELDS
-                if made_for.get(field) != getattr(self.config, field)
-            ]
-            if differences:
-                raise ValueError(
-                    "`past_key_values` is a BSTCache made for another model configuration: "
-                    + ", ".join(differences)
-                    + ". A cache continues only a model with the configuration that made it; pass "
-                    "`past_key_values=None` to start a new one."
-                )
+        if past_key_values is not None and not torch.compiler.is_compiling():  # the eager prefill checked
+            past_key_values.check_fits(self.config, self.embed_tokens.weight.dtype)
         if attention_mask is not None and not torch.compiler.is_compiling():  # reads the cache's position count
             inputs = input_ids if input_ids is not None else inputs_embeds
             check_attention_mask_shape(attention_mask, inputs, past_key_values)
@@ -1143,7 +1132,10 @@ class BSTModel(BSTPreTrainedModel):
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
-        use_cache = use_cache if use_cache is not None else self.config.use_cache
+        # In training the config's default does not apply (as in Mamba2): a cache and the final SSM state would cost
+        # 2x-8x a step for a state nobody reads. A call that asks for one gets it.
+        if use_cache is None:
+            use_cache = self.config.use_cache and not self.training
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         if kwargs.get("output_attentions"):
             logger.warning_once("BST does not return attention weights; `output_attentions` is ignored.")
@@ -1181,8 +1173,10 @@ class BSTModel(BSTPreTrainedModel):
             inputs_embeds = inputs_embeds.gather(1, compact_order[..., None].expand_as(inputs_embeds))
             token_mask = token_mask.gather(1, compact_order)
 
+        if cache is not None and not torch.compiler.is_compiling():
+            cache.check_room(length)  # a compiled step runs within the length generate() sized the cache for
         if cache is not None and cache.seen_tokens is None:
-            cache.start(batch, device)
+            cache.start(batch, device, self.embed_tokens.weight.dtype)
         if cache is not None and cache.seen_tokens.shape[0] != batch:
             raise ValueError(f"The cache holds {cache.seen_tokens.shape[0]} rows but the inputs have {batch}.")
         seen_tokens = cache.seen_tokens if cache is not None else torch.zeros(batch, dtype=torch.long, device=device)
@@ -1314,13 +1308,19 @@ class BSTForCausalLM(BSTPreTrainedModel, GenerationMixin):
             if not isinstance(cache, BSTCache):
                 raise TypeError(f"BST models generate with a `BSTCache`, got {type(cache).__name__}.")
             cache._is_user_defined = True
+            cache.check_room(max_cache_length - cache.get_seq_length())  # max_length - 1: the last token is not fed
             return
         if generation_config.use_cache is False:
             return
-        # A static cache holds the last `max_cache_len` SSM inputs of "unstructured" kernels: the whole generation.
+        # A static cache holds `max_cache_len` SSM inputs of "unstructured" kernels: the whole generation. Its tensors
+        # have that many positions, and a compiled decoding step compiles once per size: rounding up to a power of two
+        # lets prompts of many lengths share one graph (at most twice the positions each step reads), and
+        # `generation_config.max_cache_len` fixes the size across calls.
         max_cache_length = max(max_cache_length or 0, generation_config.max_cache_len or 0)
         max_cache_length = max_cache_length or generation_config.max_length
         static = generation_config.cache_implementation == "static"
+        if static:
+            max_cache_length = 1 << (max_cache_length - 1).bit_length()
         model_kwargs["past_key_values"] = BSTCache(self.config, static=static, max_cache_len=max_cache_length)
 
     def create_masks_for_generate(self, config, inputs_embeds, attention_mask, *args, **kwargs):

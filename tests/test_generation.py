@@ -176,6 +176,33 @@ def test_static_cache_generation_equals_dynamic_generation(variant, kernel, atte
     assert torch.equal(beams[0], beams[1])
 
 
+def test_a_static_unstructured_cache_refuses_to_continue_past_max_cache_len():
+    """It holds the last `max_cache_len` SSM inputs; continuing past them would silently drop the oldest."""
+    model = tiny_model(ssm_kernel="unstructured")
+    input_ids = torch.randint(2, 97, (1, 30))
+    settings = dict(do_sample=False, return_dict_in_generate=True, output_logits=True)
+    with torch.no_grad():
+        full = model(input_ids).logits
+        cache = BSTCache(model.config, static=True, max_cache_len=16)
+        model(input_ids[:, :14], past_key_values=cache)
+        model(input_ids[:, 14:16], past_key_values=cache)
+        with pytest.raises(ValueError, match=r"max_cache_len=16 SSM inputs .* 17 positions do not fit"):
+            model(input_ids[:, 16:17], past_key_values=cache)
+        fitting = BSTCache(model.config, static=True, max_cache_len=30)  # up to max_cache_len it equals the full forward
+        continued = [model(input_ids[:, :14], past_key_values=fitting).logits]
+        continued += [model(input_ids[:, t : t + 1], past_key_values=fitting).logits for t in range(14, 30)]
+        assert (torch.cat(continued, 1) - full).abs().max() < 1e-4
+        first = model.generate(input_ids[:, :6], max_new_tokens=8, cache_implementation="static", **settings)
+        with pytest.raises(ValueError, match=r"max_cache_len=16 SSM inputs .* 26 positions do not fit"):
+            model.generate(first.sequences, past_key_values=first.past_key_values, max_new_tokens=13, **settings)
+        # The generate() that makes the cache can size it for the whole conversation.
+        first = model.generate(input_ids[:, :6], max_new_tokens=8, cache_implementation="static", max_cache_len=26,
+                               **settings)
+        second = model.generate(first.sequences, past_key_values=first.past_key_values, max_new_tokens=13, **settings)
+    expected = model(second.sequences).logits[:, 13:-1]
+    assert (torch.stack(second.logits, 1) - expected).abs().max() < 1e-4
+
+
 def test_the_cache_speaks_the_cache_layer_api():
     """Each layer is a `BSTLayerCache` (a LinearAttentionLayer with block key/value slots): the "s4" state is its
     recurrent state, the "unstructured" inputs its conv state, the block keys/values its keys/values (W slots)."""

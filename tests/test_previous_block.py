@@ -83,3 +83,21 @@ def test_generate_equals_the_full_forward():
     step_logits = torch.stack(generated.logits, dim=1)[0]
     assert (step_logits - full).abs().max() < 1e-4
     assert (torch.stack(chunked.logits, dim=1)[0] - step_logits).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("variant, kernel", VARIANTS_AND_KERNELS)
+def test_left_padded_row_whose_prompt_fills_whole_blocks_decodes_as_alone(variant, kernel):
+    """A left-padded row whose prompt ends exactly on a block boundary, next to a longer row: its decoding steps
+    (logits and greedy tokens) equal the row alone, for blocks of several sizes."""
+    for block_size in (1, 3, 8):
+        model = tiny_model(bst_variant=variant, ssm_kernel=kernel, block_size=block_size)
+        short, long = torch.randint(2, 97, (1, 2 * block_size)), torch.randint(2, 97, (1, 2 * block_size + 3))
+        batch = torch.cat([torch.cat([torch.zeros(1, 3, dtype=torch.long), short], 1), long])
+        mask = (batch != 0).long()
+        settings = dict(max_new_tokens=block_size + 2, do_sample=False, output_logits=True)
+        with torch.no_grad():
+            together = model.generate(batch, attention_mask=mask, return_dict_in_generate=True, **settings)
+            alone = model.generate(short, return_dict_in_generate=True, **settings)
+        difference = (torch.stack(together.logits, 1)[0] - torch.stack(alone.logits, 1)[0]).abs().max()
+        assert difference < 1e-4, (block_size, difference)
+        assert torch.equal(together.sequences[0, 3:], alone.sequences[0]), block_size

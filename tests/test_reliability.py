@@ -147,6 +147,29 @@ def test_a_passed_cache_is_continued_even_with_use_cache_false(kernel):
     torch.testing.assert_close(from_config, full[:, 20:], rtol=0, atol=1e-4)
 
 
+@pytest.mark.parametrize("variant, kernel", [("sh", "s4"), ("mf", "unstructured")])
+def test_a_training_step_builds_no_cache_unless_one_is_asked_for(variant, kernel, monkeypatch):
+    """In training mode the saved default (`use_cache=True`) builds no generation cache and no final SSM state (they
+    cost 2x-8x a step), as in Mamba2; `use_cache=True` passed to the call still does. Loss and gradients are the same."""
+    model = tiny_model(bst_variant=variant, ssm_kernel=kernel).train()
+    assert model.config.use_cache
+    built = []
+    make_cache = BSTCache.__init__
+    monkeypatch.setattr(BSTCache, "__init__", lambda cache, *args, **kwargs: built.append(make_cache(cache, *args, **kwargs)))
+    input_ids = torch.randint(2, 97, (2, 21))
+    outputs, gradients = {}, {}
+    for use_cache in (None, False):
+        model.zero_grad()
+        outputs[use_cache] = model(input_ids, labels=input_ids, use_cache=use_cache)
+        outputs[use_cache].loss.backward()
+        gradients[use_cache] = [parameter.grad.clone() for parameter in model.parameters()]
+    assert outputs[None].past_key_values is None and built == []
+    assert torch.equal(outputs[None].loss, outputs[False].loss)
+    assert all(torch.equal(a, b) for a, b in zip(gradients[None], gradients[False]))
+    assert isinstance(model(input_ids, labels=input_ids, use_cache=True).past_key_values, BSTCache)
+    assert len(built) == 1
+
+
 def test_a_passed_cache_under_gradient_checkpointing_in_training_is_refused():
     model = tiny_model()
     input_ids = torch.randint(2, 97, (1, 12))
@@ -351,6 +374,20 @@ def test_a_cache_made_by_another_configuration_is_refused(other):
             user(input_ids[:, :1], past_key_values=cache)
         with pytest.raises(ValueError, match=field):
             user.generate(input_ids, past_key_values=cache, max_new_tokens=2)
+
+
+def test_a_cache_filled_by_a_copy_of_another_dtype_is_refused():
+    """A cache from a bf16 copy of the same model, passed to the fp32 model: before, a scatter dtype error."""
+    model = tiny_model()
+    copy = fresh_copy(model).to(torch.bfloat16)
+    input_ids = torch.randint(2, 97, (1, 12))
+    with torch.no_grad():
+        cache = copy(input_ids, use_cache=True).past_key_values
+        with pytest.raises(ValueError, match=r"torch\.bfloat16 weights, and this model's weights are torch\.float32"):
+            model(input_ids[:, :1], past_key_values=cache)
+        with pytest.raises(ValueError, match=r"torch\.bfloat16 .* torch\.float32"):
+            model.generate(input_ids, past_key_values=cache, max_new_tokens=2)
+        copy(input_ids[:, :1], past_key_values=cache)  # the model that filled it continues it
 
 
 @pytest.mark.parametrize(
