@@ -766,6 +766,9 @@ def main(argv=None):
         raise ValueError("The tokenizer has no end-of-sequence token, which separates documents in packed sequences.")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    # The saved tokenizer serves a decoder-only model: batched generate() needs left padding (training packs
+    # sequences and pads nothing). save_pretrained writes `init_kwargs`, not the attribute, so both are set.
+    tokenizer.padding_side = tokenizer.init_kwargs["padding_side"] = "left"
     if from_checkpoint:
         check_tokenizer_matches_checkpoint(config, tokenizer)
 

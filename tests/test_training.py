@@ -136,6 +136,41 @@ def test_saved_folder_generates_through_pipeline(trained):
     assert text.startswith("import json\n") and len(text) > len("import json\n")
 
 
+def test_every_saved_tokenizer_pads_on_the_left(trained, corpus, tmp_path):
+    """scripts/train.py's folder, scripts/train_tokenizer.py's and scripts/push_to_hub.py's (which
+    scripts/convert_to_bst.py also writes with) load with left padding, as a decoder-only model's batched generate()
+    needs."""
+    from types import SimpleNamespace
+
+    train_tokenizer = load_script("train_tokenizer")
+    push_to_hub = load_script("push_to_hub")
+    output_dir, _ = trained
+    train_tokenizer.main(["--train_file", str(corpus / "train.jsonl"), "--vocab_size", "300", "--output_dir", str(tmp_path / "bpe")])
+    right_padded = AutoTokenizer.from_pretrained(output_dir, padding_side="right")
+    push_to_hub.stage_folder(tiny_model(), right_padded, SimpleNamespace(save=lambda path: None), tmp_path / "staged")
+    for folder in (output_dir, tmp_path / "bpe", tmp_path / "staged"):
+        assert AutoTokenizer.from_pretrained(folder).padding_side == "left", folder
+
+
+def test_saved_folder_generates_a_batch_as_its_rows_alone(trained):
+    """Two prompts of different lengths in one batch padded by the saved tokenizer: the same greedy tokens and scores
+    as each prompt alone. (Prompts of 5 and 11 tokens: not multiples of the block size, 8.)"""
+    output_dir, _ = trained
+    model = AutoModelForCausalLM.from_pretrained(output_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(output_dir)
+    text_ids = tokenizer("from email import message\nclass Parser:\n    pass\n").input_ids
+    prompts = [text_ids[:5], text_ids[:11]]
+    settings = dict(max_new_tokens=6, do_sample=False, output_scores=True, return_dict_in_generate=True)
+    batch = tokenizer.pad({"input_ids": prompts}, return_tensors="pt")  # padded as the saved tokenizer says
+    with torch.no_grad():
+        together = model.generate(**batch, **settings)
+        for row, prompt in enumerate(prompts):
+            alone = model.generate(input_ids=torch.tensor([prompt]), **settings)
+            assert together.sequences[row, batch.input_ids.shape[1] :].tolist() == alone.sequences[0, -6:].tolist()
+            for step_together, step_alone in zip(together.scores, alone.scores):
+                torch.testing.assert_close(step_together[row], step_alone[0], rtol=1e-4, atol=1e-5)
+
+
 def test_sample_before_and_after_training_leaves_the_run_unchanged(corpus, tmp_path, capsys):
     def losses(output_dir):
         with open(output_dir / "trainer_state.json") as f:
