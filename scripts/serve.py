@@ -339,6 +339,7 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     options, serve_arguments = parse_server_options(argv)
     torch.set_num_threads(options.decode_threads)
+    print(f"scripts/serve.py: torch computes on {torch.get_num_threads()} CPU thread(s) (--decode-threads)", flush=True)
     # The `transformers` command line itself, minus its update check (a network call), with `serve` as the command.
     from transformers.cli.transformers import app
 
