@@ -152,6 +152,25 @@ def test_every_saved_tokenizer_pads_on_the_left(trained, corpus, tmp_path):
         assert AutoTokenizer.from_pretrained(folder).padding_side == "left", folder
 
 
+def test_saved_tokenizers_keep_their_chat_template(trained, corpus, tmp_path):
+    """A chat model's tokenizer (an upcycled Instruct model's) keeps its chat template through continued training
+    (scripts/train.py) and staging (scripts/push_to_hub.py, scripts/convert_to_bst.py): the server's chat endpoint
+    needs it."""
+    from types import SimpleNamespace
+
+    push_to_hub = load_script("push_to_hub")
+    output_dir, _ = trained
+    template = "{% for message in messages %}<|{{ message['role'] }}|>{{ message['content'] }}{% endfor %}"
+    shutil.copytree(output_dir, tmp_path / "chat", ignore=shutil.ignore_patterns("checkpoint-*"))
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "chat")
+    tokenizer.chat_template = template
+    tokenizer.save_pretrained(tmp_path / "chat")
+    train.main(base_argv(corpus, tmp_path / "continued", "--max_steps", "1")[2:] + ["--model_name_or_path", str(tmp_path / "chat")])
+    push_to_hub.stage_folder(tiny_model(), tokenizer, SimpleNamespace(save=lambda path: None), tmp_path / "staged")
+    for folder in (tmp_path / "continued", tmp_path / "staged"):
+        assert AutoTokenizer.from_pretrained(folder).chat_template == template, folder
+
+
 def test_saved_folder_generates_a_batch_as_its_rows_alone(trained):
     """Two prompts of different lengths in one batch padded by the saved tokenizer: the same greedy tokens and scores
     as each prompt alone. (Prompts of 5 and 11 tokens: not multiples of the block size, 8.)"""
