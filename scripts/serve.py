@@ -23,6 +23,7 @@ client for docs/serving.md's examples).
 """
 
 import argparse
+import asyncio
 import contextvars
 import os
 import sys
@@ -135,8 +136,6 @@ class WatchForDisconnect:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        import asyncio
-
         request = RequestState()
         CURRENT_REQUEST.set(request)
         body_read = asyncio.Event()

@@ -265,7 +265,9 @@ def test_sigterm_stops_a_generation_in_flight(tmp_path):
     with running_server(folder) as (port, process, _):
         connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
         body = {"prompt": PROMPT, "max_tokens": LONG_LIMIT, "stream": True}
-        connection.request("POST", "/v1/completions", body=json.dumps(body), headers={"Content-Type": "application/json"})
+        connection.request(
+            "POST", "/v1/completions", body=json.dumps(body), headers={"Content-Type": "application/json"}
+        )
         response = connection.getresponse()
         assert response.status == 200
         assert response.readline().startswith(b"data: ")  # generating

@@ -145,7 +145,9 @@ def test_every_saved_tokenizer_pads_on_the_left(trained, corpus, tmp_path):
     train_tokenizer = load_script("train_tokenizer")
     push_to_hub = load_script("push_to_hub")
     output_dir, _ = trained
-    train_tokenizer.main(["--train_file", str(corpus / "train.jsonl"), "--vocab_size", "300", "--output_dir", str(tmp_path / "bpe")])
+    train_tokenizer.main(
+        ["--train_file", str(corpus / "train.jsonl"), "--vocab_size", "300", "--output_dir", str(tmp_path / "bpe")]
+    )
     right_padded = AutoTokenizer.from_pretrained(output_dir, padding_side="right")
     push_to_hub.stage_folder(tiny_model(), right_padded, SimpleNamespace(save=lambda path: None), tmp_path / "staged")
     for folder in (output_dir, tmp_path / "bpe", tmp_path / "staged"):
@@ -165,7 +167,10 @@ def test_saved_tokenizers_keep_their_chat_template(trained, corpus, tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "chat")
     tokenizer.chat_template = template
     tokenizer.save_pretrained(tmp_path / "chat")
-    train.main(base_argv(corpus, tmp_path / "continued", "--max_steps", "1")[2:] + ["--model_name_or_path", str(tmp_path / "chat")])
+    train.main(
+        base_argv(corpus, tmp_path / "continued", "--max_steps", "1")[2:]
+        + ["--model_name_or_path", str(tmp_path / "chat")]
+    )
     push_to_hub.stage_folder(tiny_model(), tokenizer, SimpleNamespace(save=lambda path: None), tmp_path / "staged")
     for folder in (tmp_path / "continued", tmp_path / "staged"):
         assert AutoTokenizer.from_pretrained(folder).chat_template == template, folder
