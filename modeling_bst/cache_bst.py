@@ -20,6 +20,7 @@ CACHE_SIGNATURE_FIELDS = (
     "head_dim",
     "block_size",
     "attend_previous_block",
+    "num_sink_tokens",
     "rope_pairing",
     "bst_variant",
     "ssm_kernel",
@@ -51,6 +52,8 @@ class BSTLayerCache(LinearAttentionLayer, CacheLayerMixin):
       K), the SSM inputs so far right-aligned (the newest last, zeros before the first): the filter is as long as the
       sequence, so its convolution window is the whole history. K grows in a dynamic cache and is `max_cache_len` in a
       static one;
+    - `sink_keys`/`sink_values` (B, k, H_kv, d), `store_sinks` (`num_sink_tokens`): the keys/values of the sequence's
+      first k tokens, which every later block also attends to;
     - `seen_tokens` (B,), `advance`: real tokens so far, per row (rows of a left-padded batch sit at different slots);
     - `discretization` ("s4": log dA, C dB, dA) or `taps` ("unstructured"): what decoding reuses and no row owns,
       computed from the parameters on the cache's first use and kept until `reset`.
@@ -75,6 +78,8 @@ class BSTLayerCache(LinearAttentionLayer, CacheLayerMixin):
         self.context_keys: torch.Tensor | None = None
         self.context_values: torch.Tensor | None = None
         self.context_states: torch.Tensor | None = None
+        self.sink_keys: torch.Tensor | None = None
+        self.sink_values: torch.Tensor | None = None
         self.seen_tokens: torch.Tensor | None = None
         self.discretization: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self.taps: torch.Tensor | None = None
@@ -103,6 +108,9 @@ class BSTLayerCache(LinearAttentionLayer, CacheLayerMixin):
 
     def store_context_states(self, states: torch.Tensor) -> None:
         self.context_states = self._hold(self.context_states, states)
+
+    def store_sinks(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        self.sink_keys, self.sink_values = self._hold(self.sink_keys, keys), self._hold(self.sink_values, values)
 
     def ssm_state(self) -> torch.Tensor | None:
         return self.recurrent_states[0] if self.has_previous_state[0] else None
@@ -136,7 +144,10 @@ class BSTLayerCache(LinearAttentionLayer, CacheLayerMixin):
         """Every per-row tensor held, by attribute name."""
         named = {
             name: getattr(self, name)
-            for name in ("keys", "values", "previous_keys", "previous_values", "context_keys", "context_values")
+            for name in (
+                "keys", "values", "previous_keys", "previous_values", "context_keys", "context_values", "sink_keys",
+                "sink_values",
+            )
         }
         named.update(context_states=self.context_states, seen_tokens=self.seen_tokens)
         return {name: tensor for name, tensor in named.items() if tensor is not None}

@@ -52,6 +52,11 @@ class BSTConfig(PreTrainedConfig):
             block (the Block-Recurrent Transformer's sliding window: a token at slot i sees W + i + 1 tokens, and the
             generation cache holds 2W key/value slots) instead of only the earlier tokens of its own block (the
             paper's pseudocode, block-local). Cross-attention to the context states stays inside the block.
+        num_sink_tokens (`int`, defaults to 0): attention sinks (StreamingLLM, Xiao et al. 2023): self-attention in
+            every block past the first window also sees the keys/values of the sequence's first `num_sink_tokens`
+            tokens, placed just before the window (RoPE). Pretrained Transformers put much of their attention on the
+            first tokens; a model converted from one (scripts/convert_to_bst.py) keeps its quality in windows only
+            with them (docs/upcycling.md). At most `block_size`; the generation cache holds them (constant memory).
         bst_variant (`str`, defaults to `"sh"`): how the SSM outputs become context states.
             `"sh"` single-head (one filter, the SSM outputs at the block's own positions, causal mask),
             `"mh"` multi-head (one filter per cross-attention head), `"mf"` multi-filter (`num_context_states`
@@ -112,6 +117,7 @@ class BSTConfig(PreTrainedConfig):
     qkv_bias: bool = False
     block_size: int = 512
     attend_previous_block: bool = False
+    num_sink_tokens: int = 0
     bst_variant: str = "sh"
     ssm_kernel: str = "s4"
     ssm_state_size: int = 64
@@ -245,6 +251,11 @@ class BSTConfig(PreTrainedConfig):
         if not 0.0 < self.ssm_dt_min <= self.ssm_dt_max:
             raise ValueError(
                 f"Need 0 < `ssm_dt_min` <= `ssm_dt_max`, got {self.ssm_dt_min} and {self.ssm_dt_max}."
+            )
+        if not 0 <= self.num_sink_tokens <= self.block_size:
+            raise ValueError(
+                f"`num_sink_tokens` must lie in [0, block_size = {self.block_size}] (the sinks are the first block's "
+                f"first tokens), got {self.num_sink_tokens}."
             )
         if not 0.0 <= self.attention_dropout < 1.0:
             raise ValueError(f"`attention_dropout` must lie in [0, 1), got {self.attention_dropout}.")

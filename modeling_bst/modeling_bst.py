@@ -20,10 +20,7 @@ keys/values, the current block's context states, and the SSM state ("s4") or the
 """
 
 
-import glob
-import json
 import math
-import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -96,8 +93,8 @@ def apply_rotary(states: torch.Tensor, rotations: torch.Tensor, pairing: str = "
     """RoPE: channels (2i, 2i+1) of every head ("interleaved"), or (i, i + head_dim/2) ("rotate_half", Llama's
     convention), read as one complex number, are multiplied by rotations[..., i].
 
-    states (B, T, H, head_dim), rotations (B or 1, T, head_dim/2) complex. One complex multiply is ~4x faster on CPU
-    (forward + backward) than the rotate-half form, which needs a split, a negation, a concatenation and three more
+    states (B, T, H, head_dim), rotations (B or 1, T, head_dim/2) complex. One complex multiply is faster (forward + backward)
+    than the rotate-half form, which needs a split, a negation, a concatenation and three more
     elementwise passes; "rotate_half" pairs are gathered into complex numbers by a transpose and multiplied the same
     way: (x1 + i x2) e^(i theta) = (x1 cos - x2 sin) + i (x2 cos + x1 sin), Llama's q * cos + rotate_half(q) * sin.
     Computed in fp32: there is no bfloat16 complex type.
@@ -131,9 +128,8 @@ class BSTMLP(nn.Module):
 def step_reads_all_slots(device: torch.device) -> bool:
     """Whether a decoding step attends to all W slots of its block (with a mask) instead of stopping at the furthest
     row's slot: when compiling (shapes must not change) and on accelerators. There a key length that changes every
-    step costs a new attention plan per length (measured on an H100 in bf16: cuDNN's SDPA backend took 42-62 ms a
-    step, 3.5-6 ms with it off, until every length had been seen) and reading the furthest slot syncs with the host;
-    the W - span extra keys cost nothing next to that."""
+    step costs a new attention plan per length (cuDNN's SDPA backend; docs/design.md) and reading the furthest slot
+    syncs with the host; the W - span extra keys cost nothing next to that."""
     return torch.compiler.is_compiling() or device.type != "cpu"
 
 
@@ -158,6 +154,9 @@ class BlockLayout:
     is_single_step: bool  # one new token per row on top of a cache: queries stay out of the block layout
     # RoPE rotation by -W (1, 1, head_dim/2): a previous-block key at slot j sits W - j + i before a query at slot i.
     previous_block_rotation: torch.Tensor | None = None
+    # RoPE rotation that moves the attention sinks (at slots 0..k-1 of the first block) to just before a block's
+    # attention window: by -k, or by -(W + k) with previous-block attention (`num_sink_tokens`).
+    sink_rotation: torch.Tensor | None = None
     # A decoding step attends to the first `step_span` slots of its block, with `step_mask` (B, 1, 1, step_span), or
     # with no mask when every row sees all of them (rows at the same slot). Eager steps on CPU stop at the furthest
     # row's slot, so the early slots of a block cost less and a mask-free attention call takes the fast kernel; other
@@ -272,6 +271,14 @@ class BlockLayout:
             dim=-1,
         )  # (B, N, W, 2W)
         return mask.flatten(0, 1).unsqueeze(1)
+
+    def sinks_visible(self, first_visible_block: int) -> torch.Tensor:
+        """Whether the attention sinks join the keys of each block: (B, num_blocks), or (B,) for a single step. They
+        do from the first block whose window no longer holds them (absolute block index `first_visible_block`)."""
+        first_block = self.seen_tokens // self.block_size  # absolute index of the chunk's first block
+        if self.is_single_step:
+            return first_block >= first_visible_block
+        return (first_block[:, None] + torch.arange(self.num_blocks, device=first_block.device)) >= first_visible_block
 
     def single_step_previous_block_mask(self) -> torch.Tensor:
         """(B, 1, 1, 2W): `previous_block_mask` for a lone new token at slot `offsets`."""
@@ -412,7 +419,7 @@ class BSTAttention(nn.Module):
     def _attend_step(self, query, key, value, attention_mask) -> torch.Tensor:
         """One decoding step: query (B, 1, H, d), key/value (B, K, H, d) -> (B, 1, H*d). With SDPA it calls the kernel
         directly: for one query, `_attend`'s block reshaping and Transformers' SDPA wrapper cost more than the attention
-        itself (0.6 ms of a 7.5 ms step, d = 256, 4 layers, on CPU)."""
+        itself."""
         if self.config._attn_implementation != "sdpa" or self.training:
             return self._attend(query[:, None], key[:, None], value[:, None], attention_mask)[:, 0]
         key, value = repeat_key_value_heads(key, value, query.shape[-2])
@@ -421,27 +428,83 @@ class BSTAttention(nn.Module):
         )  # (B, H, 1, d)
         return output.transpose(1, 2).reshape(query.shape[0], 1, -1)
 
-    def _block_attention(self, query, key, value, layout, cached_keys, cached_values, store):
+    def _attention_sinks(self, key, value, layout, layer_cache):
+        """The keys/values of the sequence's first `num_sink_tokens` tokens, (B, k, H_kv, d) each, which every later
+        block's self-attention also sees (StreamingLLM's attention sinks: pretrained models park attention on the first
+        tokens, and a window without them loses that). This chunk's tokens at sequence positions < k are written into
+        their sink slots first; the cache keeps the slots, so memory stays constant. The keys come back rotated to sit
+        just before a block's attention window."""
+        count = self.config.num_sink_tokens
+        batch, length = key.shape[:2]
+        if layer_cache is None or layer_cache.sink_keys is None:
+            sink_keys = key.new_zeros(batch, count, *key.shape[2:])
+            sink_values = value.new_zeros(batch, count, *value.shape[2:])
+        else:
+            sink_keys, sink_values = layer_cache.sink_keys, layer_cache.sink_values
+        new = min(length, count)  # only a chunk's first k tokens can be among the sequence's first k
+        positions = layout.seen_tokens[:, None] + torch.arange(new, device=key.device)  # (B, new)
+        # Tokens past the sinks (or padding) go to slot k, a discard slot cut off after the scatter.
+        slots = torch.where((positions < count) & layout.token_mask[:, :new], positions, count)
+        index = slots.view(batch, new, 1, 1).expand(-1, -1, *key.shape[2:])
+        sink_keys = torch.cat([sink_keys, sink_keys[:, :1]], dim=1).scatter(1, index, key[:, :new])[:, :count]
+        sink_values = torch.cat([sink_values, sink_values[:, :1]], dim=1).scatter(1, index, value[:, :new])[:, :count]
+        if layer_cache is not None:
+            layer_cache.store_sinks(sink_keys, sink_values)
+        return apply_rotary(sink_keys, layout.sink_rotation, self.rope_pairing), sink_values
+
+    def _with_sinks(self, sinks, layout, keys, values, mask):
+        """Puts the attention sinks (`_attention_sinks`) in front of the key axis of `keys`/`values` ((B, N, K, H, d)
+        for blocks, (B, K, H, d) for a decoding step) and of `mask` ((B*N or B, 1, Q, K), None for plain causal
+        attention within the block, or None for a step that sees all K)."""
+        sink_keys, sink_values = sinks
+        visible = layout.sinks_visible(2 if self.config.attend_previous_block else 1)  # (B, N) or (B,)
+        key_axis = keys.dim() - 3
+        if key_axis == 2:  # blocks: the same sinks for every block
+            sink_keys = sink_keys[:, None].expand(-1, keys.shape[1], -1, -1, -1)
+            sink_values = sink_values[:, None].expand(-1, keys.shape[1], -1, -1, -1)
+        queries, count = (keys.shape[2] if key_axis == 2 else 1), sink_keys.shape[key_axis]
+        if mask is None:
+            own = torch.ones(queries, keys.shape[key_axis], dtype=torch.bool, device=keys.device)
+            mask = (own.tril() if key_axis == 2 else own).expand(visible.numel(), 1, -1, -1)
+        sink_mask = visible.reshape(-1, 1, 1, 1).expand(-1, 1, mask.shape[2], count)
+        return (
+            torch.cat([sink_keys, keys], dim=key_axis),
+            torch.cat([sink_values, values], dim=key_axis),
+            torch.cat([sink_mask, mask], dim=-1),
+        )
+
+    def _block_attention(self, query, key, value, layout, cached_keys, cached_values, store, sinks=None):
         """Causal attention inside blocks; keys/values (B, T, H, d) of this chunk join the cached ones of the block
-        (`cached_keys`/`cached_values` (B, W, H, d), None without a cache or before its first use), and `store` (a
-        `BSTLayerCache` method, None without a cache) keeps the block of each row's next token."""
+        (`cached_keys`/`cached_values` (B, W, H, d), None without a cache or before its first use), and the attention
+        sinks when given; `store` (a `BSTLayerCache` method, None without a cache) keeps the block of each row's next
+        token."""
         if layout.is_single_step and cached_keys is not None:
             # Decoding: write the new key/value into its slot of the cached block in place, attend to slots <= it.
             layout.write_step(cached_keys, key)
             layout.write_step(cached_values, value)
             keys, values = cached_keys[:, : layout.step_span], cached_values[:, : layout.step_span]
-            return self._attend_step(query, keys, values, layout.step_mask)
+            mask = layout.step_mask
+            if sinks is not None:
+                keys, values, mask = self._with_sinks(sinks, layout, keys, values, mask)
+            return self._attend_step(query, keys, values, mask)
         key_blocks = layout.to_blocks(key, cached_keys)  # (B, N, W, H, d)
         value_blocks = layout.to_blocks(value, cached_values)
         if store is not None:
             store(layout.last_block(key_blocks), layout.last_block(value_blocks))
         if layout.is_single_step:  # a single token on an empty cache
-            output = self._attend(query[:, None], key_blocks, value_blocks, layout.single_step_mask())
+            mask = layout.single_step_mask()
+            if sinks is not None:
+                key_blocks, value_blocks, mask = self._with_sinks(sinks, layout, key_blocks, value_blocks, mask)
+            output = self._attend(query[:, None], key_blocks, value_blocks, mask)
             return output[:, 0]  # (B, 1, H*d)
-        output = self._attend(layout.to_blocks(query), key_blocks, value_blocks, is_causal=True)
+        if sinks is None:
+            output = self._attend(layout.to_blocks(query), key_blocks, value_blocks, is_causal=True)
+        else:
+            key_blocks, value_blocks, mask = self._with_sinks(sinks, layout, key_blocks, value_blocks, None)
+            output = self._attend(layout.to_blocks(query), key_blocks, value_blocks, mask)
         return layout.from_blocks(output, query.shape[1])
 
-    def _previous_block_attention(self, query, key, value, layout, layer_cache):
+    def _previous_block_attention(self, query, key, value, layout, layer_cache, sinks=None):
         """Causal self-attention over the token's own block and the whole previous block (`attend_previous_block`):
         (B, T, H, d) -> (B, T, H*d). The cache holds both blocks' keys/values (2W slots)."""
         # The cache holds, per row, the block of the row's next token (`keys`/`values`) and the block before it
@@ -455,6 +518,8 @@ class BSTAttention(nn.Module):
             keys = torch.cat([previous_keys, cached.keys[:, :span]], dim=1)  # (B, W + span, H, d)
             values = torch.cat([cached.previous_values, cached.values[:, :span]], dim=1)
             mask = layout.single_step_previous_block_mask()[..., : self.config.block_size + span]
+            if sinks is not None:
+                keys, values, mask = self._with_sinks(sinks, layout, keys, values, mask)
             # A real token at slot W - 1 completes its block, which becomes the previous block of the row's next token
             # (in place; a compiled step or one on an accelerator always copies, which needs no host sync; an eager CPU
             # step only when some row completes a block).
@@ -487,7 +552,10 @@ class BSTAttention(nn.Module):
         )
         keys = torch.cat([previous_keys.view_as(key_blocks), key_blocks], dim=2)  # (B, N, 2W, H, d)
         values = torch.cat([value_blocks_with_previous[:, :-1], value_blocks], dim=2)
-        output = self._attend(layout.to_blocks(query), keys, values, layout.previous_block_mask())
+        mask = layout.previous_block_mask()
+        if sinks is not None:
+            keys, values, mask = self._with_sinks(sinks, layout, keys, values, mask)
+        output = self._attend(layout.to_blocks(query), keys, values, mask)
         return layout.from_blocks(output, query.shape[1])
 
     def _project_context(self, projection: nn.Linear, context_states: torch.Tensor) -> torch.Tensor:
@@ -559,13 +627,14 @@ class BSTAttention(nn.Module):
         query = apply_rotary(self.q_proj(hidden_states).view(hidden_shape), rotations, self.rope_pairing)  # (B,T,H,d)
         key = apply_rotary(self.k_proj(hidden_states).view(key_value_shape), rotations, self.rope_pairing)  # H_kv heads
         value = self.v_proj(hidden_states).view(key_value_shape)
+        sinks = self._attention_sinks(key, value, layout, layer_cache) if self.config.num_sink_tokens else None
         if self.config.attend_previous_block:
-            output = self._previous_block_attention(query, key, value, layout, layer_cache)
+            output = self._previous_block_attention(query, key, value, layout, layer_cache, sinks)
         else:
             cached = (None, None, None)
             if layer_cache is not None:
                 cached = (layer_cache.keys, layer_cache.values, layer_cache.store_block)
-            output = self._block_attention(query, key, value, layout, *cached)
+            output = self._block_attention(query, key, value, layout, *cached, sinks)
         if not self.is_bst_layer:
             return self.o_proj(output)
 
@@ -887,33 +956,47 @@ class BSTDecoderLayer(GradientCheckpointingLayer):
         return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
 
 
-def safetensors_problem(path: str) -> str | None:
-    """Why a .safetensors file cannot be read in full, or None. A kill during a save leaves a file shorter than its
-    header says; the safetensors library then reports "incomplete metadata" without naming the file."""
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        prefix = f.read(8)
-        if len(prefix) < 8:
-            return f"{size} bytes, too short to hold a header"
-        header_length = int.from_bytes(prefix, "little")
-        if 8 + header_length > size:
-            return f"truncated inside its header ({size} bytes)"
-        try:
-            header = json.loads(f.read(header_length))
-            end = max((entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"), default=0)
-        except (ValueError, KeyError, TypeError, IndexError):
-            return "its header is not valid safetensors JSON"
-    if 8 + header_length + end != size:
-        return f"truncated: its header describes {8 + header_length + end} bytes, the file has {size}"
-    return None
-
-
 # Parameters that exist only for a given SSM/context configuration: a checkpoint that lacks them, or has others, was
 # saved for another `ssm_kernel`, `bst_variant`, `bst_layers` or `num_context_states`.
 SSM_AND_CONTEXT_KEYS = re.compile(
     r"(^|\.)(ssm|attention\.(context_norm|cross_q_proj|context_k_proj|context_v_proj|initial_context|context_ids))\."
     r"|\.attention\.(initial_context|context_ids)$"
 )
+
+
+def check_token_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
+    """Shape, dtype and range of token ids. An id outside the vocabulary would index past the embedding (on a GPU, a
+    device-side assert that names nothing). The range is read where that costs no device sync: on the CPU directly;
+    on an accelerator as an asynchronous assert, raised at the next synchronisation; a compiled step skips it."""
+    if input_ids.dim() != 2:
+        raise ValueError(f"`input_ids` must have shape (batch, length), got {tuple(input_ids.shape)}.")
+    if input_ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+        raise TypeError(f"`input_ids` must hold integer token ids, got dtype {input_ids.dtype}.")
+    if torch.compiler.is_compiling():
+        return
+    if input_ids.device.type == "cpu":
+        lowest, highest = (int(extreme) for extreme in input_ids.aminmax())
+        if lowest < 0 or highest >= vocab_size:
+            raise ValueError(
+                f"`input_ids` holds ids outside [0, {vocab_size}) (`vocab_size`): min {lowest}, max {highest}."
+            )
+    else:
+        in_range = ((input_ids >= 0) & (input_ids < vocab_size)).all()
+        torch._assert_async(in_range, f"`input_ids` holds ids outside [0, {vocab_size}) (`vocab_size`).")
+
+
+def check_embeddings(inputs_embeds: torch.Tensor, hidden_size: int, model_dtype: torch.dtype) -> None:
+    if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != hidden_size:
+        raise ValueError(
+            f"`inputs_embeds` must have shape (batch, length, {hidden_size}), got {tuple(inputs_embeds.shape)}."
+        )
+    if not inputs_embeds.is_floating_point():
+        raise TypeError(f"`inputs_embeds` must be floating point, got dtype {inputs_embeds.dtype}.")
+    if inputs_embeds.dtype != model_dtype and not torch.is_autocast_enabled(inputs_embeds.device.type):
+        raise TypeError(
+            f"`inputs_embeds` has dtype {inputs_embeds.dtype} but the model's weights are {model_dtype}: "
+            f"pass `inputs_embeds.to({model_dtype})` (or run under `torch.autocast`)."
+        )
 
 
 def check_attention_mask_shape(attention_mask: torch.Tensor, inputs: torch.Tensor, cache: Cache | None) -> None:
@@ -950,19 +1033,9 @@ class BSTPreTrainedModel(PreTrainedModel):
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
         """`PreTrainedModel.from_pretrained`, plus an error when the checkpoint's SSM or context weights do not fit the
-        configuration (freshly initialised SSM layers would load with a warning only and give other outputs), and
-        errors that name a truncated weights file."""
+        configuration: freshly initialised SSM layers would load with a warning only and give other outputs."""
         output_loading_info = kwargs.pop("output_loading_info", False)
-        try:
-            model, loading_info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
-        except Exception as error:
-            if type(error).__name__ != "SafetensorError":
-                raise
-            name_or_path = args[0] if args else kwargs.get("pretrained_model_name_or_path", "")
-            folder = os.path.join(name_or_path, kwargs.get("subfolder", ""))
-            paths = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
-            broken = [f"{path} ({problem})" for path in paths if (problem := safetensors_problem(path))]
-            raise OSError(f"Unreadable weights: {', '.join(broken) or folder}: {error}") from error
+        model, loading_info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
         missing = sorted(k for k in loading_info["missing_keys"] if SSM_AND_CONTEXT_KEYS.search(k))
         unexpected = sorted(k for k in loading_info["unexpected_keys"] if SSM_AND_CONTEXT_KEYS.search(k))
         # A checkpoint with no weights at all for this model (an empty state dict) is a deliberate fresh start.
@@ -1016,6 +1089,7 @@ class BSTModel(BSTPreTrainedModel):
         self.embed_tokens = value
 
     def _check_inputs(self, input_ids, inputs_embeds, attention_mask, past_key_values):
+        """Clear errors for inputs the layers would fail on, or silently misread. Nothing here waits for a device."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of `input_ids` and `inputs_embeds`.")
         inputs, name = (input_ids, "input_ids") if input_ids is not None else (inputs_embeds, "inputs_embeds")
@@ -1024,32 +1098,9 @@ class BSTModel(BSTPreTrainedModel):
                 f"`{name}` is empty: shape {tuple(inputs.shape)}; need at least one row and one token per row."
             )
         if input_ids is not None:
-            if input_ids.dim() != 2:
-                raise ValueError(f"`input_ids` must have shape (batch, length), got {tuple(input_ids.shape)}.")
-            if input_ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
-                raise TypeError(f"`input_ids` must hold integer token ids, got dtype {input_ids.dtype}.")
-            vocab_size = self.embed_tokens.num_embeddings
-            # Reading the ids is data-dependent (a graph break): a compiled step skips it, eager calls keep the error.
-            if input_ids.numel() and not torch.compiler.is_compiling():
-                lowest, highest = (int(extreme) for extreme in input_ids.aminmax())
-                if lowest < 0 or highest >= vocab_size:
-                    raise ValueError(
-                        f"`input_ids` holds ids outside [0, {vocab_size}) (`vocab_size`): min {lowest}, max {highest}."
-                    )
+            check_token_ids(input_ids, self.embed_tokens.num_embeddings)
         else:
-            if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != self.config.hidden_size:
-                raise ValueError(
-                    f"`inputs_embeds` must have shape (batch, length, {self.config.hidden_size}), "
-                    f"got {tuple(inputs_embeds.shape)}."
-                )
-            if not inputs_embeds.is_floating_point():
-                raise TypeError(f"`inputs_embeds` must be floating point, got dtype {inputs_embeds.dtype}.")
-            model_dtype = self.embed_tokens.weight.dtype
-            if inputs_embeds.dtype != model_dtype and not torch.is_autocast_enabled(inputs_embeds.device.type):
-                raise TypeError(
-                    f"`inputs_embeds` has dtype {inputs_embeds.dtype} but the model's weights are {model_dtype}: "
-                    f"pass `inputs_embeds.to({model_dtype})` (or run under `torch.autocast`)."
-                )
+            check_embeddings(inputs_embeds, self.config.hidden_size, self.embed_tokens.weight.dtype)
         if past_key_values is not None and not isinstance(past_key_values, BSTCache):
             raise TypeError(
                 f"BST models keep their decoding state in a `BSTCache`, got {type(past_key_values).__name__}. "
@@ -1144,6 +1195,10 @@ class BSTModel(BSTPreTrainedModel):
         rotations = self.rotary_emb(slots)
         if self.config.attend_previous_block:
             layout.previous_block_rotation = self.rotary_emb(torch.full((1, 1), -self.config.block_size, device=device))
+        if self.config.num_sink_tokens:
+            window_start = self.config.block_size if self.config.attend_previous_block else 0
+            sink_shift = -(window_start + self.config.num_sink_tokens)
+            layout.sink_rotation = self.rotary_emb(torch.full((1, 1), sink_shift, device=device))
 
         def restore_order(states: torch.Tensor) -> torch.Tensor:
             if compact_order is None:

@@ -33,8 +33,7 @@ class CausalFFTConvolution(torch.autograd.Function):
 
     The skip term is tap 0 of the kernel, so it costs nothing here; as a separate `addcmul` it was one more pass over
     the (B, L, D, C) outputs and two over their gradient. Autograd through torch.fft would differentiate each rfft with
-    a full complex FFT over zero-filled buffers; this backward is one rfft and two irffts (forward + backward at
-    L = 16k, D = 512 on 2 CPU cores: 0.63 s vs 0.81 s).
+    a full complex FFT over zero-filled buffers; this backward is one rfft and two irffts (docs/design.md).
 
     The output is a (B, D, C, L) view of a (B, C, D, n) buffer: each filter's (D, L) plane is one block of memory, the
     layout in which "mh" attention reads filter h for head h (as (L, D) matrices, transposed in place). The products
@@ -105,7 +104,7 @@ def causal_fft_conv(inputs: torch.Tensor, kernel: torch.Tensor, skip: torch.Tens
 
 
 def complex_exp(exponent: torch.Tensor) -> torch.Tensor:
-    """exp(a + ib) = e^a (cos b + i sin b); three real kernels run ~3x faster on CPU than torch's complex exp."""
+    """exp(a + ib) = e^a (cos b + i sin b); three real kernels run faster on CPU than torch's complex exp."""
     return torch.polar(torch.exp(exponent.real), exponent.imag)
 
 
@@ -288,8 +287,7 @@ def real_vandermonde_sum(coefficients: torch.Tensor, log_z: torch.Tensor, length
         Re(w z) = Re(w) Re(z) + Im(w) Im(conj z)
 
     The (J, N) complex table w z^(b*j) read as reals is the (J, 2N) left factor, and the powers of conj(z) read as reals
-    the (b, 2N) right one: both are views. Real batched matmuls run much faster than complex ones on CPU (profiled: the
-    "mh" kernel's matmuls and their copies at 4k, forward + backward, about 2 s complex, 0.5 s real, on 2 busy cores).
+    the (b, 2N) right one: both are views. Real batched matmuls run much faster than complex ones on CPU.
     Both tables come from `PowerTable` (two small float64 factor tables and one product): exponentials, with their
     float64 exponents and angle reductions, were most of the kernel's time ("mh" at 4k: 128 per mode and channel).
     """

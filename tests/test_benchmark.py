@@ -1,4 +1,4 @@
-"""Smoke test of scripts/benchmark.py (--quick, tiny sizes) and checks of its baseline layers.
+"""Smoke test of scripts/benchmarks/benchmark.py (--quick, tiny sizes) and checks of its baseline layers.
 
 No timing assertions: only the JSON structure, finiteness of the ratios, and the baselines' correctness.
 """
@@ -15,16 +15,28 @@ import torch
 import torch.nn.functional as F
 
 
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "benchmark.py"
+pytestmark = pytest.mark.lab
+
+BENCHMARKS_DIR = Path(__file__).resolve().parent.parent / "scripts" / "benchmarks"
+
+
+def load_by_path(name, path):
+    """The module (or package, for an `__init__.py`) at `path`, imported as `name`: what running the script finds next
+    to it, without putting scripts/benchmarks on sys.path."""
+    search = [str(path.parent)] if path.name == "__init__.py" else None
+    spec = importlib.util.spec_from_file_location(name, path, submodule_search_locations=search)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(scope="module")
 def bench_script():
-    """scripts/benchmark.py (its `main`), loaded by path; loading it puts scripts/ on sys.path for `bst_benchmark`."""
-    spec = importlib.util.spec_from_file_location("benchmark_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """scripts/benchmarks/benchmark.py (its `main`), after the `bst_benchmark` package it imports."""
+    if "bst_benchmark" not in sys.modules:
+        load_by_path("bst_benchmark", BENCHMARKS_DIR / "bst_benchmark" / "__init__.py")
+    return load_by_path("benchmark_script", BENCHMARKS_DIR / "benchmark.py")
 
 
 @pytest.fixture(scope="module")
@@ -67,11 +79,8 @@ def quick_report(bench_script, tmp_path_factory):
 def test_malloc_setting_is_accepted_by_glibc():
     """The benchmark's allocator setting (no per-call mmap/munmap of large blocks) works here; in a subprocess, since
     it changes the allocator of the whole process."""
-    code = (
-        f"import sys; sys.path.insert(0, {str(SCRIPT.parent)!r}); from bst_benchmark.measurement import "
-        "keep_freed_memory_mapped; assert keep_freed_memory_mapped()"
-    )
-    subprocess.run([sys.executable, "-c", code], check=True)
+    code = "from bst_benchmark.measurement import keep_freed_memory_mapped; assert keep_freed_memory_mapped()"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=BENCHMARKS_DIR)
 
 
 def test_parse_length(settings):
@@ -81,6 +90,13 @@ def test_parse_length(settings):
         settings.parse_length("four")
     with pytest.raises(Exception, match="positive"):
         settings.parse_length("0")
+
+
+def test_default_outputs_are_the_docs_files(settings):
+    """Without --output / --figures-dir the report replaces the repository's docs/benchmark_cpu.json and figures."""
+    args = settings.parse_args(["--quick"])
+    docs = BENCHMARKS_DIR.parent.parent / "docs"
+    assert (args.output, args.figures_dir) == (docs / "benchmark_cpu.json", docs / "figures")
 
 
 def test_bad_arguments_fail_before_work(settings):
@@ -171,7 +187,8 @@ def test_quick_run_ratios_and_targets(quick_report):
                     assert math.isfinite(value) and value > 0, (key, row)
 
     targets = report["targets"]["float32"]
-    # Issue 6's 8; issue 13's MF and MH against SH at 2 lengths, prefill, generate() decode at 2 contexts, its cache.
+    # 8 (layer, scaling, training, prefill, decode, cache, kernel); MF and MH against SH at 2 lengths, prefill,
+    # generate() decode at 2 contexts, its cache.
     assert len(targets) == 16
     variant_targets = [item for item in targets if "x bst-sh-s4" in item["target"]]
     assert len(variant_targets) == 4 and {item["threshold"] for item in variant_targets} == {2.0, 1.3}
@@ -186,6 +203,17 @@ def test_quick_run_ratios_and_targets(quick_report):
     kernel_shares = [r["share_of_forward"] for r in report["results"] if "share_of_forward" in r]
     assert len(kernel_shares) == 8 and all(0 < share < 10 for share in kernel_shares)
 
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a training forward with the default config (use_cache=True) builds a generation cache through the SSM "
+    "scan and forms no convolution kernel; passes once training costs the same whatever use_cache says (then drop "
+    "this mark)",
+)
+def test_quick_run_profile_sees_the_training_forward(quick_report):
+    """The profile runs the layer as users train it (the default config): its forward generates the SSM kernel inside
+    the SSM sublayer, inside the forward."""
+    report, _ = quick_report
     (profile,) = report["profile"]
     assert profile["length"] == 64 and profile["total_self_cpu_seconds"] > 0
     assert math.isclose(sum(profile["op_groups_seconds"].values()), profile["total_self_cpu_seconds"], rel_tol=1e-6)
@@ -212,7 +240,7 @@ def test_quick_run_writes_plots(quick_report):
 
 def test_quick_compiled_decode(bench_script, tmp_path):
     """`--compile`: BST and Llama decode through compiled generate() on a static cache (one context, so that each
-    model compiles once: ~30 s on 2 cores), or record why not; the report holds issue 13's compiled target."""
+    model compiles once: ~30 s on 2 cores), or record why not; the report holds the compiled-decoding target."""
     argv = [
         "--quick", "--sections", "generate", "--compile",
         "--decode-contexts", "32", "--prefill-length", "32",

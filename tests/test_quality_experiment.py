@@ -1,18 +1,32 @@
-"""Smoke test of scripts/quality_experiment.py --quick: toy corpora and toy models, end to end (no quality claims)."""
+"""Smoke test of scripts/experiments/quality_experiment.py --quick: toy corpora and toy models, end to end (no quality claims)."""
 
+import importlib.util
 import json
 import math
 import os
 import random
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
-import quality_experiment  # noqa: E402
+pytestmark = pytest.mark.lab
+
+
+def load_quality_experiment():
+    """scripts/experiments/quality_experiment.py, imported by its path (scripts/ is not a package)."""
+    path = Path(__file__).resolve().parent.parent / "scripts" / "experiments" / "quality_experiment.py"
+    spec = importlib.util.spec_from_file_location("quality_experiment", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["quality_experiment"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+quality_experiment = load_quality_experiment()
 
 
 WORDS = "the king queen sword crown castle river night day speaks enters exits lord lady good ill fair".split()

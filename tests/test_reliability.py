@@ -200,7 +200,8 @@ def reference_s4_kernel(module: BSTS4DKernel, length: int) -> torch.Tensor:
 
 def relative_kernel_error(kernel: torch.Tensor, reference: torch.Tensor) -> float:
     """Worst channel's max |error| over its max |tap|."""
-    return float(((kernel.detach().double() - reference.detach()).abs().amax(-1) / reference.abs().amax(-1)).max())
+    kernel, reference = kernel.detach().double(), reference.detach()
+    return float(((kernel - reference).abs().amax(-1) / reference.abs().amax(-1)).max())
 
 
 def slow_s4_kernel(channels: int = 12) -> BSTS4DKernel:

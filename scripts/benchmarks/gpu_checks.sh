@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
-# The GPU figures of issues 11 (quality) and 13 (speed), on one H100:
+# The GPU figures of docs/quality.md and docs/benchmarks.md, on one H100:
 #
-#   bash scripts/gpu_checks.sh OUTPUT_DIR [STAGE ...]
+#   bash scripts/benchmarks/gpu_checks.sh OUTPUT_DIR [STAGE ...]
 #   (stages: smoke benchmark compiled quality quality-more; default all)
 #
 # smoke:        the quality experiment and the benchmark at toy sizes on the GPU; stops here if either fails (1 min).
-# benchmark:    scripts/benchmark.py --device cuda, float32 then bfloat16 (one JSON each), alone on the GPU (1 min).
+# benchmark:    scripts/benchmarks/benchmark.py --device cuda, float32 then bfloat16 (one JSON each), alone on the GPU (1 min).
 # compiled:     its `generate` section with --compile (static caches, compiled decode steps) at 512 and 16k contexts,
 #               float32 then bfloat16 (one JSON each; compilation takes most of the 2-4 min).
-# quality:      scripts/quality_experiment.py --device cuda at 3x the CPU budget (batch 16 x 600 steps of 512
+# quality:      scripts/experiments/quality_experiment.py --device cuda at 3x the CPU budget (batch 16 x 600 steps of 512
 #               tokens, 4.9M tokens per run), books and code, seeds 0-2 of the BST variants, Slide, Mistral and
 #               Llama, one process per (corpus, seed), and three ablations on books, one process per seed: 15
 #               processes sharing the GPU (CUDA MPS when it starts), 4 min.
@@ -20,8 +20,8 @@
 # (environment: BENCHMARK_SECONDS per dtype, QUALITY_SECONDS per quality stage); a stage that runs out keeps the
 # runs it finished.
 set -uo pipefail
-cd "$(dirname "$0")/.."
-OUTPUT_DIR=${1:?usage: bash scripts/gpu_checks.sh OUTPUT_DIR}
+cd "$(dirname "$0")/../.."
+OUTPUT_DIR=${1:?usage: bash scripts/benchmarks/gpu_checks.sh OUTPUT_DIR}
 DEVICE=${DEVICE:-cuda}
 BENCHMARK_SECONDS=${BENCHMARK_SECONDS:-150}
 COMPILED_SECONDS=${COMPILED_SECONDS:-150}
@@ -50,7 +50,7 @@ QUALITY_SETTINGS=(--device "$DEVICE" --batch_size 16 --max_steps 600 --warmup_st
 # 0. Smoke: every model, one ablation and every benchmark section at toy sizes.
 smoke=$OUTPUT_DIR/smoke
 wanted smoke && elapsed "smoke"
-if wanted smoke && ! timeout 120 python scripts/quality_experiment.py --quick --device "$DEVICE" --corpora books \
+if wanted smoke && ! timeout 120 python scripts/experiments/quality_experiment.py --quick --device "$DEVICE" --corpora books \
         --eval_spans 1 --seeds 0 \
         --models bst-sh-s4,bst-mh-s4,bst-mf-s4,bst-sh-unstructured,slide,mistral-swa,recurrentgemma,llama \
         --ablations "bst-sh-s4 attend_previous_block" --work_dir "$smoke" \
@@ -58,7 +58,7 @@ if wanted smoke && ! timeout 120 python scripts/quality_experiment.py --quick --
         > "$OUTPUT_DIR/logs/smoke_quality.log" 2>&1; then
     tail -30 "$OUTPUT_DIR/logs/smoke_quality.log"; echo "smoke: quality experiment failed"; exit 1
 fi
-if wanted smoke && ! timeout 120 python scripts/benchmark.py --quick --device "$DEVICE" \
+if wanted smoke && ! timeout 120 python scripts/benchmarks/benchmark.py --quick --device "$DEVICE" \
         --output "$smoke/benchmark.json" --figures-dir "$smoke" > "$OUTPUT_DIR/logs/smoke_benchmark.log" 2>&1; then
     tail -30 "$OUTPUT_DIR/logs/smoke_benchmark.log"; echo "smoke: benchmark failed"; exit 1
 fi
@@ -66,8 +66,8 @@ fi
 # 1. Speed, alone on the GPU.
 wanted benchmark && for dtype in float32 bfloat16; do
     elapsed "benchmark $dtype"
-    timeout "$BENCHMARK_SECONDS" python scripts/benchmark.py --device "$DEVICE" --dtypes "$dtype" \
-        "${BENCHMARK_TIMING[@]}" --note "one GPU, alone; figures of scripts/gpu_checks.sh" \
+    timeout "$BENCHMARK_SECONDS" python scripts/benchmarks/benchmark.py --device "$DEVICE" --dtypes "$dtype" \
+        "${BENCHMARK_TIMING[@]}" --note "one GPU, alone; figures of scripts/benchmarks/gpu_checks.sh" \
         --output "$OUTPUT_DIR/benchmark_gpu_$dtype.json" --figures-dir "$OUTPUT_DIR/figures" \
         > "$OUTPUT_DIR/logs/benchmark_$dtype.log" 2>&1 || echo "benchmark $dtype: exit $?"
     grep -A40 "^Layer forward" "$OUTPUT_DIR/logs/benchmark_$dtype.log" | head -60
@@ -75,8 +75,8 @@ done
 
 wanted compiled && for dtype in float32 bfloat16; do
     elapsed "compiled decoding $dtype"
-    timeout "$COMPILED_SECONDS" python scripts/benchmark.py --device "$DEVICE" --dtypes "$dtype" --sections generate \
-        --compile --decode-contexts 512 16k "${BENCHMARK_TIMING[@]}" --note "one GPU, alone; compiled decoding, scripts/gpu_checks.sh" \
+    timeout "$COMPILED_SECONDS" python scripts/benchmarks/benchmark.py --device "$DEVICE" --dtypes "$dtype" --sections generate \
+        --compile --decode-contexts 512 16k "${BENCHMARK_TIMING[@]}" --note "one GPU, alone; compiled decoding, scripts/benchmarks/gpu_checks.sh" \
         --output "$OUTPUT_DIR/benchmark_gpu_compiled_$dtype.json" --figures-dir "$OUTPUT_DIR/figures/compiled" \
         > "$OUTPUT_DIR/logs/compiled_$dtype.log" 2>&1 || echo "compiled $dtype: exit $?"
     grep -A30 "^Generation" "$OUTPUT_DIR/logs/compiled_$dtype.log" | head -40
@@ -99,7 +99,7 @@ fi
 launch() {  # name, then the experiment's selection flags
     local name=$1
     shift
-    timeout "$QUALITY_SECONDS" python scripts/quality_experiment.py "${QUALITY_SETTINGS[@]}" "$@" \
+    timeout "$QUALITY_SECONDS" python scripts/experiments/quality_experiment.py "${QUALITY_SETTINGS[@]}" "$@" \
         --output_json "$OUTPUT_DIR/runs/$name.json" --figure_dir "$OUTPUT_DIR/runs/figures-$name" \
         --markdown "$OUTPUT_DIR/runs/$name.md" > "$OUTPUT_DIR/logs/$name.log" 2>&1 &
 }
@@ -141,7 +141,7 @@ elapsed "quality processes done"
 grep -h -o "\[[a-z]*\] [^:]* seed [0-9]*: train.*" "$OUTPUT_DIR"/logs/*.log
 grep -l -E "Traceback|Error" "$OUTPUT_DIR"/logs/*.log && echo "(see those logs)"
 ls "$OUTPUT_DIR"/runs/*.json > /dev/null 2>&1 || { elapsed "done (no quality runs)"; exit 0; }
-python scripts/quality_experiment.py "${QUALITY_SETTINGS[@]}" --report_only --corpora books,code \
+python scripts/experiments/quality_experiment.py "${QUALITY_SETTINGS[@]}" --report_only --corpora books,code \
     --merge_json "$OUTPUT_DIR"/runs/*.json --output_json "$OUTPUT_DIR/quality_results_gpu.json" \
     --figure_dir "$OUTPUT_DIR/figures" --markdown "$OUTPUT_DIR/quality_gpu.md" > "$OUTPUT_DIR/logs/merge.log" 2>&1 \
     || { tail -20 "$OUTPUT_DIR/logs/merge.log"; echo "merge failed"; }

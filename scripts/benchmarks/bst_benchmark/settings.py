@@ -9,7 +9,7 @@ import torch
 
 
 # The benchmark runs from a source checkout; reports and figures go to the repository's docs/ by default.
-REPO_ROOT = Path(__file__).resolve().parent.parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[3]  # scripts/benchmarks/bst_benchmark/settings.py
 DESCRIPTION = "Speed and memory benchmark of the Block-State Transformer against attention baselines."
 
 SECTIONS = ("layer", "model", "generate", "kernel", "profile")
@@ -181,14 +181,14 @@ def parse_args(argv=None):
         default=14.0,
         help="skip (and record why) a measurement whose extrapolated extra memory exceeds this",
     )
-    # Targets (issue 6) are evaluated at these lengths.
+    # The speed targets are evaluated at these lengths.
     parser.add_argument("--target-length", type=parse_length, default=16384, help="layer and kernel-share targets")
     parser.add_argument(
         "--variant-lengths",
         nargs="+",
         type=parse_length,
         default=[4096, 16384],
-        help="lengths at which the MF and MH layers are held to their cost targets against SH (issue 13)",
+        help="lengths at which the MF and MH layers are held to their cost targets against SH",
     )
     parser.add_argument(
         "--scaling-lengths",
@@ -243,4 +243,4 @@ def check_args(args):
         if bad:
             raise SystemExit(f"--model-bst-layers {bad} outside [0, --num-layers={args.num_layers}).")
     if "bfloat16" in args.dtypes and torch.device(args.device).type == "cpu":
-        print("note: bfloat16 on CPU runs under CPU autocast; the issue asks for it on GPU only.", file=sys.stderr)
+        print("note: bfloat16 on CPU runs under CPU autocast; its targets are set on GPU only.", file=sys.stderr)

@@ -16,7 +16,7 @@ conditions. Four sections:
    decoding through generate(), BST and Llama alike, the way Transformers compiles it: a static cache of context +
    new tokens and `CompileConfig(fullgraph=True, dynamic=False)` (CPU: inductor with its C++ wrapper; CUDA: CUDA
    graphs), timing the compiled decoding steps only, with the compile time recorded apart and a compile failure
-   recorded as skipped. The report gives BST compiled against Llama eager (issue 13's target) and against Llama
+   recorded as skipped. The report gives BST compiled against Llama eager (the target) and against Llama
    compiled.
 4. `kernel`: the share of a BST layer's forward time spent generating its SSM convolution kernel.
 
@@ -33,14 +33,12 @@ models compared), `measurement` (the timing protocol), `sections`, `profiling`, 
 
 Example (the full CPU run behind docs/benchmark_cpu.json):
 
-    nice -n 10 python scripts/benchmark.py --output docs/benchmark_cpu.json --figures-dir docs/figures
+    nice -n 10 python scripts/benchmarks/benchmark.py --output docs/benchmark_cpu.json --figures-dir docs/figures
 
 Quick run (seconds, tiny sizes; used by tests/test_benchmark.py):
 
-    python scripts/benchmark.py --quick --output /tmp/bench.json --figures-dir /tmp/figures
+    python scripts/benchmarks/benchmark.py --quick --output /tmp/bench.json --figures-dir /tmp/figures
 """
-
-import argparse
 
 import datetime
 import json
@@ -52,31 +50,24 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-
-# Runs from a source checkout: make `modeling_bst` (repository root) and `bst_benchmark` (next to this file) importable.
-SCRIPTS_DIR = Path(__file__).resolve().parent
-for path in (SCRIPTS_DIR.parent, SCRIPTS_DIR):
-    if str(path) not in sys.path:
-        sys.path.insert(0, str(path))
-
-from bst_benchmark.baselines import import_bst  # noqa: E402
-from bst_benchmark.measurement import Runner, keep_freed_memory_mapped  # noqa: E402
-from bst_benchmark.plots import make_plots  # noqa: E402
-from bst_benchmark.profiling import run_profile_section  # noqa: E402
-from bst_benchmark.report import (  # noqa: E402
+from bst_benchmark.baselines import import_bst
+from bst_benchmark.measurement import Runner, keep_freed_memory_mapped
+from bst_benchmark.plots import make_plots
+from bst_benchmark.profiling import run_profile_section
+from bst_benchmark.report import (
     compute_ratios,
     evaluate_targets,
     format_table,
     format_targets,
     machine_facts,
 )
-from bst_benchmark.sections import (  # noqa: E402
+from bst_benchmark.sections import (
     run_generate_section,
     run_kernel_section,
     run_layer_section,
     run_model_section,
 )
-from bst_benchmark.settings import LAYER_SPECS, parse_args  # noqa: E402
+from bst_benchmark.settings import LAYER_SPECS, parse_args
 
 
 def count_points(args):
@@ -100,8 +91,7 @@ def main(argv=None):
         import_bst()  # fail now, not after the baselines ran
     started = datetime.datetime.now(datetime.timezone.utc)
     report = {
-        "command": "python " + " ".join([Path(sys.argv[0]).name if argv is None else "scripts/benchmark.py"] +
-                                        (sys.argv[1:] if argv is None else list(argv))),
+        "command": "python " + " ".join(["scripts/benchmarks/benchmark.py", *(sys.argv[1:] if argv is None else argv)]),
         "started_utc": started.isoformat(timespec="seconds"),
         "note": args.note,
         "machine": {**machine_facts(args), "malloc_keeps_freed_memory": malloc_tuned},

@@ -86,7 +86,7 @@ def compute_ratios(args, results, dtype):
 
 
 def compiled_decode_ratios(results, context, dtype):
-    """BST's compiled generate() decode against Llama eager (issue 13's target) and against Llama compiled the same
+    """BST's compiled generate() decode against Llama eager (the target) and against Llama compiled the same
     way (the like-for-like ratio), and against BST eager; None when BST's compiled decode was not measured."""
     bst = lookup(results, "decode_compiled", "bst", context, dtype)
     if bst is None:
@@ -118,7 +118,7 @@ def target(description, measured, threshold, comparison, detail=""):
 
 
 def evaluate_targets(args, results, dtype):
-    """The issue's targets, at the lengths given by --target-length, --scaling-lengths, --model-lengths, ..."""
+    """The speed targets, at the lengths given by --target-length, --scaling-lengths, --model-lengths, ..."""
     length = args.target_length
     short, long = args.scaling_lengths
     model_short, model_long = args.model_lengths[0], args.model_lengths[-1]
@@ -189,11 +189,11 @@ def evaluate_targets(args, results, dtype):
             "forward only, training mode (no kernel cache)",
         ),
     ]
-    return targets + issue_13_targets(args, results, dtype)
+    return targets + variant_and_decoding_targets(args, results, dtype)
 
 
-def issue_13_targets(args, results, dtype):
-    """Issue 13: the MF and MH layers at SH cost, prefill against Llama, decode through generate() against Llama."""
+def variant_and_decoding_targets(args, results, dtype):
+    """The MF and MH layers at SH cost, prefill against Llama, decode through generate() against Llama."""
     first_ctx, last_ctx = args.decode_contexts[0], args.decode_contexts[-1]
 
     def seconds(section, name, at, field="seconds"):
@@ -204,7 +204,7 @@ def issue_13_targets(args, results, dtype):
             seconds(section, "bst", last_ctx, "cache_bytes"), seconds(section, "bst", first_ctx, "cache_bytes")
         )
         description = f"{what} constant from {format_length(first_ctx)} to {format_length(last_ctx)}"
-        return target(description, ratio, 1.0, "<=", "issue 13")
+        return target(description, ratio, 1.0, "<=", "BST's cache does not grow with the context")
 
     targets = []
     for length in args.variant_lengths:
@@ -214,7 +214,7 @@ def issue_13_targets(args, results, dtype):
                 safe_ratio(seconds("layer", name, length), seconds("layer", "bst-sh-s4", length)),
                 limit,
                 "<=",
-                "ratio of forward+backward times (issue 13)",
+                "ratio of forward+backward times",
             ))
     targets += [
         target(
@@ -224,21 +224,21 @@ def issue_13_targets(args, results, dtype):
             ),
             2.0,
             ">=",
-            "issue 13 asks for 8k tokens at d 256 (--prefill-length 8k --hidden-size 256)",
+            "the target is set at 8k tokens and d 256 (--prefill-length 8k --hidden-size 256)",
         ),
         target(
             f"generate() per-token decode at {format_length(first_ctx)} context: >= 1.0x Llama's speed",
             safe_ratio(seconds("decode_generate", "llama", first_ctx), seconds("decode_generate", "bst", first_ctx)),
             1.0,
             ">=",
-            "greedy, min_new_tokens = max_new_tokens (issue 13)",
+            "greedy, min_new_tokens = max_new_tokens",
         ),
         target(
             f"generate() per-token decode at {format_length(last_ctx)} context: >= 3x Llama's speed",
             safe_ratio(seconds("decode_generate", "llama", last_ctx), seconds("decode_generate", "bst", last_ctx)),
             3.0,
             ">=",
-            "greedy, min_new_tokens = max_new_tokens (issue 13)",
+            "greedy, min_new_tokens = max_new_tokens",
         ),
         constant_cache("decode_generate", "BST cache bytes after generate()"),
     ]
@@ -252,7 +252,7 @@ def issue_13_targets(args, results, dtype):
                 1.5,
                 ">=",
                 "BST generate() with a static cache and CompileConfig(fullgraph=True, dynamic=False) against Llama's "
-                "eager generate() (issue 13); against Llama compiled the same way: ratios['decode_compiled']",
+                "eager generate(); against Llama compiled the same way: ratios['decode_compiled']",
             ),
             constant_cache("decode_compiled", "BST static cache bytes of compiled generate()"),
         ]

@@ -31,12 +31,13 @@ to `--figure_dir`, and the tables into `--markdown` between the `<!-- results:be
 markers. `--report_only` rewrites the figures and tables from the JSON without training. docs/quality.md has the
 commands that produced its figures.
 
-    python scripts/quality_experiment.py --quick --work_dir /tmp/q --output_json /tmp/q/r.json \
+    python scripts/experiments/quality_experiment.py --quick --work_dir /tmp/q --output_json /tmp/q/r.json \
         --figure_dir /tmp/q --markdown /tmp/q/q.md   # toy sizes, checks the plumbing
 """
 
 import argparse
 import hashlib
+import importlib.util
 import json
 import math
 import os
@@ -45,6 +46,7 @@ import shlex
 import sys
 import time
 import types
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -62,18 +64,40 @@ from transformers import (
 from transformers.models.recurrent_gemma.modeling_recurrent_gemma import RecurrentGemmaRglru
 from transformers.utils import logging as hf_logging
 
-
-try:
-    import modeling_bst  # noqa: F401
-except ImportError:  # a source checkout without `pip install -e .`
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    import modeling_bst  # noqa: F401
 from modeling_bst import BSTConfig, BSTForCausalLM
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from evaluate import loss_by_slot  # noqa: E402
-from train import SSM_LEARNING_RATE_SCALE, optimizer_parameter_groups  # noqa: E402
-from train_tokenizer import EOS_TOKEN, train_bpe_tokenizer  # noqa: E402
+
+ENTRY_POINTS_DIR = Path(__file__).resolve().parents[1]  # scripts/
+
+
+def import_entry_point(name):
+    """scripts/<name>.py, loaded by its path, so that the experiment trains and scores exactly as the entry points do.
+    As the module `name`, since entry points import one another by that name (train imports train_tokenizer), unless
+    the name is another module's (`evaluate` is also the Hugging Face library): then under a name of its own."""
+    path = ENTRY_POINTS_DIR / f"{name}.py"
+    module_name = name
+    if name in sys.modules:
+        if Path(getattr(sys.modules[name], "__file__", None) or "").resolve() == path:
+            return sys.modules[name]
+        module_name = f"bst_entry_point_{name}"
+        if module_name in sys.modules:
+            return sys.modules[module_name]
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module  # before running it, as an import does (dataclasses look it up)
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[module_name]
+        raise
+    return module
+
+
+EOS_TOKEN = import_entry_point("train_tokenizer").EOS_TOKEN
+train_bpe_tokenizer = import_entry_point("train_tokenizer").train_bpe_tokenizer
+SSM_LEARNING_RATE_SCALE = import_entry_point("train").SSM_LEARNING_RATE_SCALE
+optimizer_parameter_groups = import_entry_point("train").optimizer_parameter_groups
+loss_by_slot = import_entry_point("evaluate").loss_by_slot
 
 
 ALL_MODELS = (
@@ -648,7 +672,7 @@ def best_bst(results, corpus):
 
 
 def evaluate_targets(results):
-    """The issue's targets for the best BST, each judged on the means over seeds (`met`) and seed by seed
+    """The quality targets for the best BST, each judged on the means over seeds (`met`) and seed by seed
     (`per_seed`, `every_seed`, over the seeds both models have). Comparisons without a threshold are reported only."""
     settings = results["settings"]
     lengths = [str(m * settings["train_length"]) for m in settings["eval_multipliers"]]
@@ -937,7 +961,7 @@ def write_markdown(results, path, figures):
     settings = results["settings"]
     section = [
         RESULTS_BEGIN,
-        "<!-- Written by scripts/quality_experiment.py; edits between these markers are overwritten. -->",
+        "<!-- Written by scripts/experiments/quality_experiment.py; edits between these markers are overwritten. -->",
         "",
         f"Command: `{results['command']}`  ",
         (

@@ -1,2 +1,0 @@
-"""The code behind scripts/benchmark.py, one module per part: `settings` (flags), `baselines` (the layers and models
-compared), `measurement` (the timing protocol), `sections`, `profiling`, `report` (ratios, targets), `plots`."""
