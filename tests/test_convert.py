@@ -109,7 +109,7 @@ def test_cached_generation_equals_full_forward(model_type):
         )
     torch.testing.assert_close(stepwise, full, rtol=0, atol=1e-4)
     torch.testing.assert_close(chunked, full, rtol=0, atol=1e-4)
-    assert cache.layer_states[1]["keys"].shape == (2, 8, 2, 8)  # (B, W, num_key_value_heads, head_dim)
+    assert cache.layers[1].keys.shape == (2, 8, 2, 8)  # (B, W, num_key_value_heads, head_dim)
     with torch.no_grad():
         rerun = model(input_ids=generated.sequences[:, :-1]).logits[:, 10:]
     torch.testing.assert_close(torch.stack(generated.logits, dim=1), rerun, rtol=0, atol=1e-4)
@@ -270,7 +270,7 @@ def test_llama_options_decode_like_full_forward(variant, kernel, attend_previous
         full = model(input_ids=ids).logits
         stepwise, cache = run_in_chunks(model, ids, [6] + [1] * 15)
     torch.testing.assert_close(stepwise, full, rtol=0, atol=1e-4)
-    assert cache.layer_states[0]["keys"].shape[2] == 2
+    assert cache.layers[0].keys.shape[2] == 2
     assert model.lm_head.weight.data_ptr() != model.model.embed_tokens.weight.data_ptr()
     generated = {
         implementation: model.generate(

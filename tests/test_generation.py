@@ -188,7 +188,7 @@ def test_a_static_unstructured_cache_refuses_to_continue_past_max_cache_len():
         model(input_ids[:, 14:16], past_key_values=cache)
         with pytest.raises(ValueError, match=r"max_cache_len=16 SSM inputs .* 17 positions do not fit"):
             model(input_ids[:, 16:17], past_key_values=cache)
-        fitting = BSTCache(model.config, static=True, max_cache_len=30)  # up to max_cache_len it equals the full forward
+        fitting = BSTCache(model.config, static=True, max_cache_len=30)  # up to max_cache_len: the full forward
         continued = [model(input_ids[:, :14], past_key_values=fitting).logits]
         continued += [model(input_ids[:, t : t + 1], past_key_values=fitting).logits for t in range(14, 30)]
         assert (torch.cat(continued, 1) - full).abs().max() < 1e-4
@@ -242,10 +242,9 @@ def test_s4_cache_size_is_constant_and_unstructured_history_grows():
         with torch.no_grad():
             model(torch.randint(2, 97, (1, context)), past_key_values=cache)
             model(torch.randint(2, 97, (1, 1)), past_key_values=cache)
-        return sum(tensor.nbytes for layer in cache.layers for _, tensor in layer.items())  # the rows' state
+        return cache.nbytes()
 
-    # A static cache keeps the last `max_cache_len` "unstructured" inputs: its rows' state has a fixed size too (the
-    # kernel taps it reuses cover the prefill).
+    # A static cache holds `max_cache_len` "unstructured" inputs and taps: a fixed size too.
     assert static_cache_bytes(unstructured, 2 * 8) == static_cache_bytes(unstructured, 16 * 8) > 0
 
 
@@ -266,10 +265,45 @@ def test_cache_batch_operations_and_reset():
         assert (repeated - reference.repeat_interleave(2, 0)).abs().max() < 1e-5
         cache.batch_select_indices(torch.tensor([0, 2]))
         assert cache.batch_size == 2
-    cache.reset()
-    assert cache.get_seq_length() == 0 and cache.nbytes() == 0
     with pytest.raises(NotImplementedError, match="cropped"):
         cache.crop(3)
+
+
+def test_cache_reset_zeroes_in_place_and_starts_new_sequences():
+    """`reset` keeps every tensor and its address (CUDA graphs replay on them) and zeroes it; the next forward starts
+    new sequences, equal to those on a new cache."""
+    model = tiny_model(bst_variant="mf", attend_previous_block=True, bst_layers=[1])
+    input_ids = torch.randint(2, 97, (2, 11))
+    with torch.no_grad():
+        cache = model(torch.randint(2, 97, (2, 13)), use_cache=True).past_key_values
+        model(input_ids[:, :1], past_key_values=cache)
+        tensors = [cache.layers[0].keys, cache.layers[0].previous_keys, cache.layers[1].context_states,
+                   cache.layers[1].recurrent_states[0], cache.layers[1].seen_tokens, cache.consumed]
+        addresses = [tensor.data_ptr() for tensor in tensors]
+        cache.reset()
+        assert all(not tensor.any() for tensor in tensors) and cache.get_seq_length() == 0
+        assert not cache.has_previous_state(1) and cache.layers[1].discretization is None
+        continued = [model(input_ids[:, :7], past_key_values=cache).logits]
+        continued += [model(input_ids[:, t : t + 1], past_key_values=cache).logits for t in range(7, 11)]
+        fresh, _ = run_in_chunks(model, input_ids, [7, 1, 1, 1, 1])
+    assert torch.equal(torch.cat(continued, 1), fresh)
+    after = [cache.layers[0].keys, cache.layers[0].previous_keys, cache.layers[1].context_states,
+             cache.layers[1].recurrent_states[0], cache.layers[1].seen_tokens, cache.consumed]
+    assert [tensor.data_ptr() for tensor in after] == addresses
+
+
+def test_offloading_and_prefetching_cache_layers_keeps_decoding_exact():
+    """`offload`/`prefetch` move every tensor of a layer (block slots, SSM history, counters, taps) and back."""
+    model = tiny_model(ssm_kernel="unstructured", attend_previous_block=True)
+    input_ids = torch.randint(2, 97, (2, 12))
+    with torch.no_grad():
+        reference, _ = run_in_chunks(model, input_ids, [10, 1, 1])
+        cache = model(input_ids[:, :10], use_cache=True).past_key_values
+        for layer in cache.layers:
+            layer.offload()
+            layer.prefetch()
+        steps = [model(input_ids[:, t : t + 1], past_key_values=cache).logits for t in (10, 11)]
+    assert torch.equal(torch.cat(steps, 1), reference[:, 10:])
 
 
 def test_cache_rejects_a_batch_of_another_size():

@@ -42,6 +42,25 @@ def test_config_derives_filter_counts_and_layers():
     assert BSTConfig(hidden_size=64, num_attention_heads=4).head_dim == 16
 
 
+def test_layer_types_use_transformers_names_and_follow_bst_layers():
+    """BST layers are "hybrid_sliding" (windowed attention + an SSM state), the others "chunked_attention" (blocks), or
+    "sliding_attention" with the previous block; Transformers' validation and `DynamicCache(config=...)` accept them."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicSlidingWindowLayer, LinearAttentionAndSlidingWindowAttentionLayer
+
+    config = tiny_config(num_hidden_layers=3, bst_layers=[1])
+    assert config.layer_types == ["chunked_attention", "hybrid_sliding", "chunked_attention"]
+    config.validate_layer_type()
+    layers = DynamicCache(config=config).layers
+    assert [type(layer) for layer in layers] == [
+        DynamicSlidingWindowLayer, LinearAttentionAndSlidingWindowAttentionLayer, DynamicSlidingWindowLayer
+    ]
+    assert layers[0].sliding_window == 8
+    assert tiny_config(attend_previous_block=True, bst_layers=[]).layer_types == ["sliding_attention"] * 2
+    with pytest.raises(ValueError, match="`layer_types` follows from"):
+        tiny_config(layer_types=["full_attention"] * 2)
+
+
 def test_no_maximum_length_and_training_length_kept_apart(tmp_path):
     """`max_position_embeddings` is what generate() and lm-evaluation-harness read as the longest input; BST has none.
     The training length lives in `training_length`."""

@@ -69,7 +69,7 @@ def test_cached_and_chunked_paths_equal_the_full_forward(variant, kernel):
             logits, cache = run_in_chunks(model, input_ids, chunks)
             assert (logits - full).abs().max() < 1e-4, chunks
     # The cache holds two blocks of keys/values per layer, whatever the length.
-    assert cache.layer_states[1]["previous_keys"].shape[1] == BLOCK
+    assert cache.layers[1].previous_keys.shape[1] == BLOCK
 
 
 def test_generate_equals_the_full_forward():

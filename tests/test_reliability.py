@@ -150,12 +150,14 @@ def test_a_passed_cache_is_continued_even_with_use_cache_false(kernel):
 @pytest.mark.parametrize("variant, kernel", [("sh", "s4"), ("mf", "unstructured")])
 def test_a_training_step_builds_no_cache_unless_one_is_asked_for(variant, kernel, monkeypatch):
     """In training mode the saved default (`use_cache=True`) builds no generation cache and no final SSM state (they
-    cost 2x-8x a step), as in Mamba2; `use_cache=True` passed to the call still does. Loss and gradients are the same."""
+    cost 2x-8x a step), as in Mamba2; `use_cache=True` passed to the call still does. Same loss and gradients."""
     model = tiny_model(bst_variant=variant, ssm_kernel=kernel).train()
     assert model.config.use_cache
     built = []
     make_cache = BSTCache.__init__
-    monkeypatch.setattr(BSTCache, "__init__", lambda cache, *args, **kwargs: built.append(make_cache(cache, *args, **kwargs)))
+    monkeypatch.setattr(
+        BSTCache, "__init__", lambda cache, *args, **kwargs: built.append(make_cache(cache, *args, **kwargs))
+    )
     input_ids = torch.randint(2, 97, (2, 21))
     outputs, gradients = {}, {}
     for use_cache in (None, False):
