@@ -383,25 +383,31 @@ def convert_to_bst(
             if ".ssm." not in name:
                 parameter.data = parameter.data.to(DTYPES[dtype])
 
-    card_args = parse_card_args(
-        [
-            "--model_dir",
-            str(output_dir),
-            "--repo_id",
-            repo_id or f"your-name/{output_dir.resolve().name}",
-            "--training_data",
-            describe_conversion(source_name, source_config, model.config),
-        ]
-    )
-    card_args.corpus = None
-    card = build_model_card(model, tokenizer, None, card_args)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    stage_folder(model, tokenizer, card, output_dir)
+    write_bst_folder(model, tokenizer, output_dir, describe_conversion(source_name, source_config, model.config), repo_id)
     if verify_remote_code:
         difference = verify_remote_loading(model, output_dir, model.config.vocab_size)
         print(f"Remote-code load check passed (max |logit difference| = {difference:.2e}).")
     print(f"BST written to {output_dir}")
     return model
+
+
+def write_bst_folder(model, tokenizer, output_dir: Path, training_data: str, repo_id: str | None = None) -> None:
+    """A BST folder as scripts/push_to_hub.py stages it: weights, config with `auto_map`, remote code, tokenizer,
+    generation config, and a model card whose training-data paragraph is `training_data`."""
+    card_args = parse_card_args(
+        [
+            "--model_dir",
+            str(output_dir),
+            "--repo_id",
+            repo_id or f"your-name/{Path(output_dir).resolve().name}",
+            "--training_data",
+            training_data,
+        ]
+    )
+    card_args.corpus = None
+    card = build_model_card(model, tokenizer, None, card_args)
+    Path(output_dir).mkdir(parents=True, exist_ok=True)
+    stage_folder(model, tokenizer, card, Path(output_dir))
 
 
 def describe_conversion(model_name_or_path: str, source_config, config) -> str:
