@@ -138,9 +138,10 @@ def training_documents(args) -> tuple[list[str], list[dict]]:
     return documents, manifest
 
 
-def training_sequences(documents: list[str], tokenizer, sequence_length: int, count: int, seed: int) -> torch.Tensor:
-    """`count` sequences of `sequence_length` tokens, (count, sequence_length): the documents tokenised, each ended by
-    the end-of-sequence token, concatenated, cut into sequences, shuffled with `seed`. An error if there are too few."""
+def training_sequences(documents: list[str], tokenizer, sequence_length: int, count: int, seed: int):
+    """(`count` sequences of `sequence_length` tokens (count, sequence_length), tokens in the whole text): the
+    documents tokenised, each ended by the end-of-sequence token, concatenated, cut into sequences, shuffled with
+    `seed`. An error if there are too few."""
     stream = []
     for document in documents:
         stream += tokenizer(document, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
@@ -153,7 +154,7 @@ def training_sequences(documents: list[str], tokenizer, sequence_length: int, co
     sequences = torch.tensor(stream[: available * sequence_length]).view(available, sequence_length)
     order = list(range(available))
     random.Random(seed).shuffle(order)
-    return sequences[order[:count]]
+    return sequences[order[:count]], len(stream)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -270,7 +271,10 @@ def upcycle(args) -> dict:
     optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.95))
     peak_rates = [group["lr"] for group in groups]
     documents, manifest = training_documents(args)
-    sequences = training_sequences(documents, tokenizer, args.sequence_length, args.max_steps * args.batch_size, args.seed)
+    sequences, corpus_tokens = training_sequences(
+        documents, tokenizer, args.sequence_length, args.max_steps * args.batch_size, args.seed
+    )
+    print(f"Training text: {corpus_tokens:,} tokens; {len(sequences)} sequences of {args.sequence_length} used.")
     distill_mask = distill_positions(args.sequence_length, args.block_size, args.distill_slots).to(device)
     warmup_steps = args.warmup_steps if args.warmup_steps is not None else max(1, args.max_steps // 10)
 
@@ -306,7 +310,8 @@ def upcycle(args) -> dict:
     )
     convert_to_bst.write_bst_folder(model, tokenizer, output_dir, description)
     (output_dir / "upcycle_args.json").write_text(json.dumps(vars(args), indent=1))
-    data_manifest = {"sources": manifest, "sequences": len(sequences), "tokens_trained": trained_tokens,
+    data_manifest = {"sources": manifest, "corpus_tokens": corpus_tokens, "sequences": len(sequences),
+                     "tokens_trained": trained_tokens,
                      "sequence_length": args.sequence_length, "seed": args.seed}
     (output_dir / "data_manifest.json").write_text(json.dumps(data_manifest, indent=1))
     (output_dir / "training_log.json").write_text(json.dumps(log, indent=1))

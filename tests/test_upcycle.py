@@ -60,7 +60,7 @@ def test_two_steps_train_only_the_new_parts(llama_folder, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=1e-6)
     manifest = json.loads((tmp_path / "out" / "data_manifest.json").read_text())
-    assert manifest["tokens_trained"] == 2 * 2 * 32 and manifest["sources"][0]["source"].endswith("book.txt")
+    assert manifest["tokens_trained"] == 2 * 2 * 32 and manifest["corpus_tokens"] == len(TEXT) + 1 and manifest["sources"][0]["source"].endswith("book.txt")
     assert len(manifest["sources"][0]["sha256"]) == 64
     assert json.loads((tmp_path / "out" / "upcycle_args.json").read_text())["bst_layers"] == "1"
 
