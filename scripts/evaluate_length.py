@@ -273,11 +273,12 @@ def markdown_tables(results: dict) -> str:
             lines.append(f"| {row['length']:,} | " + " | ".join(cells) + " |")
     passkeys = {name: r["passkey"] for name, r in results["models"].items() if r.get("passkey")}
     if passkeys:
-        distances = list(next(iter(passkeys.values())))
+        distances = sorted({distance for accuracy in passkeys.values() for distance in accuracy})
         lines += ["", f"Passkey retrieval accuracy ({results['passkey_trials']} trials per distance)", "",
                   "| model | " + " | ".join(f"{int(d):,}" for d in distances) + " |", "|---|" + "---|" * len(distances)]
         for name, accuracy in passkeys.items():
-            lines.append(f"| {name} | " + " | ".join(f"{accuracy[d]:.2f}" for d in distances) + " |")
+            cells = [f"{accuracy[d]:.2f}" if d in accuracy else "-" for d in distances]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -296,7 +297,12 @@ def parse_args(argv=None):
     add("--streaming_window", type=int, default=1024, help="StreamingLLM: W recent tokens kept (0: no StreamingLLM).")
     add("--sinks", type=int, default=4, help="StreamingLLM: attention-sink tokens kept from the start.")
     add("--streaming_chunk", type=int, default=1024, help="StreamingLLM: tokens recomputed per forward.")
-    add("--source_max_length", type=int, default=None, help="Skip the source (full attention) above this length.")
+    add(
+        "--source_max_length",
+        type=int,
+        default=None,
+        help="Skip the source (full attention) at lengths and passkey distances above this (0: only StreamingLLM).",
+    )
     add("--block_size", type=int, default=None, help="W of the loss by slot for the source (default: the first BST's).")
     add("--passkey_distances", default="", help="Passkey distances in tokens, e.g. 1024,4096 (default: none).")
     add("--passkey_trials", type=int, default=5)
@@ -337,7 +343,9 @@ def main(argv=None):
                 if max_length is None or length <= max_length]
         for row in rows:
             print(f"  {row['length']:>6,} tokens: perplexity {row['perplexity']:.3f} ({row['seconds']} s)", flush=True)
-        passkey = passkey_accuracy(generate_answer, tokenizer, distances, args.passkey_trials) if distances else {}
+        # A model skipped above `max_length` is also not asked for passkeys further away than that.
+        model_distances = [distance for distance in distances if max_length is None or distance <= max_length]
+        passkey = passkey_accuracy(generate_answer, tokenizer, model_distances, args.passkey_trials)
         results["models"][name] = {"perplexity": rows, "passkey": passkey}
 
     if source is not None:

@@ -178,3 +178,9 @@ def test_command_line_on_tiny_folders(tmp_path):
     table = (tmp_path / "out" / "length_evaluation.md").read_text()
     assert "| BST bst |" in table and "Passkey retrieval" in table and "slots 0-3" in table
     assert results["total_tokens"] == 128
+    skipped = evaluate_length.main([
+        "--source", str(tmp_path / "llama"), "--lengths", "32,64", "--total_tokens", "64", "--source_max_length", "32",
+        "--streaming_window", "0", "--passkey_distances", "8,40", "--passkey_trials", "1",
+        "--output_dir", str(tmp_path / "out2"),
+    ])["models"]["source (full attention)"]
+    assert [row["length"] for row in skipped["perplexity"]] == [32] and list(skipped["passkey"]) == [8]
