@@ -14,7 +14,8 @@ What trains (`--train`):
   `--pretrained_learning_rate` (one matrix, one learning rate; set it equal to `--learning_rate` to tune them as fast
   as the new parameters). With `--bst_layers none --tuned_layers 10,20` this is the control run: the same recipe
   with block attention only.
-- `all`: every parameter; the pretrained ones at `--pretrained_learning_rate`.
+- `all`: every parameter; the pretrained ones at `--pretrained_learning_rate`, and so the whole `o_proj` of BST
+  layers (its cross half included: one matrix, one learning rate).
 New parameters train at `--learning_rate`, without weight decay (the SSM's step sizes and state matrices would be
 pulled toward one time scale otherwise, as S4 and Mamba note).
 
