@@ -451,6 +451,18 @@ def parse_args(argv=None):
     add("--bst_variant", default="sh", choices=("sh", "mh", "mf"), help="How SSM outputs become context states.")
     add("--ssm_kernel", default="s4", choices=("s4", "unstructured"), help="SSM kernel family.")
     add("--ssm_state_size", type=int, default=64, help="State size N of an 's4' filter.")
+    add(
+        "--attend_previous_block",
+        action="store_true",
+        help="Self-attention also sees the whole previous block (a window of W to 2W tokens; the cache holds 2W slots).",
+    )
+    add(
+        "--num_sink_tokens",
+        type=int,
+        default=0,
+        help="Attention sinks: every block past the first window also sees the sequence's first N tokens "
+        "(StreamingLLM). Pretrained models need them to keep their quality in windows; 4 is StreamingLLM's choice.",
+    )
     add("--dtype", default="float32", choices=tuple(DTYPES), help="dtype of the saved weights (the SSM stays fp32).")
     add("--repo_id", help="Hub repository named in the model card's usage code (default: your-name/<folder>).")
     add("--skip_check", action="store_true", help="Do not compare the converted model's logits with the source's.")
@@ -481,6 +493,8 @@ def main(argv=None):
         bst_variant=args.bst_variant,
         ssm_kernel=args.ssm_kernel,
         ssm_state_size=args.ssm_state_size,
+        attend_previous_block=args.attend_previous_block,
+        num_sink_tokens=args.num_sink_tokens,
         gguf_file=args.gguf_file,
     )
 
