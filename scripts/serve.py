@@ -23,6 +23,7 @@ client for docs/serving.md's examples).
 """
 
 import argparse
+import asyncio
 import contextvars
 import os
 import sys
@@ -135,8 +136,6 @@ class WatchForDisconnect:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        import asyncio
-
         request = RequestState()
         CURRENT_REQUEST.set(request)
         body_read = asyncio.Event()
@@ -339,6 +338,7 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     options, serve_arguments = parse_server_options(argv)
     torch.set_num_threads(options.decode_threads)
+    print(f"scripts/serve.py: torch computes on {torch.get_num_threads()} CPU thread(s) (--decode-threads)", flush=True)
     # The `transformers` command line itself, minus its update check (a network call), with `serve` as the command.
     from transformers.cli.transformers import app
 

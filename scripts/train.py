@@ -40,6 +40,7 @@ import datasets
 import numpy as np
 import torch
 import transformers
+from safetensors import safe_open
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -51,7 +52,6 @@ from transformers import (
     default_data_collator,
     set_seed,
 )
-from safetensors import safe_open
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 try:

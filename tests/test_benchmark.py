@@ -204,12 +204,6 @@ def test_quick_run_ratios_and_targets(quick_report):
     assert len(kernel_shares) == 8 and all(0 < share < 10 for share in kernel_shares)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a training forward with the default config (use_cache=True) builds a generation cache through the SSM "
-    "scan and forms no convolution kernel; passes once training costs the same whatever use_cache says (then drop "
-    "this mark)",
-)
 def test_quick_run_profile_sees_the_training_forward(quick_report):
     """The profile runs the layer as users train it (the default config): its forward generates the SSM kernel inside
     the SSM sublayer, inside the forward."""

@@ -30,10 +30,10 @@ openai = pytest.importorskip("openai", reason="the openai client is not installe
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPT = "to be, or not"
-TRAINING_LENGTH = 32
+TRAINING_LENGTH = 8
 DEFAULT_LIMIT = 4 * TRAINING_LENGTH  # scripts/serve.py's default maximum of new tokens: 4x the training length
 LONG_LIMIT = 10**8
-REQUEST_TIMEOUT = 5
+REQUEST_TIMEOUT = 8
 
 
 def character_tokenizer():
@@ -70,7 +70,8 @@ def save_model(folder, training_length):
 
 @contextmanager
 def running_server(folder, *options):
-    """scripts/serve.py on a free port of 127.0.0.1, on a machine without a Hub cache; yields (port, process)."""
+    """scripts/serve.py on a free port of 127.0.0.1, on a machine without a Hub cache; yields (port, process, path of
+    its log)."""
     port = free_port()
     hub_cache = os.path.join(os.path.dirname(folder), "no-hub-cache")
     environment = {**os.environ, "PYTHONPATH": REPO_ROOT, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": hub_cache}
@@ -94,7 +95,7 @@ def running_server(folder, *options):
                 with open(log_path) as log:
                     pytest.fail(f"the server did not come up:\n{log.read()[-4000:]}")
             time.sleep(0.5)
-        yield port, process
+        yield port, process, log_path
     finally:
         process.terminate()
         try:
@@ -127,20 +128,18 @@ def served_folder(tmp_path_factory):
 def server(served_folder):
     """The launcher with its default options."""
     folder, model, tokenizer = served_folder
-    with running_server(folder) as (port, _):
+    with running_server(folder) as (port, _, log_path):
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="not-needed", timeout=120, max_retries=0)
-        yield client, folder, model, tokenizer, port
+        yield client, folder, model, tokenizer, port, log_path
 
 
 @pytest.fixture(scope="module")
 def long_request_server(served_folder):
     """The launcher with a maximum of new tokens no test reaches and a short request timeout."""
     folder, _, _ = served_folder
-    with running_server(folder, "--max-new-tokens", str(LONG_LIMIT), "--request-timeout", str(REQUEST_TIMEOUT)) as (
-        port,
-        _,
-    ):
-        yield folder, port
+    options = ("--max-new-tokens", str(LONG_LIMIT), "--request-timeout", str(REQUEST_TIMEOUT), "--decode-threads", "2")
+    with running_server(folder, *options) as (port, _, log_path):
+        yield folder, port, log_path
 
 
 def greedy_completion(model, tokenizer, prompt, max_new_tokens):
@@ -151,7 +150,7 @@ def greedy_completion(model, tokenizer, prompt, max_new_tokens):
 
 
 def test_completion_is_greedy_generate(server):
-    client, folder, model, tokenizer, _ = server
+    client, folder, model, tokenizer, *_ = server
     response = client.completions.create(model=folder, prompt=PROMPT, max_tokens=12, temperature=0)
     expected = greedy_completion(model, tokenizer, PROMPT, 12)
     assert len(expected) > 0
@@ -159,7 +158,7 @@ def test_completion_is_greedy_generate(server):
 
 
 def test_streamed_completion_matches(server):
-    client, folder, model, tokenizer, _ = server
+    client, folder, model, tokenizer, *_ = server
     chunks = client.completions.create(model=folder, prompt=PROMPT, max_tokens=12, temperature=0, stream=True)
     pieces = [chunk.choices[0].text for chunk in chunks if chunk.choices]
     assert len([piece for piece in pieces if piece]) > 1  # really streamed, piece by piece
@@ -167,7 +166,7 @@ def test_streamed_completion_matches(server):
 
 
 def test_max_tokens_above_the_limit_is_refused_with_the_limit(server):
-    *_, port = server
+    *_, port, _ = server
     for max_tokens in (DEFAULT_LIMIT + 1, 10**9):
         status, answer = post(port, "/v1/completions", {"prompt": PROMPT, "max_tokens": max_tokens})
         assert status == 400
@@ -179,7 +178,7 @@ def test_max_tokens_above_the_limit_is_refused_with_the_limit(server):
 
 
 def test_request_naming_no_length_stops_at_the_limit(server):
-    *_, port = server
+    *_, port, _ = server
     status, answer = post(port, "/v1/completions", {"prompt": PROMPT})  # transformers serve's own default: 1024
     assert status == 200
     assert answer["usage"]["completion_tokens"] == DEFAULT_LIMIT
@@ -198,7 +197,7 @@ def test_request_naming_no_length_stops_at_the_limit(server):
     ],
 )
 def test_invalid_request_gets_a_400_with_the_reason(server, fields, reason):
-    _, folder, *_, port = server
+    _, folder, *_, port, _ = server
     status, answer = post(port, "/v1/completions", {"model": folder, **fields})
     assert status == 400
     assert reason in answer["detail"]
@@ -206,7 +205,7 @@ def test_invalid_request_gets_a_400_with_the_reason(server, fields, reason):
 
 def test_generate_errors_reach_the_client_as_400(server):
     """An error generate() raises about its input comes back with its message, not as a bare 500."""
-    *_, port = server
+    *_, port, _ = server
     status, answer = post(port, "/v1/completions", {"prompt": PROMPT, "max_tokens": 3, "frequency_penalty": -2})
     assert status == 400
     assert answer["detail"] == "`penalty` has to be a strictly positive float, but is -1.0"
@@ -228,7 +227,7 @@ def test_models_lists_the_served_folder_without_a_hub_cache(server):
 
 
 def test_max_new_tokens_option_sets_the_limit(long_request_server):
-    _, port = long_request_server
+    _, port, _ = long_request_server
     status, answer = post(port, "/v1/completions", {"prompt": PROMPT, "max_tokens": LONG_LIMIT + 1})
     assert status == 400
     assert f"at most {LONG_LIMIT} per request" in answer["detail"]
@@ -239,7 +238,7 @@ def test_max_new_tokens_option_sets_the_limit(long_request_server):
 
 def test_client_that_gives_up_frees_the_server(long_request_server):
     """A client that leaves stops its generation: the next request is answered at once, not after 10**8 tokens."""
-    _, port = long_request_server
+    _, port, _ = long_request_server
     with pytest.raises(TimeoutError):
         post(port, "/v1/completions", {"prompt": PROMPT, "max_tokens": LONG_LIMIT}, timeout=1)
     started = time.monotonic()
@@ -250,7 +249,7 @@ def test_client_that_gives_up_frees_the_server(long_request_server):
 
 
 def test_request_past_the_timeout_gets_a_504(long_request_server):
-    _, port = long_request_server
+    _, port, _ = long_request_server
     started = time.monotonic()
     status, answer = post(port, "/v1/completions", {"prompt": PROMPT, "max_tokens": LONG_LIMIT}, timeout=60)
     assert status == 504
@@ -263,10 +262,12 @@ def test_sigterm_stops_a_generation_in_flight(tmp_path):
     exits, instead of waiting for the request to finish."""
     folder = str(tmp_path / "bst")
     save_model(folder, training_length=LONG_LIMIT)  # default maximum of new tokens: 4 x 10**8
-    with running_server(folder) as (port, process):
+    with running_server(folder) as (port, process, _):
         connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
         body = {"prompt": PROMPT, "max_tokens": LONG_LIMIT, "stream": True}
-        connection.request("POST", "/v1/completions", body=json.dumps(body), headers={"Content-Type": "application/json"})
+        connection.request(
+            "POST", "/v1/completions", body=json.dumps(body), headers={"Content-Type": "application/json"}
+        )
         response = connection.getresponse()
         assert response.status == 200
         assert response.readline().startswith(b"data: ")  # generating
@@ -278,3 +279,14 @@ def test_sigterm_stops_a_generation_in_flight(tmp_path):
         except subprocess.TimeoutExpired:
             pytest.fail("the server did not exit within 20 s of SIGTERM")
         connection.close()
+
+
+def test_decoding_threads(server, long_request_server):
+    """One CPU thread unless --decode-threads says otherwise (docs/serving.md: 2 threads decode several times slower
+    on a busy 2-core machine)."""
+    *_, default_log = server
+    *_, two_threads_log = long_request_server
+    with open(default_log) as log:
+        assert "torch computes on 1 CPU thread(s)" in log.read()
+    with open(two_threads_log) as log:
+        assert "torch computes on 2 CPU thread(s)" in log.read()

@@ -145,11 +145,35 @@ def test_every_saved_tokenizer_pads_on_the_left(trained, corpus, tmp_path):
     train_tokenizer = load_script("train_tokenizer")
     push_to_hub = load_script("push_to_hub")
     output_dir, _ = trained
-    train_tokenizer.main(["--train_file", str(corpus / "train.jsonl"), "--vocab_size", "300", "--output_dir", str(tmp_path / "bpe")])
+    train_tokenizer.main(
+        ["--train_file", str(corpus / "train.jsonl"), "--vocab_size", "300", "--output_dir", str(tmp_path / "bpe")]
+    )
     right_padded = AutoTokenizer.from_pretrained(output_dir, padding_side="right")
     push_to_hub.stage_folder(tiny_model(), right_padded, SimpleNamespace(save=lambda path: None), tmp_path / "staged")
     for folder in (output_dir, tmp_path / "bpe", tmp_path / "staged"):
         assert AutoTokenizer.from_pretrained(folder).padding_side == "left", folder
+
+
+def test_saved_tokenizers_keep_their_chat_template(trained, corpus, tmp_path):
+    """A chat model's tokenizer (an upcycled Instruct model's) keeps its chat template through continued training
+    (scripts/train.py) and staging (scripts/push_to_hub.py, scripts/convert_to_bst.py): the server's chat endpoint
+    needs it."""
+    from types import SimpleNamespace
+
+    push_to_hub = load_script("push_to_hub")
+    output_dir, _ = trained
+    template = "{% for message in messages %}<|{{ message['role'] }}|>{{ message['content'] }}{% endfor %}"
+    shutil.copytree(output_dir, tmp_path / "chat", ignore=shutil.ignore_patterns("checkpoint-*"))
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "chat")
+    tokenizer.chat_template = template
+    tokenizer.save_pretrained(tmp_path / "chat")
+    train.main(
+        base_argv(corpus, tmp_path / "continued", "--max_steps", "1")[2:]
+        + ["--model_name_or_path", str(tmp_path / "chat")]
+    )
+    push_to_hub.stage_folder(tiny_model(), tokenizer, SimpleNamespace(save=lambda path: None), tmp_path / "staged")
+    for folder in (tmp_path / "continued", tmp_path / "staged"):
+        assert AutoTokenizer.from_pretrained(folder).chat_template == template, folder
 
 
 def test_saved_folder_generates_a_batch_as_its_rows_alone(trained):
