@@ -43,20 +43,19 @@ def test_config_derives_filter_counts_and_layers():
 
 
 def test_layer_types_use_transformers_names_and_follow_bst_layers():
-    """BST layers are "hybrid_sliding" (windowed attention + an SSM state), the others "chunked_attention" (blocks), or
-    "sliding_attention" with the previous block; Transformers' validation and `DynamicCache(config=...)` accept them."""
+    """BST layers are "hybrid" (attention + an SSM state), the others "chunked_attention" (blocks); Transformers'
+    validation and `DynamicCache(config=...)` accept them."""
     from transformers import DynamicCache
-    from transformers.cache_utils import DynamicSlidingWindowLayer, LinearAttentionAndSlidingWindowAttentionLayer
+    from transformers.cache_utils import DynamicSlidingWindowLayer, LinearAttentionAndFullAttentionLayer
 
     config = tiny_config(num_hidden_layers=3, bst_layers=[1])
-    assert config.layer_types == ["chunked_attention", "hybrid_sliding", "chunked_attention"]
+    assert config.layer_types == ["chunked_attention", "hybrid", "chunked_attention"]
     config.validate_layer_type()
     layers = DynamicCache(config=config).layers
     assert [type(layer) for layer in layers] == [
-        DynamicSlidingWindowLayer, LinearAttentionAndSlidingWindowAttentionLayer, DynamicSlidingWindowLayer
+        DynamicSlidingWindowLayer, LinearAttentionAndFullAttentionLayer, DynamicSlidingWindowLayer
     ]
-    assert layers[0].sliding_window == 8
-    assert tiny_config(attend_previous_block=True, bst_layers=[]).layer_types == ["sliding_attention"] * 2
+    assert layers[0].sliding_window == 8 and not hasattr(config, "sliding_window")
     with pytest.raises(ValueError, match="`layer_types` follows from"):
         tiny_config(layer_types=["full_attention"] * 2)
 
