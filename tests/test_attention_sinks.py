@@ -33,9 +33,8 @@ def test_a_converted_llama_sees_the_sinks_right_before_its_window(attend_previou
         torch.testing.assert_close(logits[0, position], expected, rtol=0, atol=2e-5, msg=f"position {position}")
     # Inside the first window the sinks are ordinary tokens of the window: nothing changes there.
     without_sinks = convert_to_bst.convert_model(source, BLOCK, [], attend_previous_block=attend_previous_block)
-    torch.testing.assert_close(
-        logits[:, : first_window_block * BLOCK], without_sinks.eval()(input_ids=ids).logits[:, : first_window_block * BLOCK]
-    )
+    first_window = first_window_block * BLOCK
+    torch.testing.assert_close(logits[:, :first_window], without_sinks.eval()(input_ids=ids).logits[:, :first_window])
 
 
 @pytest.mark.parametrize("variant, kernel", VARIANTS_AND_KERNELS)
