@@ -1,23 +1,33 @@
-"""Corpus preparation, tokenizer training, data loading and packing (scripts/prepare_data.py,
-scripts/train_tokenizer.py, scripts/train.py). CPU only, no network."""
+"""Corpus preparation, tokenizer training, data loading and packing (scripts/prepare_data.py, bst_tools/tokenizer.py,
+bst_tools/data.py, scripts/train.py). CPU only, no network."""
 
+import importlib.util
 import json
 import os
 import random
 import struct
-import sys
 import zlib
 
 import pytest
 from transformers import TrainingArguments
 
-SCRIPTS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts")
-sys.path.insert(0, SCRIPTS_DIR)
+from bst_tools.data import DataArguments, load_raw_datasets
+from bst_tools.tokenizer import train_bpe_tokenizer
 
-import prepare_data  # noqa: E402
-import train  # noqa: E402
-from prepare_data import Document, split_documents  # noqa: E402
-from train_tokenizer import train_bpe_tokenizer  # noqa: E402
+SCRIPTS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts")
+
+
+def load_script(name):
+    """Import scripts/NAME.py by its path, under a private module name."""
+    spec = importlib.util.spec_from_file_location(f"bst_scripts_{name}", os.path.join(SCRIPTS_DIR, f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+prepare_data = load_script("prepare_data")
+train = load_script("train")
+Document, split_documents = prepare_data.Document, prepare_data.split_documents
 
 
 def make_documents():
@@ -40,7 +50,7 @@ def small_tokenizer():
 
 
 def data_args(**kwargs):
-    return train.DataArguments(**kwargs)
+    return DataArguments(**kwargs)
 
 
 def training_args(tmp_path):
@@ -201,7 +211,7 @@ def write_jsonl(path, texts):
 def test_packing_is_exact(small_tokenizer, tmp_path):
     texts = [f"document number {i}: " + "abc " * (i * 7) for i in range(30)]
     write_jsonl(tmp_path / "train.jsonl", texts)
-    raw = train.load_raw_datasets(data_args(train_file=str(tmp_path / "train.jsonl")), splits=("train",))
+    raw = load_raw_datasets(data_args(train_file=str(tmp_path / "train.jsonl")), splits=("train",))
     packed = train.tokenize_and_pack(raw, small_tokenizer, 16, data_args(), training_args(tmp_path))["train"]
 
     stream = []
@@ -217,8 +227,8 @@ def test_packing_is_exact(small_tokenizer, tmp_path):
 def test_validation_is_carved_by_document(tmp_path):
     write_jsonl(tmp_path / "train.jsonl", [f"document {i}" for i in range(40)])
     args = data_args(train_file=str(tmp_path / "train.jsonl"), validation_split_percentage=10)
-    first = train.load_raw_datasets(args)
-    second = train.load_raw_datasets(args)
+    first = load_raw_datasets(args)
+    second = load_raw_datasets(args)
     assert first["validation"]["id"] == second["validation"]["id"] and len(first["validation"]) == 4
     assert not set(first["validation"]["id"]) & set(first["train"]["id"])
     assert len(first["train"]) == 36
@@ -228,7 +238,7 @@ def test_folder_of_text_files_is_one_document_per_file(tmp_path):
     for i in range(5):
         (tmp_path / f"book-{i}.txt").write_text(f"Book {i}\n\nFirst paragraph.\n\nSecond paragraph.\n")
     (tmp_path / "empty.txt").write_text("  \n")
-    raw = train.load_raw_datasets(data_args(dataset_name=str(tmp_path), validation_split_percentage=20))
+    raw = load_raw_datasets(data_args(dataset_name=str(tmp_path), validation_split_percentage=20))
     assert len(raw["train"]) == 4 and len(raw["validation"]) == 1
     assert raw["validation"][0]["text"].startswith("Book ")
 
@@ -236,25 +246,25 @@ def test_folder_of_text_files_is_one_document_per_file(tmp_path):
 def test_folder_with_split_files_loads_only_requested_splits(tmp_path):
     for split in ("train", "validation", "test"):
         write_jsonl(tmp_path / f"{split}.jsonl", [f"{split} text {i}" for i in range(3)])
-    raw = train.load_raw_datasets(data_args(dataset_name=str(tmp_path)), splits=("test",))
+    raw = load_raw_datasets(data_args(dataset_name=str(tmp_path)), splits=("test",))
     assert list(raw) == ["test"] and raw["test"][0]["text"] == "test text 0"
 
 
 def test_empty_corpus_is_a_clear_error(tmp_path):
     write_jsonl(tmp_path / "train.jsonl", ["", "   \n\t", ""])
     with pytest.raises(ValueError, match="train split is empty"):
-        train.load_raw_datasets(data_args(train_file=str(tmp_path / "train.jsonl")))
+        load_raw_datasets(data_args(train_file=str(tmp_path / "train.jsonl")))
 
 
 def test_missing_text_column_is_a_clear_error(tmp_path):
     with open(tmp_path / "train.jsonl", "w") as f:
         f.write(json.dumps({"content": "hello"}) + "\n")
     with pytest.raises(ValueError, match="no column 'text'"):
-        train.load_raw_datasets(data_args(train_file=str(tmp_path / "train.jsonl")))
+        load_raw_datasets(data_args(train_file=str(tmp_path / "train.jsonl")))
 
 
 def test_corpus_shorter_than_one_sequence_is_a_clear_error(small_tokenizer, tmp_path):
     write_jsonl(tmp_path / "train.jsonl", ["a short text"])
-    raw = train.load_raw_datasets(data_args(train_file=str(tmp_path / "train.jsonl")), splits=("train",))
+    raw = load_raw_datasets(data_args(train_file=str(tmp_path / "train.jsonl")), splits=("train",))
     with pytest.raises(ValueError, match="fewer tokens than one sequence"):
         train.tokenize_and_pack(raw, small_tokenizer, 1024, data_args(), training_args(tmp_path))
