@@ -11,8 +11,9 @@ from pathlib import Path
 
 DEFAULT_TEMPLATE = Path(__file__).resolve().parent.parent / "model_cards" / "README_template.md"
 
-# The files `save_pretrained` must copy next to config.json for `trust_remote_code` loading to work.
-REMOTE_CODE_FILES = ("configuration_bst.py", "modeling_bst.py")
+# The files `save_pretrained` must copy next to config.json for `trust_remote_code` loading to work: the modeling file
+# and the sibling modules it imports.
+REMOTE_CODE_FILES = ("configuration_bst.py", "modeling_bst.py", "ssm_ops.py", "cache_bst.py")
 
 VARIANT_DESCRIPTIONS = {
     "sh": "single-head (SH): one SSM filter, context states at the block's own positions",

@@ -6,6 +6,8 @@ The script stages ONE folder and uploads exactly that folder (`huggingface_hub.u
     config.json               BST config, with `auto_map` pointing at the code files below
     configuration_bst.py      the model code, copied flat by `save_pretrained` (imports torch/transformers only)
     modeling_bst.py
+    ssm_ops.py
+    cache_bst.py
     model.safetensors         weights
     generation_config.json    generation defaults (token ids filled in from the tokenizer when missing)
     tokenizer.json, tokenizer_config.json, ...
