@@ -35,11 +35,7 @@ import torch
 import transformers
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-try:
-    import modeling_bst
-except ImportError:  # a source checkout without `pip install -e .`
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    import modeling_bst
+import modeling_bst  # `pip install -e .`
 
 
 # Without --max-new-tokens a request may ask for this many times the length the model was trained at (past it, the

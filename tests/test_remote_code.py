@@ -18,6 +18,7 @@ import pytest
 import torch
 from conftest import VARIANTS_AND_KERNELS, open_context_path, tiny_config
 
+from bst_tools.tokenizer import train_bpe_tokenizer
 from modeling_bst import BSTConfig, BSTForCausalLM
 
 
@@ -197,9 +198,6 @@ def test_tokenizer_loads_without_any_model_code(tmp_path):
     transformers 5.23 still reads config.json through AutoConfig first, whose `auto_map` makes a bare call ask
     "Do you wish to run the custom code?"; `trust_remote_code=False` answers no up front and the tokenizer loads from
     its JSON files, with no prompt and no code from the folder."""
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
-    from train_tokenizer import train_bpe_tokenizer
-
     BSTForCausalLM(tiny_config(vocab_size=300)).save_pretrained(tmp_path / "model")
     tokenizer = train_bpe_tokenizer(["to be, or not to be: that is the question"] * 20, 300, show_progress=False)
     tokenizer.save_pretrained(tmp_path / "model")

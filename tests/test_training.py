@@ -8,7 +8,6 @@ import math
 import os
 import re
 import shutil
-import sys
 import sysconfig
 import zipfile
 
@@ -24,14 +23,18 @@ from transformers import (
     pipeline,
 )
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO_ROOT, "scripts"))
+from conftest import logged_messages, tiny_config
 
-import train  # noqa: E402
+from bst_tools.hub import stage_folder
+from bst_tools.tokenizer import train_bpe_tokenizer
+from modeling_bst import BSTConfig, BSTForCausalLM
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def load_script(name):
-    """Import scripts/NAME.py under a private module name: `evaluate` would shadow the Hugging Face library."""
+    """Import scripts/NAME.py by its path, under a private module name: `evaluate` would shadow the Hugging Face
+    library."""
     spec = importlib.util.spec_from_file_location(
         f"bst_scripts_{name}", os.path.join(REPO_ROOT, "scripts", f"{name}.py")
     )
@@ -40,11 +43,8 @@ def load_script(name):
     return module
 
 
+train = load_script("train")
 evaluate = load_script("evaluate")
-
-from conftest import logged_messages  # noqa: E402
-
-from modeling_bst import BSTConfig, BSTForCausalLM  # noqa: E402
 
 TINY_PRESET = os.path.join(REPO_ROOT, "configuration", "bst-tiny.json")  # block_size 8
 
@@ -137,19 +137,18 @@ def test_saved_folder_generates_through_pipeline(trained):
 
 
 def test_every_saved_tokenizer_pads_on_the_left(trained, corpus, tmp_path):
-    """scripts/train.py's folder, scripts/train_tokenizer.py's and scripts/push_to_hub.py's (which
-    scripts/convert_to_bst.py also writes with) load with left padding, as a decoder-only model's batched generate()
-    needs."""
+    """scripts/train.py's folder, scripts/train_tokenizer.py's and the staged folder of scripts/push_to_hub.py and
+    scripts/convert_to_bst.py (`bst_tools.hub.stage_folder`) load with left padding, as a decoder-only model's
+    batched generate() needs."""
     from types import SimpleNamespace
 
     train_tokenizer = load_script("train_tokenizer")
-    push_to_hub = load_script("push_to_hub")
     output_dir, _ = trained
     train_tokenizer.main(
         ["--train_file", str(corpus / "train.jsonl"), "--vocab_size", "300", "--output_dir", str(tmp_path / "bpe")]
     )
     right_padded = AutoTokenizer.from_pretrained(output_dir, padding_side="right")
-    push_to_hub.stage_folder(tiny_model(), right_padded, SimpleNamespace(save=lambda path: None), tmp_path / "staged")
+    stage_folder(tiny_model(), right_padded, SimpleNamespace(save=lambda path: None), tmp_path / "staged")
     for folder in (output_dir, tmp_path / "bpe", tmp_path / "staged"):
         assert AutoTokenizer.from_pretrained(folder).padding_side == "left", folder
 
@@ -160,7 +159,6 @@ def test_saved_tokenizers_keep_their_chat_template(trained, corpus, tmp_path):
     needs it."""
     from types import SimpleNamespace
 
-    push_to_hub = load_script("push_to_hub")
     output_dir, _ = trained
     template = "{% for message in messages %}<|{{ message['role'] }}|>{{ message['content'] }}{% endfor %}"
     shutil.copytree(output_dir, tmp_path / "chat", ignore=shutil.ignore_patterns("checkpoint-*"))
@@ -171,7 +169,7 @@ def test_saved_tokenizers_keep_their_chat_template(trained, corpus, tmp_path):
         base_argv(corpus, tmp_path / "continued", "--max_steps", "1")[2:]
         + ["--model_name_or_path", str(tmp_path / "chat")]
     )
-    push_to_hub.stage_folder(tiny_model(), tokenizer, SimpleNamespace(save=lambda path: None), tmp_path / "staged")
+    stage_folder(tiny_model(), tokenizer, SimpleNamespace(save=lambda path: None), tmp_path / "staged")
     for folder in (tmp_path / "continued", tmp_path / "staged"):
         assert AutoTokenizer.from_pretrained(folder).chat_template == template, folder
 
@@ -410,8 +408,6 @@ def test_block_size_larger_than_sequence_length(no_training, corpus, tmp_path):
 
 def test_tokenizer_that_does_not_match_the_checkpoint(no_training, trained, corpus, tmp_path):
     output_dir, _ = trained
-    from train_tokenizer import train_bpe_tokenizer
-
     with open(corpus / "train.jsonl") as f:
         texts = [json.loads(line)["text"] for line in f]
     train_bpe_tokenizer(texts, vocab_size=500, show_progress=False).save_pretrained(tmp_path / "big_tokenizer")
@@ -488,11 +484,6 @@ def test_gradient_checkpointing_gives_the_same_gradients():
 def test_ssm_parameters_get_their_own_optimiser_group(tmp_path):
     """No weight decay and `ssm_learning_rate_scale` x the learning rate for every SSM parameter, in the optimiser
     that Trainer builds; everything else as Trainer would group it (matrices decayed, vectors not)."""
-    sys.path.insert(0, os.path.join(REPO_ROOT, "tests"))
-    from conftest import tiny_config
-
-    from modeling_bst import BSTForCausalLM
-
     model = BSTForCausalLM(tiny_config(num_hidden_layers=3, bst_layers=[1]))
     args = TrainingArguments(output_dir=str(tmp_path), learning_rate=1e-3, weight_decay=0.1, use_cpu=True, report_to=[])
     trainer = train.PerplexityTrainer(model=model, args=args, ssm_learning_rate_scale=0.25)

@@ -37,7 +37,6 @@ commands that produced its figures.
 
 import argparse
 import hashlib
-import importlib.util
 import json
 import math
 import os
@@ -46,7 +45,6 @@ import shlex
 import sys
 import time
 import types
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -64,40 +62,10 @@ from transformers import (
 from transformers.models.recurrent_gemma.modeling_recurrent_gemma import RecurrentGemmaRglru
 from transformers.utils import logging as hf_logging
 
+from bst_tools.evaluation import loss_by_slot
+from bst_tools.tokenizer import EOS_TOKEN, train_bpe_tokenizer
+from bst_tools.training import SSM_LEARNING_RATE_SCALE, optimizer_parameter_groups
 from modeling_bst import BSTConfig, BSTForCausalLM
-
-
-ENTRY_POINTS_DIR = Path(__file__).resolve().parents[1]  # scripts/
-
-
-def import_entry_point(name):
-    """scripts/<name>.py, loaded by its path, so that the experiment trains and scores exactly as the entry points do.
-    As the module `name`, since entry points import one another by that name (train imports train_tokenizer), unless
-    the name is another module's (`evaluate` is also the Hugging Face library): then under a name of its own."""
-    path = ENTRY_POINTS_DIR / f"{name}.py"
-    module_name = name
-    if name in sys.modules:
-        if Path(getattr(sys.modules[name], "__file__", None) or "").resolve() == path:
-            return sys.modules[name]
-        module_name = f"bst_entry_point_{name}"
-        if module_name in sys.modules:
-            return sys.modules[module_name]
-    spec = importlib.util.spec_from_file_location(module_name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[module_name] = module  # before running it, as an import does (dataclasses look it up)
-    try:
-        spec.loader.exec_module(module)
-    except BaseException:
-        del sys.modules[module_name]
-        raise
-    return module
-
-
-EOS_TOKEN = import_entry_point("train_tokenizer").EOS_TOKEN
-train_bpe_tokenizer = import_entry_point("train_tokenizer").train_bpe_tokenizer
-SSM_LEARNING_RATE_SCALE = import_entry_point("train").SSM_LEARNING_RATE_SCALE
-optimizer_parameter_groups = import_entry_point("train").optimizer_parameter_groups
-loss_by_slot = import_entry_point("evaluate").loss_by_slot
 
 
 ALL_MODELS = (

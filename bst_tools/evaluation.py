@@ -1,0 +1,89 @@
+"""Next-token loss by slot inside a block: the diagnostic of scripts/evaluate.py, which other evaluations (the quality
+experiment in scripts/experiments/) report too."""
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+
+@torch.no_grad()
+def loss_by_slot(model, input_ids, block_size, batch_size, device, bf16=False, skip_first_block=True):
+    """Next-token loss and accuracy by slot inside a block, plus the overall loss, in one pass over the windows.
+
+    `input_ids` is a (num_windows, length) LongTensor; every window is scored on its own, starting a fresh sequence.
+    Window position t predicts token t + 1 and sits at slot t % block_size of its block, so the last position of a
+    window predicts nothing and slot block_size - 1 gets one prediction fewer per window than the others.
+
+    With `skip_first_block` (the default) the per-slot sums leave out the predictions of the window's first block
+    (t < block_size): there no model, full attention included, has anything before the block to read, so they say
+    nothing about context across block boundaries. Every prediction that is counted then has at least block_size
+    earlier tokens in its window: a full-attention model is flat in slot, and a rise at the first slots is the cost
+    of the block boundary that only a BST's SSM can bridge.
+
+    Returns a dict: "nll" (block_size,) float64 summed negative log-likelihood per slot, "correct" (block_size,)
+    int64 top-1 hits, "count" (block_size,) int64 predictions, and "total_nll" (float) / "total_count" (int) over
+    ALL predicted positions of the windows (first block included: the loss that perplexity uses).
+    """
+    num_windows, length = input_ids.shape
+    if length < 2:
+        raise ValueError(f"Windows must hold at least 2 tokens, got length {length}.")
+    slots = torch.arange(length - 1) % block_size
+    counted = torch.arange(length - 1) >= (block_size if skip_first_block else 0)
+    nll_by_position = torch.zeros(length - 1, dtype=torch.float64)
+    correct_by_position = torch.zeros(length - 1, dtype=torch.int64)
+    for start in tqdm(range(0, num_windows, batch_size), desc=f"length {length}", leave=False):
+        batch = input_ids[start : start + batch_size].to(device)
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
+            logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
+        targets = batch[:, 1:]
+        nll = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")  # (batch, length - 1)
+        nll_by_position += nll.double().sum(0).cpu()
+        correct_by_position += (logits.argmax(-1) == targets).sum(0).cpu()
+    count_by_position = torch.full((length - 1,), num_windows, dtype=torch.int64)
+
+    def by_slot(per_position):
+        return torch.zeros(block_size, dtype=per_position.dtype).index_add_(0, slots[counted], per_position[counted])
+
+    return {
+        "nll": by_slot(nll_by_position),
+        "correct": by_slot(correct_by_position),
+        "count": by_slot(count_by_position),
+        "total_nll": nll_by_position.sum().item(),
+        "total_count": num_windows * (length - 1),
+    }
+
+
+def slot_groups(block_size):
+    """Slot ranges that grow geometrically (0-3, 4-15, 16-63, 64-255, ...), the last one cut at block_size - 1:
+    the loss changes fastest over the first slots of a block."""
+    bounds = [0, 4]
+    while bounds[-1] < block_size:
+        bounds.append(bounds[-1] * 4)
+    bounds = [bound for bound in bounds if bound < block_size] + [block_size]
+    return list(zip(bounds[:-1], bounds[1:]))  # half-open [first, end)
+
+
+def mean_loss(stats, first, end):
+    """Mean loss per prediction over slots [first, end); None when none of them was scored."""
+    count = stats["count"][first:end].sum().item()
+    return stats["nll"][first:end].sum().item() / count if count else None
+
+
+def summarise_slots(stats):
+    """JSON-ready summary of `loss_by_slot`'s output: per-slot loss, accuracy and count, the grouped loss, and the
+    context gain = mean loss at the first slots (0-3) minus mean loss over the last half of the block, in nats."""
+    block_size = len(stats["count"])
+    counts = stats["count"].tolist()
+    early = mean_loss(stats, 0, min(4, block_size // 2))
+    late = mean_loss(stats, block_size // 2, block_size)
+    return {
+        "block_size": block_size,
+        "loss": [nll / count if count else None for nll, count in zip(stats["nll"].tolist(), counts)],
+        "accuracy": [hits / count if count else None for hits, count in zip(stats["correct"].tolist(), counts)],
+        "count": counts,
+        "groups": [
+            {"slots": f"{first}-{end - 1}", "loss": mean_loss(stats, first, end), "count": sum(counts[first:end])}
+            for first, end in slot_groups(block_size)
+        ],
+        "context_gain": early - late if early is not None and late is not None else None,
+    }
