@@ -32,7 +32,6 @@ import argparse
 import ast
 import json
 import math
-import os
 import random
 import sys
 import sysconfig
@@ -43,8 +42,8 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from evaluate import summarise_slots  # noqa: E402  (also registers the "bst" model type)
+import modeling_bst  # noqa: F401  (registers the "bst" model type)
+from bst_tools.evaluation import summarise_slots
 
 
 # Positions whose logits are computed at once: a 32k-token window times a 49k vocabulary would be 6 GB of fp32 logits.
@@ -312,9 +311,9 @@ def parse_args(argv=None):
 
 def load_source(args):
     if args.source_gguf:
-        import convert_to_bst
+        from bst_tools import conversion
 
-        return convert_to_bst.load_gguf_source(convert_to_bst.resolve_gguf_file(args.source_gguf))
+        return conversion.load_gguf_source(conversion.resolve_gguf_file(args.source_gguf))
     model = AutoModelForCausalLM.from_pretrained(args.source, dtype=torch.float32).eval()
     return model, AutoTokenizer.from_pretrained(args.source)
 

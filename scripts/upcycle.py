@@ -41,9 +41,7 @@ import argparse
 import hashlib
 import json
 import math
-import os
 import random
-import sys
 import time
 from pathlib import Path
 
@@ -51,11 +49,8 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import convert_to_bst  # noqa: E402
-import prepare_data  # noqa: E402
-
-from modeling_bst.modeling_bst import SSM_AND_CONTEXT_KEYS  # noqa: E402
+from bst_tools import conversion, corpus
+from modeling_bst.modeling_bst import SSM_AND_CONTEXT_KEYS
 
 
 TRAIN_CHOICES = ("new", "new+o_proj", "all")
@@ -129,8 +124,8 @@ def training_documents(args) -> tuple[list[str], list[dict]]:
     for source in args.sources.split(","):
         if source not in SOURCE_PROVENANCE:
             raise ValueError(f"--sources: unknown source {source!r}; known: {', '.join(SOURCE_PROVENANCE)}.")
-        loaded = prepare_data.load_source(source, allow_download=True, cache_dir=args.corpus_cache_dir)
-        train = prepare_data.split_documents(loaded)["train"]
+        loaded = corpus.load_source(source, allow_download=True, cache_dir=args.corpus_cache_dir)
+        train = corpus.split_documents(loaded)["train"]
         documents += [document.text for document in train]
         manifest.append({
             "source": source, **SOURCE_PROVENANCE[source], "split": "train (scripts/prepare_data.py's split by document)",
@@ -243,7 +238,7 @@ def upcycling_loss(model, teacher, input_ids, distill_mask, distill_weight, auto
 def load_source(args):
     """(source LlamaForCausalLM in fp32, tokenizer)."""
     if args.gguf_file:
-        return convert_to_bst.load_gguf_source(convert_to_bst.resolve_gguf_file(args.gguf_file, args.model_name_or_path))
+        return conversion.load_gguf_source(conversion.resolve_gguf_file(args.gguf_file, args.model_name_or_path))
     if not args.model_name_or_path:
         raise SystemExit("Pass --model_name_or_path, --gguf_file, or both.")
     source = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, dtype=torch.float32).eval()
@@ -259,9 +254,9 @@ def upcycle(args) -> dict:
         raise FileExistsError(f"--output_dir {output_dir} is not empty.")
 
     source, tokenizer = load_source(args)
-    bst_layers = convert_to_bst.parse_layers(args.bst_layers, source.config.num_hidden_layers)
-    tuned_layers = convert_to_bst.parse_layers(args.tuned_layers, source.config.num_hidden_layers) if args.tuned_layers else bst_layers
-    model = convert_to_bst.convert_model(
+    bst_layers = conversion.parse_layers(args.bst_layers, source.config.num_hidden_layers)
+    tuned_layers = conversion.parse_layers(args.tuned_layers, source.config.num_hidden_layers) if args.tuned_layers else bst_layers
+    model = conversion.convert_model(
         source, args.block_size, bst_layers, bst_variant=args.bst_variant, ssm_kernel=args.ssm_kernel,
         ssm_state_size=args.ssm_state_size, attend_previous_block=args.attend_previous_block,
     ).to(device)
@@ -309,7 +304,7 @@ def upcycle(args) -> dict:
         f"({args.train}) for {args.max_steps} steps, {trained_tokens:,} tokens of "
         f"{', '.join(entry['source'] for entry in manifest)} (data_manifest.json)."
     )
-    convert_to_bst.write_bst_folder(model, tokenizer, output_dir, description)
+    conversion.write_bst_folder(model, tokenizer, output_dir, description)
     (output_dir / "upcycle_args.json").write_text(json.dumps(vars(args), indent=1))
     data_manifest = {"sources": manifest, "corpus_tokens": corpus_tokens, "sequences": len(sequences),
                      "tokens_trained": trained_tokens,

