@@ -154,7 +154,27 @@ class BSTConfig(PreTrainedConfig):
             # information where it belongs, and stop telling generate() and lm-eval that inputs are capped there.
             self.training_length = self.max_position_embeddings
             self.max_position_embeddings = NO_MAXIMUM_LENGTH
+        for name in ("layer_types", "attention_chunk_size"):
+            if name in kwargs and kwargs.pop(name) != getattr(self, name):
+                raise ValueError(
+                    f"`{name}` follows from `block_size` and `bst_layers` (here {getattr(self, name)}); set those "
+                    "instead."
+                )
         super().__post_init__(**kwargs)
+
+    @property
+    def layer_types(self) -> list[str]:
+        """Each layer's kind in Transformers' names (derived from `bst_layers`, never set): a BST layer is `"hybrid"`
+        (attention plus a linear-attention-shaped SSM state), another layer `"chunked_attention"` (attention inside
+        blocks of `block_size`, as Llama 4's chunked attention; with `attend_previous_block` the previous block too).
+        Not `"hybrid_sliding"`/`"sliding_attention"`: their `sliding_window` is a settable field that tools read as the
+        attention window, and BST's window is `block_size`."""
+        return ["hybrid" if i in self.bst_layers else "chunked_attention" for i in range(self.num_hidden_layers)]
+
+    @property
+    def attention_chunk_size(self) -> int:
+        """The chunk of `"chunked_attention"` layers: one block (what `DynamicCache(config=...)` reads)."""
+        return self.block_size
 
     def validate_architecture(self):
         """Part of `@strict` validation: every check names the field and the value that broke it."""

@@ -37,7 +37,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 from transformers.utils import logging
 
-from .cache_bst import CACHE_SIGNATURE_FIELDS, BSTCache
+from .cache_bst import BSTCache, BSTLayerCache
 from .configuration_bst import BSTConfig
 from .ssm_ops import (
     COMPLEX_DTYPES,
@@ -436,12 +436,11 @@ class BSTAttention(nn.Module):
         just before a block's attention window."""
         count = self.config.num_sink_tokens
         batch, length = key.shape[:2]
-        stored = None if layer_cache is None else layer_cache.get("sink_keys")
-        if stored is None:
+        if layer_cache is None or layer_cache.sink_keys is None:
             sink_keys = key.new_zeros(batch, count, *key.shape[2:])
             sink_values = value.new_zeros(batch, count, *value.shape[2:])
         else:
-            sink_keys, sink_values = stored, layer_cache["sink_values"]
+            sink_keys, sink_values = layer_cache.sink_keys, layer_cache.sink_values
         new = min(length, count)  # only a chunk's first k tokens can be among the sequence's first k
         positions = layout.seen_tokens[:, None] + torch.arange(new, device=key.device)  # (B, new)
         # Tokens past the sinks (or padding) go to slot k, a discard slot cut off after the scatter.
@@ -450,7 +449,7 @@ class BSTAttention(nn.Module):
         sink_keys = torch.cat([sink_keys, sink_keys[:, :1]], dim=1).scatter(1, index, key[:, :new])[:, :count]
         sink_values = torch.cat([sink_values, sink_values[:, :1]], dim=1).scatter(1, index, value[:, :new])[:, :count]
         if layer_cache is not None:
-            layer_cache["sink_keys"], layer_cache["sink_values"] = sink_keys, sink_values
+            layer_cache.store_sinks(sink_keys, sink_values)
         return apply_rotary(sink_keys, layout.sink_rotation, self.rope_pairing), sink_values
 
     def _with_sinks(self, sinks, layout, keys, values, mask):
@@ -474,11 +473,11 @@ class BSTAttention(nn.Module):
             torch.cat([sink_mask, mask], dim=-1),
         )
 
-    def _block_attention(self, query, key, value, layout, layer_cache, key_name, value_name, sinks=None):
-        """Causal attention inside blocks; keys/values (B, T, H, d) of this chunk join the cached ones of the block, and
-        the attention sinks when given."""
-        cached_keys = None if layer_cache is None else layer_cache.get(key_name)
-        cached_values = None if layer_cache is None else layer_cache.get(value_name)
+    def _block_attention(self, query, key, value, layout, cached_keys, cached_values, store, sinks=None):
+        """Causal attention inside blocks; keys/values (B, T, H, d) of this chunk join the cached ones of the block
+        (`cached_keys`/`cached_values` (B, W, H, d), None without a cache or before its first use), and the attention
+        sinks when given; `store` (a `BSTLayerCache` method, None without a cache) keeps the block of each row's next
+        token."""
         if layout.is_single_step and cached_keys is not None:
             # Decoding: write the new key/value into its slot of the cached block in place, attend to slots <= it.
             layout.write_step(cached_keys, key)
@@ -490,9 +489,8 @@ class BSTAttention(nn.Module):
             return self._attend_step(query, keys, values, mask)
         key_blocks = layout.to_blocks(key, cached_keys)  # (B, N, W, H, d)
         value_blocks = layout.to_blocks(value, cached_values)
-        if layer_cache is not None:
-            layer_cache[key_name] = layout.last_block(key_blocks)
-            layer_cache[value_name] = layout.last_block(value_blocks)
+        if store is not None:
+            store(layout.last_block(key_blocks), layout.last_block(value_blocks))
         if layout.is_single_step:  # a single token on an empty cache
             mask = layout.single_step_mask()
             if sinks is not None:
@@ -509,39 +507,46 @@ class BSTAttention(nn.Module):
     def _previous_block_attention(self, query, key, value, layout, layer_cache, sinks=None):
         """Causal self-attention over the token's own block and the whole previous block (`attend_previous_block`):
         (B, T, H, d) -> (B, T, H*d). The cache holds both blocks' keys/values (2W slots)."""
-        cached = {} if layer_cache is None else layer_cache
-        if layout.is_single_step and cached.get("keys") is not None:
-            # A real token at slot 0 opens a new block: the full current block becomes the previous one (in place; a
-            # compiled step or one on an accelerator always copies, which needs no host sync; an eager CPU step only
-            # when some row opens a block).
-            opens_block = (layout.offsets == 0) & (layout.seen_tokens > 0) & layout.token_mask[:, 0]
-            if step_reads_all_slots(query.device) or bool(opens_block.any()):
-                for name in ("keys", "values"):
-                    flag = opens_block.view(-1, *([1] * (cached[name].dim() - 1)))
-                    cached["previous_" + name] = torch.where(flag, cached[name], cached["previous_" + name])
-            layout.write_step(cached["keys"], key)
-            layout.write_step(cached["values"], value)
-            previous_keys = apply_rotary(cached["previous_keys"], layout.previous_block_rotation, self.rope_pairing)
+        # The cache holds, per row, the block of the row's next token (`keys`/`values`) and the block before it
+        # (`previous_keys`/`previous_values`), whichever path wrote them.
+        cached = layer_cache
+        if layout.is_single_step and cached is not None and cached.keys is not None:
+            layout.write_step(cached.keys, key)
+            layout.write_step(cached.values, value)
+            previous_keys = apply_rotary(cached.previous_keys, layout.previous_block_rotation, self.rope_pairing)
             span = layout.step_span
-            keys = torch.cat([previous_keys, cached["keys"][:, :span]], dim=1)  # (B, W + span, H, d)
-            values = torch.cat([cached["previous_values"], cached["values"][:, :span]], dim=1)
+            keys = torch.cat([previous_keys, cached.keys[:, :span]], dim=1)  # (B, W + span, H, d)
+            values = torch.cat([cached.previous_values, cached.values[:, :span]], dim=1)
             mask = layout.single_step_previous_block_mask()[..., : self.config.block_size + span]
             if sinks is not None:
                 keys, values, mask = self._with_sinks(sinks, layout, keys, values, mask)
+            # A real token at slot W - 1 completes its block, which becomes the previous block of the row's next token
+            # (in place; a compiled step or one on an accelerator always copies, which needs no host sync; an eager CPU
+            # step only when some row completes a block).
+            closes_block = (layout.offsets == self.config.block_size - 1) & layout.token_mask[:, 0]
+            if step_reads_all_slots(query.device) or bool(closes_block.any()):
+                flag = closes_block.view(-1, *([1] * (cached.keys.dim() - 1)))
+                cached.store_previous_block(
+                    torch.where(flag, cached.keys, cached.previous_keys),
+                    torch.where(flag, cached.values, cached.previous_values),
+                )
             return self._attend_step(query, keys, values, mask)
 
-        key_blocks = layout.to_blocks(key, cached.get("keys"))  # (B, N, W, H, d)
-        value_blocks = layout.to_blocks(value, cached.get("values"))
-        first_previous = [cached.get(name) for name in ("previous_keys", "previous_values")]
+        no_cache = cached is None
+        key_blocks = layout.to_blocks(key, None if no_cache else cached.keys)  # (B, N, W, H, d)
+        value_blocks = layout.to_blocks(value, None if no_cache else cached.values)
+        first_previous = [None, None] if no_cache else [cached.previous_keys, cached.previous_values]
         # The block before the chunk's first one: from the cache, or zeros (masked) at the sequence start.
         key_blocks_with_previous, value_blocks_with_previous = (
             torch.cat([(blocks[:, 0] * 0 if previous is None else previous)[:, None], blocks], dim=1)
             for blocks, previous in zip((key_blocks, value_blocks), first_previous)
         )  # (B, 1 + N, W, H, d)
         if layer_cache is not None:
-            layer_cache["keys"], layer_cache["values"] = layout.last_block(key_blocks), layout.last_block(value_blocks)
-            layer_cache["previous_keys"] = layout.previous_of_last_block(key_blocks_with_previous)
-            layer_cache["previous_values"] = layout.previous_of_last_block(value_blocks_with_previous)
+            layer_cache.store_block(layout.last_block(key_blocks), layout.last_block(value_blocks))
+            layer_cache.store_previous_block(
+                layout.previous_of_last_block(key_blocks_with_previous),
+                layout.previous_of_last_block(value_blocks_with_previous),
+            )
         previous_keys = apply_rotary(
             key_blocks_with_previous[:, :-1].flatten(1, 2), layout.previous_block_rotation, self.rope_pairing
         )
@@ -600,13 +605,13 @@ class BSTAttention(nn.Module):
         batch = end_states.shape[0]
         end_states = end_states.transpose(2, 3).to(self.initial_context.dtype)  # (B, N, S, D)
         first = self.initial_context.expand(batch, -1, -1)
-        if layer_cache is not None and layer_cache.get("context_states") is not None:
+        if layer_cache is not None and layer_cache.context_states is not None:
             started = layout.seen_tokens > 0
-            first = torch.where(started[:, None, None], layer_cache["context_states"], first)
+            first = torch.where(started[:, None, None], layer_cache.context_states, first)
         every_block = torch.cat([first[:, None], end_states], dim=1)  # (B, N + 1, S, D)
         if layer_cache is not None:
             index = layout.current_block_index().view(-1, 1, 1, 1).expand(-1, 1, *every_block.shape[2:])
-            layer_cache["context_states"] = every_block.gather(1, index).squeeze(1)
+            layer_cache.store_context_states(every_block.gather(1, index).squeeze(1))
         return every_block[:, :-1]
 
     def forward(
@@ -615,7 +620,7 @@ class BSTAttention(nn.Module):
         rotations: torch.Tensor,
         layout: BlockLayout,
         context_states: torch.Tensor | None = None,
-        layer_cache: dict | None = None,
+        layer_cache: BSTLayerCache | None = None,
     ) -> torch.Tensor:
         hidden_shape = (*hidden_states.shape[:-1], self.num_heads, self.head_dim)
         key_value_shape = (*hidden_states.shape[:-1], self.num_key_value_heads, self.head_dim)
@@ -626,7 +631,10 @@ class BSTAttention(nn.Module):
         if self.config.attend_previous_block:
             output = self._previous_block_attention(query, key, value, layout, layer_cache, sinks)
         else:
-            output = self._block_attention(query, key, value, layout, layer_cache, "keys", "values", sinks)
+            cached = (None, None, None)
+            if layer_cache is not None:
+                cached = (layer_cache.keys, layer_cache.values, layer_cache.store_block)
+            output = self._block_attention(query, key, value, layout, *cached, sinks)
         if not self.is_bst_layer:
             return self.o_proj(output)
 
@@ -647,9 +655,10 @@ class BSTAttention(nn.Module):
             context_keys, context_values = self._context_keys_values(context_states)
             context_keys = apply_rotary(context_keys, rotations, self.rope_pairing)
             cross_query = apply_rotary(cross_query, rotations, self.rope_pairing)
-            cross_output = self._block_attention(
-                cross_query, context_keys, context_values, layout, layer_cache, "context_keys", "context_values"
-            )
+            cached = (None, None, None)
+            if layer_cache is not None:
+                cached = (layer_cache.context_keys, layer_cache.context_values, layer_cache.store_context_block)
+            cross_output = self._block_attention(cross_query, context_keys, context_values, layout, *cached)
         return self.o_proj(torch.cat([output, cross_output], dim=-1))
 
 
@@ -749,8 +758,8 @@ class BSTStateSpace(nn.Module):
 
     Nothing is kept on the module: a forward without a cache computes its kernel from the current parameters (a few
     percent of the layer's time), so in-place or `.data` edits, inference mode and autograd can never meet a stale or
-    foreign tensor. What decoding reuses (the discretisation, the "unstructured" taps) lives in the cache's
-    `layer_kernels`, computed on the cache's first use and kept for the life of that cache.
+    foreign tensor. What decoding reuses (the discretisation, the "unstructured" taps) lives in the layer's cache
+    (`BSTLayerCache.discretization`, `.taps`), computed on its first use and kept for the life of that cache.
     """
 
     def __init__(self, config: BSTConfig):
@@ -771,12 +780,11 @@ class BSTStateSpace(nn.Module):
         self,
         inputs: torch.Tensor,
         layout: "BlockLayout",
-        layer_cache: dict | None,
-        kernel_cache: dict | None = None,
+        layer_cache: BSTLayerCache | None,
         block_ends: bool = False,
     ) -> torch.Tensor:
         """inputs (B, T, D), real tokens first in each row -> context states (B, T, D, C) in fp32 (fp64 in a float64
-        model). `layer_cache` holds this layer's per-row state and `kernel_cache` its per-cache kernel values. With
+        model). `layer_cache` holds this layer's per-row state and the kernel values decoding reuses. With
         `block_ends` ("mf"), only the states at the block ends, (B, N, D, C) (`_block_end_outputs`): through here,
         so that forward hooks on the module (the SSM ablation of scripts/evaluate.py) see them.
 
@@ -785,7 +793,7 @@ class BSTStateSpace(nn.Module):
         """
         with torch.autocast(device_type=inputs.device.type, enabled=False):
             if block_ends:
-                return self._block_end_outputs(inputs, layout, layer_cache, kernel_cache)
+                return self._block_end_outputs(inputs, layout, layer_cache)
             inputs = inputs.to(ssm_compute_dtype(self.skip.dtype))
             if layout.has_padding:
                 # Padding must not enter the state (left-padded generation would otherwise leak it into later tokens).
@@ -795,32 +803,32 @@ class BSTStateSpace(nn.Module):
                 convolved = causal_fft_conv(inputs.transpose(1, 2), self.kernel(inputs.shape[1]), self.skip)
                 return convolved.permute(0, 3, 1, 2)  # (B, T, D, C), a view: filters outermost in memory
             if self.config.ssm_kernel == "unstructured":
-                convolved = self._forward_with_history(inputs, layout, layer_cache, kernel_cache)
+                convolved = self._forward_with_history(inputs, layout, layer_cache)
             else:
-                convolved = self._forward_with_state(inputs, layout, layer_cache, kernel_cache)
+                convolved = self._forward_with_state(inputs, layout, layer_cache)
             return torch.addcmul(convolved, inputs.unsqueeze(-1), self.skip.to(inputs.dtype))  # + skip u, (B,T,D,C)
 
-    def _discretized(self, kernel_cache: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _discretized(self, layer_cache: BSTLayerCache) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The "s4" (log dA, C dB, dA) of this cache: computed on its first use, then reused by every decoding step."""
-        if "log_da" not in kernel_cache:
+        if layer_cache.discretization is None:
             log_da, c_db = self.kernel_generator.discretize()
-            kernel_cache["log_da"], kernel_cache["c_db"] = log_da, c_db
-            kernel_cache["da"] = complex_exp(log_da)  # complex128: one step's rounding would otherwise add up per token
-        return kernel_cache["log_da"], kernel_cache["c_db"], kernel_cache["da"]
+            # dA in complex128: one step's rounding would otherwise add up per token.
+            layer_cache.discretization = (log_da, c_db, complex_exp(log_da))
+        return layer_cache.discretization
 
-    def _forward_with_state(self, inputs, layout, layer_cache, kernel_cache):
+    def _forward_with_state(self, inputs, layout, layer_cache):
         """With "s4" kernels: the convolution, continued from and into the cached SSM state."""
         batch, length, _ = inputs.shape
 
-        log_da, c_db, da = self._discretized(kernel_cache)
-        state = layer_cache.get("ssm_state")
+        log_da, c_db, da = self._discretized(layer_cache)
+        state = layer_cache.ssm_state()
         if state is not None and length == 1:
             # One decoding step is the recurrence itself: s = dA s + (C dB) u,  y = 2 Re(sum_n s).
             channel_inputs = inputs[:, 0, :, None].expand(-1, -1, self.num_filters).reshape(batch, -1, 1)  # (B, H, 1)
             # complex128, as the cached state: no rounding per token. Updated in place, so its address stays.
             if layout.has_padding:
                 new_state = torch.where(layout.token_mask[:, :1, None], da * state + c_db * channel_inputs, state)
-                layer_cache["ssm_state"] = new_state
+                layer_cache.update_recurrent_state(new_state)
             else:
                 new_state = state.mul_(da).add_(c_db * channel_inputs)
             outputs = (2 * new_state.sum(-1).real).to(inputs.dtype)
@@ -841,36 +849,42 @@ class BSTStateSpace(nn.Module):
         reversed_inputs = inputs.gather(1, reverse_index[..., None].expand_as(inputs)) * layout.token_mask[..., None]
         channel_inputs = reversed_inputs.transpose(1, 2).repeat_interleave(self.num_filters, dim=1)  # (B, H, T)
         decayed = scaled_complex_exp(log_da, lengths.view(-1, 1, 1).double(), inputs.dtype)
-        layer_cache["ssm_state"] = decayed * state + c_db * vandermonde_reduce(channel_inputs, log_da)
+        layer_cache.update_recurrent_state(decayed * state + c_db * vandermonde_reduce(channel_inputs, log_da))
         return outputs
 
-    def _cached_taps(self, kernel_cache: dict, length: int) -> torch.Tensor:
+    def _cached_taps(self, layer_cache: BSTLayerCache, length: int) -> torch.Tensor:
         """The "unstructured" taps of this cache, at least `length` long. A longer kernel starts with the shorter one,
         so they are regenerated only when the history outgrows them, at twice the length: decoding n tokens
         regenerates them O(log n) times, not once per token."""
-        taps = kernel_cache.get("taps")
+        taps = layer_cache.taps
         if taps is None or taps.shape[-1] < length:
             capacity = length if taps is None else max(length, 2 * taps.shape[-1])
-            taps = kernel_cache["taps"] = self.kernel(capacity)
+            taps = layer_cache.taps = self.kernel(capacity)
         return taps[..., :length]
 
-    def _forward_with_history(self, inputs, layout, layer_cache, kernel_cache):
+    def _forward_with_history(self, inputs, layout, layer_cache):
         """With "unstructured" kernels: the convolution over the cached SSM inputs and this chunk's. The history holds
         each row's past real inputs right-aligned, (B, D, K) with the newest last, so a row's real tokens in this chunk
-        (first in the row) follow its history directly."""
+        (first in the row) follow its history directly.
+
+        A static cache's history and taps have `max_cache_len` positions whatever the prompt length, so a compiled
+        decoding step meets the same shapes for every prompt. It holds at most that many inputs (`BSTCache.check_room`),
+        so the first T of the history's K + T positions joined with this chunk's are zeros and the convolution reads
+        the last K."""
         batch, length = inputs.shape[:2]
-        history = layer_cache.get("ssm_history")
+        history = layer_cache.input_history()
         if history is None:  # a static cache keeps the last `max_cache_len` inputs, a dynamic one all of them
             capacity = layer_cache.max_cache_len if layer_cache.static else 0
             history = inputs.new_zeros(batch, self.hidden_size, capacity)
         past = history.shape[-1]
         combined = torch.cat([history, inputs.transpose(1, 2)], dim=-1)  # (B, D, past + T)
-        taps = self._cached_taps(kernel_cache, past + length)  # (D, C, past + T)
+        window = combined[..., length:] if layer_cache.static else combined  # (B, D, K) or (B, D, past + T)
+        taps = self._cached_taps(layer_cache, window.shape[-1])  # (D, C, K) or (D, C, past + T)
         if length == 1:
             # One decoding step: y = sum_j taps[j] u[t - j], a dot product with the reversed history (no FFT).
-            convolved = torch.einsum("bdk,dck->bdc", combined.flip(-1), taps).unsqueeze(1)  # (B, 1, D, C)
+            convolved = torch.einsum("bdk,dck->bdc", window.flip(-1), taps).unsqueeze(1)  # (B, 1, D, C)
         else:
-            convolved = causal_fft_conv(combined, taps)[..., past:].permute(0, 3, 1, 2)  # (B, T, D, C)
+            convolved = causal_fft_conv(window, taps)[..., -length:].permute(0, 3, 1, 2)  # (B, T, D, C)
         # Right-align each row again: position j of the new history is position j - kept + past + len of `combined`.
         kept = past if layer_cache.static else past + length
         if length == 1 and not layout.has_padding:
@@ -879,11 +893,11 @@ class BSTStateSpace(nn.Module):
             source = torch.arange(kept, device=inputs.device) + (past - kept) + layout.lengths[:, None]  # (B, kept)
             aligned = combined.gather(-1, source.clamp(min=0)[:, None, :].expand(-1, self.hidden_size, -1))
             aligned = aligned * (source >= 0)[:, None, :]
-        layer_cache["ssm_history"] = aligned
+        layer_cache.store_input_history(aligned)
         return convolved
 
     def _block_end_outputs(
-        self, inputs: torch.Tensor, layout: "BlockLayout", layer_cache: dict | None, kernel_cache: dict | None = None
+        self, inputs: torch.Tensor, layout: "BlockLayout", layer_cache: BSTLayerCache | None
     ) -> torch.Tensor:
         """The SSM outputs "mf" reads: inputs (B, T, D) -> (B, N, D, C), the outputs at the chunk positions
         `block_end_index(layout, T)` (the last position of each of the layout's N blocks, clamped to the chunk), equal
@@ -897,7 +911,7 @@ class BSTStateSpace(nn.Module):
         length = inputs.shape[1]
         end_index = block_end_index(layout, length)  # (B, N)
         if layer_cache is not None:
-            states = self.forward(inputs, layout, layer_cache, kernel_cache)  # (B, T, D, C); hooks run once, outside
+            states = self.forward(inputs, layout, layer_cache)  # (B, T, D, C); hooks run once, outside
             return states.gather(1, end_index[..., None, None].expand(-1, -1, *states.shape[2:]))
         inputs = inputs.to(ssm_compute_dtype(self.skip.dtype))
         if layout.has_padding:
@@ -928,8 +942,7 @@ class BSTDecoderLayer(GradientCheckpointingLayer):
         hidden_states: torch.Tensor,
         rotations: torch.Tensor,
         layout: BlockLayout,
-        layer_cache: dict | None = None,
-        kernel_cache: dict | None = None,
+        layer_cache: BSTLayerCache | None = None,
     ) -> torch.Tensor:
         residual = hidden_states
         hidden_states = self.input_layernorm(hidden_states)
@@ -937,7 +950,7 @@ class BSTDecoderLayer(GradientCheckpointingLayer):
         if self.is_bst_layer:
             # "mf" reads the SSM at block ends only: (B, N, D, S) instead of (B, T, D, S).
             block_ends = self.ssm.config.bst_variant == "mf"
-            context_states = self.ssm(hidden_states, layout, layer_cache, kernel_cache, block_ends=block_ends)
+            context_states = self.ssm(hidden_states, layout, layer_cache, block_ends=block_ends)
         hidden_states = self.attention(hidden_states, rotations, layout, context_states, layer_cache)
         hidden_states = residual + hidden_states
         return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
@@ -1093,27 +1106,8 @@ class BSTModel(BSTPreTrainedModel):
                 f"BST models keep their decoding state in a `BSTCache`, got {type(past_key_values).__name__}. "
                 "Pass `past_key_values=None` (with `use_cache=True`) and the model creates one."
             )
-        # A cache made with this very configuration object fits; another one is compared field by field (a compiled
-        # step skips it: the eager prefill checked). Reading a config field costs microseconds: a dozen per decoding
-        # step add up.
-        if (
-            past_key_values is not None
-            and past_key_values.config is not self.config
-            and not torch.compiler.is_compiling()
-        ):
-            made_for = getattr(past_key_values, "model_signature", {})
-            differences = [
-                f"{field}={made_for.get(field)!r} (this model: {getattr(self.config, field)!r})"
-                for field in CACHE_SIGNATURE_FIELDS
-                if made_for.get(field) != getattr(self.config, field)
-            ]
-            if differences:
-                raise ValueError(
-                    "`past_key_values` is a BSTCache made for another model configuration: "
-                    + ", ".join(differences)
-                    + ". A cache continues only a model with the configuration that made it; pass "
-                    "`past_key_values=None` to start a new one."
-                )
+        if past_key_values is not None and not torch.compiler.is_compiling():  # the eager prefill checked
+            past_key_values.check_fits(self.config, self.embed_tokens.weight.dtype)
         if attention_mask is not None and not torch.compiler.is_compiling():  # reads the cache's position count
             inputs = input_ids if input_ids is not None else inputs_embeds
             check_attention_mask_shape(attention_mask, inputs, past_key_values)
@@ -1143,7 +1137,10 @@ class BSTModel(BSTPreTrainedModel):
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
-        use_cache = use_cache if use_cache is not None else self.config.use_cache
+        # In training the config's default does not apply (as in Mamba2): a cache and the final SSM state would cost
+        # 2x-8x a step for a state nobody reads. A call that asks for one gets it.
+        if use_cache is None:
+            use_cache = self.config.use_cache and not self.training
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         if kwargs.get("output_attentions"):
             logger.warning_once("BST does not return attention weights; `output_attentions` is ignored.")
@@ -1183,8 +1180,10 @@ class BSTModel(BSTPreTrainedModel):
             inputs_embeds = inputs_embeds.gather(1, compact_order[..., None].expand_as(inputs_embeds))
             token_mask = token_mask.gather(1, compact_order)
 
+        if cache is not None and not torch.compiler.is_compiling():
+            cache.check_room(length)  # a compiled step runs within the length generate() sized the cache for
         if cache is not None and cache.seen_tokens is None:
-            cache.start(batch, device)
+            cache.start(batch, device, self.embed_tokens.weight.dtype)
         if cache is not None and cache.seen_tokens.shape[0] != batch:
             raise ValueError(f"The cache holds {cache.seen_tokens.shape[0]} rows but the inputs have {batch}.")
         seen_tokens = cache.seen_tokens if cache is not None else torch.zeros(batch, dtype=torch.long, device=device)
@@ -1223,8 +1222,7 @@ class BSTModel(BSTPreTrainedModel):
             hidden_states = record(hidden_states)
         for layer_idx, decoder_layer in enumerate(self.layers):
             layer_cache = cache.layers[layer_idx] if cache is not None else None
-            kernel_cache = layer_cache.kernels if cache is not None else None
-            hidden_states = decoder_layer(hidden_states, rotations, layout, layer_cache, kernel_cache)
+            hidden_states = decoder_layer(hidden_states, rotations, layout, layer_cache)
             if output_hidden_states:
                 hidden_states = record(hidden_states)
         hidden_states = restore_order(self.norm(hidden_states))
@@ -1309,20 +1307,28 @@ class BSTForCausalLM(BSTPreTrainedModel, GenerationMixin):
     def _prepare_cache_for_generation(
         self, generation_config, model_kwargs, generation_mode=None, batch_size=None, max_cache_length=None
     ) -> None:
-        """generate() would build a DynamicCache or a StaticCache; BST needs its own bounded state, static (fixed
-        shapes and addresses, what a compiled decoding step needs) with `cache_implementation="static"`."""
+        """generate() would build a DynamicCache or a StaticCache from `config.layer_types`, whose standard layers
+        cannot hold a BST layer's state (block slots written at each row's own slot next to an SSM state); BST needs
+        its own bounded state, static (fixed shapes and addresses, what a compiled decoding step needs) with
+        `cache_implementation="static"`."""
         cache = model_kwargs.get("past_key_values")
         if cache is not None:
             if not isinstance(cache, BSTCache):
                 raise TypeError(f"BST models generate with a `BSTCache`, got {type(cache).__name__}.")
             cache._is_user_defined = True
+            cache.check_room(max_cache_length - cache.get_seq_length())  # max_length - 1: the last token is not fed
             return
         if generation_config.use_cache is False:
             return
-        # A static cache holds the last `max_cache_len` SSM inputs of "unstructured" kernels: the whole generation.
+        # A static cache holds `max_cache_len` SSM inputs of "unstructured" kernels: the whole generation. Its tensors
+        # have that many positions, and a compiled decoding step compiles once per size: rounding up to a power of two
+        # lets prompts of many lengths share one graph (at most twice the positions each step reads), and
+        # `generation_config.max_cache_len` fixes the size across calls.
         max_cache_length = max(max_cache_length or 0, generation_config.max_cache_len or 0)
         max_cache_length = max_cache_length or generation_config.max_length
         static = generation_config.cache_implementation == "static"
+        if static:
+            max_cache_length = 1 << (max_cache_length - 1).bit_length()
         model_kwargs["past_key_values"] = BSTCache(self.config, static=static, max_cache_len=max_cache_length)
 
     def create_masks_for_generate(self, config, inputs_embeds, attention_mask, *args, **kwargs):

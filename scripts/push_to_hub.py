@@ -412,6 +412,9 @@ def stage_folder(model, tokenizer, card, output_dir):
     # AutoModel (the bare BSTModel, loadable from this checkpoint) by hand; save_pretrained merges it in.
     model.config.auto_map = {**(getattr(model.config, "auto_map", None) or {}), "AutoModel": "modeling_bst.BSTModel"}
     model.save_pretrained(output_dir)
+    # A decoder-only model's batched generate() needs left padding. save_pretrained writes `init_kwargs`, not the
+    # attribute, so both are set.
+    tokenizer.padding_side = tokenizer.init_kwargs["padding_side"] = "left"
     tokenizer.save_pretrained(output_dir)
     card.save(output_dir / "README.md")
     expected = (*REMOTE_CODE_FILES, "config.json", "generation_config.json")

@@ -40,6 +40,7 @@ import datasets
 import numpy as np
 import torch
 import transformers
+from safetensors import safe_open
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -209,6 +210,34 @@ class PerplexityTrainer(Trainer):
         self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
         return self.optimizer
 
+    def training_step(self, model, inputs, *args, **kwargs):
+        loss = super().training_step(model, inputs, *args, **kwargs)
+        # The Trainer would log such a loss as 0 (logging_nan_inf_filter), step on, and save NaN weights.
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"Training loss is {loss.item()} at step {self.state.global_step + 1}: the weights or the gradients "
+                "of the step before went non-finite (try a lower --learning_rate, --max_grad_norm, or fp32)."
+            )
+        return loss
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        try:
+            super()._load_optimizer_and_scheduler(checkpoint)
+        except (RuntimeError, OSError, EOFError, ValueError) as error:  # torch.load does not name the file
+            raise RuntimeError(
+                f"Could not load the optimizer or scheduler state (optimizer.pt, scheduler.pt) of {checkpoint}: {error}"
+            ) from error
+
+    def _issue_warnings_after_load(self, load_result):
+        # A tied LM head is not saved (it is the embedding matrix, which is loaded): the Trainer would report it as
+        # a missing key.
+        parameters = dict(self.model.named_parameters(remove_duplicate=False))
+        missing = set(load_result.missing_keys)
+        loaded = [parameter for name, parameter in parameters.items() if name not in missing]
+        tied = {name for name in missing if name in parameters and any(parameters[name] is p for p in loaded)}
+        load_result.missing_keys[:] = [name for name in load_result.missing_keys if name not in tied]
+        super()._issue_warnings_after_load(load_result)
+
     def log(self, logs, *args, **kwargs):
         if "eval_loss" in logs:
             logs["eval_perplexity"] = perplexity(logs["eval_loss"])
@@ -221,12 +250,25 @@ class PerplexityTrainer(Trainer):
         config = getattr(self.model, "config", None)
         if config is None:
             return super().save_model(output_dir, _internal_call=_internal_call)
+        name = first_non_finite_parameter(self.model)
+        if name is not None:
+            raise FloatingPointError(f"Not saving a broken model: {name} holds NaN or infinite values.")
         training_use_cache = config.use_cache
         config.use_cache = True
         try:
             super().save_model(output_dir, _internal_call=_internal_call)
         finally:
             config.use_cache = training_use_cache
+
+
+class FiniteWeightsCallback(TrainerCallback):
+    """Refuses to train weights that hold NaN or infinity (a checkpoint's or a continued model's): every step would
+    spread them, and a NaN in a row of the embedding that no batch uses leaves the loss finite."""
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        name = first_non_finite_parameter(model)
+        if name is not None:
+            raise FloatingPointError(f"The model to train is broken: {name} holds NaN or infinite values.")
 
 
 class TimeLimitCallback(TrainerCallback):
@@ -352,12 +394,46 @@ def checkpoint_problem(folder):
         problem = safetensors_problem(path)
         if problem:
             return f"{name} is {problem}" if problem.startswith("truncated") else f"{name}: {problem}"
-    # torch.save writes zip archives; a truncated one has lost the central directory at its end.
+        tensor_name = first_non_finite_tensor(path)
+        if tensor_name is not None:
+            return f"{name} holds NaN or infinite values ({tensor_name})"
+    # Without these the Trainer resumes with a fresh optimizer or schedule, silently: another run than the one saved.
+    for name, what in (("optimizer.pt", "the optimizer"), ("scheduler.pt", "the learning-rate schedule")):
+        if not os.path.isfile(os.path.join(folder, name)):
+            return f"{name} is missing (resuming would restart {what})"
+    # torch.save writes zip archives: a truncated one has lost the central directory at its end, and overwritten
+    # bytes fail the CRC every entry carries (torch.load would only say "PytorchStreamReader failed reading file").
     torch_files = ["optimizer.pt", "scheduler.pt", "scaler.pt"] + glob.glob(os.path.join(folder, "rng_state*.pth"))
     for name in torch_files:
         path = os.path.join(folder, name)
-        if os.path.isfile(path) and not zipfile.is_zipfile(path):
+        if not os.path.isfile(path):
+            continue
+        if not zipfile.is_zipfile(path):
             return f"{os.path.basename(path)} is truncated (not a complete torch archive)"
+        try:
+            with zipfile.ZipFile(path) as archive:
+                bad_entry = archive.testzip()
+        except (zipfile.BadZipFile, OSError, EOFError, ValueError) as error:
+            bad_entry = f"{error}"
+        if bad_entry is not None:
+            return f"{os.path.basename(path)} is corrupted (entry {bad_entry} fails its check)"
+    return None
+
+
+def first_non_finite_tensor(path):
+    """The name of the first floating-point tensor of a .safetensors file that holds a NaN or an infinity, or None."""
+    with safe_open(path, framework="pt") as weights:
+        for name in weights.keys():
+            tensor = weights.get_tensor(name)
+            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                return name
+    return None
+
+
+def first_non_finite_parameter(model):
+    for name, parameter in model.named_parameters():
+        if not torch.isfinite(parameter).all():
+            return name
     return None
 
 
@@ -710,6 +786,9 @@ def main(argv=None):
         raise ValueError("The tokenizer has no end-of-sequence token, which separates documents in packed sequences.")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    # The saved tokenizer serves a decoder-only model: batched generate() needs left padding (training packs
+    # sequences and pads nothing). save_pretrained writes `init_kwargs`, not the attribute, so both are set.
+    tokenizer.padding_side = tokenizer.init_kwargs["padding_side"] = "left"
     if from_checkpoint:
         check_tokenizer_matches_checkpoint(config, tokenizer)
 
@@ -742,7 +821,9 @@ def main(argv=None):
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
 
-    callbacks = [TimeLimitCallback(data_args.max_train_minutes)] if data_args.max_train_minutes else []
+    callbacks = [FiniteWeightsCallback()]
+    if data_args.max_train_minutes:
+        callbacks.append(TimeLimitCallback(data_args.max_train_minutes))
     trainer = PerplexityTrainer(
         model=model,
         args=training_args,

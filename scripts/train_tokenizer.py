@@ -47,6 +47,7 @@ def train_bpe_tokenizer(texts, vocab_size=8192, min_frequency=2, show_progress=T
         eos_token=EOS_TOKEN,
         pad_token=PAD_TOKEN,
         clean_up_tokenization_spaces=False,
+        padding_side="left",  # for a decoder-only model: batched generate() continues each row from its last token
     )
 
 

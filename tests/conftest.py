@@ -4,7 +4,7 @@ from contextlib import contextmanager
 import pytest
 import torch
 
-from modeling_bst import BSTConfig
+from modeling_bst import BSTConfig, BSTForCausalLM
 
 
 VARIANTS_AND_KERNELS = [(v, k) for v in ("sh", "mh", "mf") for k in ("s4", "unstructured")]
@@ -39,6 +39,18 @@ def open_context_path(model):
             if layer.is_bst_layer:
                 torch.nn.init.normal_(layer.attention.o_proj.weight, std=model.config.initializer_range)
     return model
+
+
+def tiny_model(**overrides) -> BSTForCausalLM:
+    """A tiny model in eval mode with its context path open, so that the SSM reaches the logits."""
+    return open_context_path(BSTForCausalLM(tiny_config(**overrides))).eval()
+
+
+def fresh_copy(model: BSTForCausalLM) -> BSTForCausalLM:
+    """A new model with the same weights: what the outputs must be when nothing is remembered between calls."""
+    copied = BSTForCausalLM(model.config).eval()
+    copied.load_state_dict(model.state_dict())
+    return copied
 
 
 @contextmanager

@@ -33,9 +33,8 @@ def test_a_converted_llama_sees_the_sinks_right_before_its_window(attend_previou
         torch.testing.assert_close(logits[0, position], expected, rtol=0, atol=2e-5, msg=f"position {position}")
     # Inside the first window the sinks are ordinary tokens of the window: nothing changes there.
     without_sinks = convert_to_bst.convert_model(source, BLOCK, [], attend_previous_block=attend_previous_block)
-    torch.testing.assert_close(
-        logits[:, : first_window_block * BLOCK], without_sinks.eval()(input_ids=ids).logits[:, : first_window_block * BLOCK]
-    )
+    first_window = first_window_block * BLOCK
+    torch.testing.assert_close(logits[:, :first_window], without_sinks.eval()(input_ids=ids).logits[:, :first_window])
 
 
 @pytest.mark.parametrize("variant, kernel", VARIANTS_AND_KERNELS)
@@ -98,3 +97,16 @@ def test_generate_with_a_static_cache_equals_the_dynamic_one():
 def test_more_sinks_than_a_block_or_negative_are_refused(count):
     with pytest.raises((ValueError, StrictDataclassClassValidationError), match="`num_sink_tokens` must lie in"):
         BSTConfig(block_size=BLOCK, num_sink_tokens=count)
+
+
+def test_the_converter_command_line_sets_sinks_and_previous_block(tmp_path):
+    from test_push import make_tokenizer
+
+    random_source("llama").save_pretrained(tmp_path / "llama")
+    make_tokenizer().save_pretrained(tmp_path / "llama")
+    convert_to_bst.main([
+        "--model_name_or_path", str(tmp_path / "llama"), "--output_dir", str(tmp_path / "bst"), "--block_size", "8",
+        "--bst_layers", "none", "--attend_previous_block", "--num_sink_tokens", "2", "--skip_verify",
+    ])  # fmt: skip
+    config = BSTConfig.from_pretrained(tmp_path / "bst")
+    assert (config.attend_previous_block, config.num_sink_tokens, config.bst_layers) == (True, 2, [])

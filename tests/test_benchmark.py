@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import matplotlib.image
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -204,12 +206,6 @@ def test_quick_run_ratios_and_targets(quick_report):
     assert len(kernel_shares) == 8 and all(0 < share < 10 for share in kernel_shares)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a training forward with the default config (use_cache=True) builds a generation cache through the SSM "
-    "scan and forms no convolution kernel; passes once training costs the same whatever use_cache says (then drop "
-    "this mark)",
-)
 def test_quick_run_profile_sees_the_training_forward(quick_report):
     """The profile runs the layer as users train it (the default config): its forward generates the SSM kernel inside
     the SSM sublayer, inside the forward."""
@@ -234,8 +230,10 @@ def test_quick_run_writes_plots(quick_report):
         "benchmark_layer_time.png",
         "benchmark_model_step_time.png",
     ]
-    for name in names:
-        assert (out / "figures" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for name in names:  # a real picture with something drawn on it, not an empty canvas
+        pixels = matplotlib.image.imread(out / "figures" / name)
+        colours = np.unique(pixels.reshape(-1, pixels.shape[-1]), axis=0)
+        assert pixels.shape[0] > 100 and pixels.shape[1] > 100 and len(colours) > 10
 
 
 def test_quick_compiled_decode(bench_script, tmp_path):

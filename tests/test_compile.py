@@ -111,6 +111,29 @@ def test_compiled_static_generation_equals_eager_dynamic_generation():
     torch.testing.assert_close(torch.stack(compiled.logits, 1), torch.stack(eager.logits, 1), rtol=1e-5, atol=1e-5)
 
 
+def test_compiled_unstructured_generation_compiles_one_step_for_prompts_of_many_lengths():
+    """The static cache's "unstructured" history and taps are sized by a power of two of the generation length, not by
+    the prompt: prompts of nine lengths share one compiled decoding step (under fullgraph a ninth recompilation would
+    exceed dynamo's limit and raise)."""
+    from torch._dynamo.utils import counters
+
+    model = open_context_path(BSTForCausalLM(tiny_config(ssm_kernel="unstructured", bst_layers=[1]))).eval()
+    prompt = torch.randint(2, model.config.vocab_size, (1, 26))
+    compile_config = CompileConfig(fullgraph=True, dynamic=False, mode="default")
+    compile_config._compile_all_devices = True
+    settings = dict(max_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    counters.clear()
+    with torch.no_grad():
+        for length in range(18, 27):  # generation lengths 22-30: caches of 32 positions
+            compiled = model.generate(
+                prompt[:, :length], cache_implementation="static", compile_config=compile_config, **settings
+            )
+        eager = model.generate(prompt, **settings)
+    assert counters["stats"]["unique_graphs"] == 1
+    assert torch.equal(compiled.sequences, eager.sequences)
+    torch.testing.assert_close(torch.stack(compiled.logits, 1), torch.stack(eager.logits, 1), rtol=1e-5, atol=1e-5)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Training: the forward and backward of a training step compile as one graph each (no cache, as Trainer trains).
 

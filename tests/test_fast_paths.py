@@ -28,9 +28,9 @@ from modeling_bst.ssm_ops import (
 )
 
 
-def reference_block_ends(self, inputs, layout, layer_cache, kernel_cache=None):
+def reference_block_ends(self, inputs, layout, layer_cache):
     """The straightforward "mf" path: the full-sequence FFT convolution, then the outputs at the block ends."""
-    states = self(inputs, layout, layer_cache, kernel_cache)  # (B, T, D, C)
+    states = self(inputs, layout, layer_cache)  # (B, T, D, C)
     index = block_end_index(layout, inputs.shape[1])
     return states.gather(1, index[..., None, None].expand(-1, -1, *states.shape[2:]))
 

@@ -109,3 +109,20 @@ def test_generate_until_is_greedy_generate(lm):
         output = model.generate(input_ids, max_new_tokens=12, do_sample=False, pad_token_id=0, eos_token_id=1)
     expected = tokenizer.decode(output[0, input_ids.shape[1] :], skip_special_tokens=True)
     assert generated == expected and len(generated) > 0
+
+
+def test_project_task_loads_without_warnings(tmp_path, monkeypatch):
+    """configuration/lm_eval/bst_books_test.yaml states each metric's aggregation and direction: lm-eval loads it
+    with the values it would have guessed, and without a warning."""
+    from lm_eval.tasks import TaskManager
+
+    (tmp_path / "data" / "books").mkdir(parents=True)
+    (tmp_path / "data" / "books" / "test.jsonl").write_text('{"text": "To be, or not to be."}\n')
+    monkeypatch.chdir(tmp_path)  # the task reads data/books/test.jsonl relative to where lm_eval runs
+    repo_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with logged_messages(logging.getLogger("lm_eval")) as messages:
+        loaded = TaskManager(include_path=os.path.join(repo_root, "configuration", "lm_eval")).load(["bst_books_test"])
+    task = loaded["tasks"]["bst_books_test"]
+    assert [message for message in messages if "is defined, but" in message] == []
+    assert task.higher_is_better() == {"word_perplexity": False, "byte_perplexity": False, "bits_per_byte": False}
+    assert len(task.test_docs()) == 1

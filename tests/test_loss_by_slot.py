@@ -1,7 +1,6 @@
 """scripts/evaluate.py's loss-by-slot diagnostic: counts, values and the SSM ablation hooks. Tiny random models."""
 
 import importlib.util
-import math
 import os
 
 import pytest

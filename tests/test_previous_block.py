@@ -16,14 +16,14 @@ from modeling_bst.modeling_bst import apply_rotary
 BLOCK = 8
 
 
-def tiny_model(**overrides) -> BSTForCausalLM:
+def previous_block_model(**overrides) -> BSTForCausalLM:
     """A tiny model with its context path open (conftest.open_context_path), so that the SSM reaches the logits."""
     return open_context_path(BSTForCausalLM(tiny_config(attend_previous_block=True, **overrides))).eval()
 
 
 def test_equals_dense_rope_attention_masked_to_the_previous_and_own_block():
     """RoPE sees the true distance p - q between any two tokens of the two blocks, as full attention would."""
-    model = tiny_model(num_hidden_layers=1, bst_layers=[])
+    model = previous_block_model(num_hidden_layers=1, bst_layers=[])
     input_ids = torch.randint(2, 97, (2, 29))
     layer, attention = model.model.layers[0], model.model.layers[0].attention
     length, heads, head_dim = 29, attention.num_heads, attention.head_dim
@@ -46,7 +46,7 @@ def test_equals_dense_rope_attention_masked_to_the_previous_and_own_block():
 
 
 def test_receptive_field_is_the_previous_block_and_the_own_block_up_to_the_token():
-    model = tiny_model(num_hidden_layers=1, bst_layers=[])
+    model = previous_block_model(num_hidden_layers=1, bst_layers=[])
     input_ids = torch.randint(2, 97, (1, 3 * BLOCK + 5))
     with torch.no_grad():
         reference = model(input_ids).logits[0]
@@ -61,7 +61,7 @@ def test_receptive_field_is_the_previous_block_and_the_own_block_up_to_the_token
 
 @pytest.mark.parametrize("variant, kernel", VARIANTS_AND_KERNELS)
 def test_cached_and_chunked_paths_equal_the_full_forward(variant, kernel):
-    model = tiny_model(bst_variant=variant, ssm_kernel=kernel, num_hidden_layers=3, bst_layers=[0, 2])
+    model = previous_block_model(bst_variant=variant, ssm_kernel=kernel, num_hidden_layers=3, bst_layers=[0, 2])
     input_ids = torch.randint(2, 97, (2, 37))
     with torch.no_grad():
         full = model(input_ids, use_cache=False).logits
@@ -69,11 +69,11 @@ def test_cached_and_chunked_paths_equal_the_full_forward(variant, kernel):
             logits, cache = run_in_chunks(model, input_ids, chunks)
             assert (logits - full).abs().max() < 1e-4, chunks
     # The cache holds two blocks of keys/values per layer, whatever the length.
-    assert cache.layer_states[1]["previous_keys"].shape[1] == BLOCK
+    assert cache.layers[1].previous_keys.shape[1] == BLOCK
 
 
 def test_generate_equals_the_full_forward():
-    model = tiny_model(bst_variant="sh")
+    model = previous_block_model(bst_variant="sh")
     prompt = torch.randint(2, 97, (1, 10))
     settings = dict(max_new_tokens=30, do_sample=False, output_logits=True, return_dict_in_generate=True)
     with torch.no_grad():
@@ -83,3 +83,21 @@ def test_generate_equals_the_full_forward():
     step_logits = torch.stack(generated.logits, dim=1)[0]
     assert (step_logits - full).abs().max() < 1e-4
     assert (torch.stack(chunked.logits, dim=1)[0] - step_logits).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("variant, kernel", VARIANTS_AND_KERNELS)
+def test_left_padded_row_whose_prompt_fills_whole_blocks_decodes_as_alone(variant, kernel):
+    """A left-padded row whose prompt ends exactly on a block boundary, next to a longer row: its decoding steps
+    (logits and greedy tokens) equal the row alone, for blocks of several sizes."""
+    for block_size in (1, 3, 8):
+        model = previous_block_model(bst_variant=variant, ssm_kernel=kernel, block_size=block_size)
+        short, long = torch.randint(2, 97, (1, 2 * block_size)), torch.randint(2, 97, (1, 2 * block_size + 3))
+        batch = torch.cat([torch.cat([torch.zeros(1, 3, dtype=torch.long), short], 1), long])
+        mask = (batch != 0).long()
+        settings = dict(max_new_tokens=block_size + 2, do_sample=False, output_logits=True)
+        with torch.no_grad():
+            together = model.generate(batch, attention_mask=mask, return_dict_in_generate=True, **settings)
+            alone = model.generate(short, return_dict_in_generate=True, **settings)
+        difference = (torch.stack(together.logits, 1)[0] - torch.stack(alone.logits, 1)[0]).abs().max()
+        assert difference < 1e-4, (block_size, difference)
+        assert torch.equal(together.sequences[0, 3:], alone.sequences[0]), block_size

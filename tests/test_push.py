@@ -6,8 +6,6 @@ The real upload path runs against a stand-in `HfApi` that records what it was as
 import importlib.util
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -283,11 +281,6 @@ def test_read_evaluation_names_the_problem(tmp_path, content, message):
     path.write_text(content)
     with pytest.raises(ValueError, match=message):
         push_to_hub.read_evaluation(path)
-
-
-def test_help():
-    result = subprocess.run([sys.executable, str(SCRIPT), "--help"], capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0 and "--dry_run" in result.stdout
 
 
 def test_read_evaluation_reads_what_evaluate_py_writes(tmp_path):

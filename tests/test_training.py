@@ -3,11 +3,14 @@ the checks on bad input. CPU only, no network."""
 
 import importlib.util
 import json
+import logging
 import math
 import os
+import re
 import shutil
 import sys
 import sysconfig
+import zipfile
 
 import pytest
 import torch
@@ -38,6 +41,8 @@ def load_script(name):
 
 
 evaluate = load_script("evaluate")
+
+from conftest import logged_messages  # noqa: E402
 
 from modeling_bst import BSTConfig, BSTForCausalLM  # noqa: E402
 
@@ -131,6 +136,65 @@ def test_saved_folder_generates_through_pipeline(trained):
     assert text.startswith("import json\n") and len(text) > len("import json\n")
 
 
+def test_every_saved_tokenizer_pads_on_the_left(trained, corpus, tmp_path):
+    """scripts/train.py's folder, scripts/train_tokenizer.py's and scripts/push_to_hub.py's (which
+    scripts/convert_to_bst.py also writes with) load with left padding, as a decoder-only model's batched generate()
+    needs."""
+    from types import SimpleNamespace
+
+    train_tokenizer = load_script("train_tokenizer")
+    push_to_hub = load_script("push_to_hub")
+    output_dir, _ = trained
+    train_tokenizer.main(
+        ["--train_file", str(corpus / "train.jsonl"), "--vocab_size", "300", "--output_dir", str(tmp_path / "bpe")]
+    )
+    right_padded = AutoTokenizer.from_pretrained(output_dir, padding_side="right")
+    push_to_hub.stage_folder(tiny_model(), right_padded, SimpleNamespace(save=lambda path: None), tmp_path / "staged")
+    for folder in (output_dir, tmp_path / "bpe", tmp_path / "staged"):
+        assert AutoTokenizer.from_pretrained(folder).padding_side == "left", folder
+
+
+def test_saved_tokenizers_keep_their_chat_template(trained, corpus, tmp_path):
+    """A chat model's tokenizer (an upcycled Instruct model's) keeps its chat template through continued training
+    (scripts/train.py) and staging (scripts/push_to_hub.py, scripts/convert_to_bst.py): the server's chat endpoint
+    needs it."""
+    from types import SimpleNamespace
+
+    push_to_hub = load_script("push_to_hub")
+    output_dir, _ = trained
+    template = "{% for message in messages %}<|{{ message['role'] }}|>{{ message['content'] }}{% endfor %}"
+    shutil.copytree(output_dir, tmp_path / "chat", ignore=shutil.ignore_patterns("checkpoint-*"))
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "chat")
+    tokenizer.chat_template = template
+    tokenizer.save_pretrained(tmp_path / "chat")
+    train.main(
+        base_argv(corpus, tmp_path / "continued", "--max_steps", "1")[2:]
+        + ["--model_name_or_path", str(tmp_path / "chat")]
+    )
+    push_to_hub.stage_folder(tiny_model(), tokenizer, SimpleNamespace(save=lambda path: None), tmp_path / "staged")
+    for folder in (tmp_path / "continued", tmp_path / "staged"):
+        assert AutoTokenizer.from_pretrained(folder).chat_template == template, folder
+
+
+def test_saved_folder_generates_a_batch_as_its_rows_alone(trained):
+    """Two prompts of different lengths in one batch padded by the saved tokenizer: the same greedy tokens and scores
+    as each prompt alone. (Prompts of 5 and 11 tokens: not multiples of the block size, 8.)"""
+    output_dir, _ = trained
+    model = AutoModelForCausalLM.from_pretrained(output_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(output_dir)
+    text_ids = tokenizer("from email import message\nclass Parser:\n    pass\n").input_ids
+    prompts = [text_ids[:5], text_ids[:11]]
+    settings = dict(max_new_tokens=6, do_sample=False, output_scores=True, return_dict_in_generate=True)
+    batch = tokenizer.pad({"input_ids": prompts}, return_tensors="pt")  # padded as the saved tokenizer says
+    with torch.no_grad():
+        together = model.generate(**batch, **settings)
+        for row, prompt in enumerate(prompts):
+            alone = model.generate(input_ids=torch.tensor([prompt]), **settings)
+            assert together.sequences[row, batch.input_ids.shape[1] :].tolist() == alone.sequences[0, -6:].tolist()
+            for step_together, step_alone in zip(together.scores, alone.scores):
+                torch.testing.assert_close(step_together[row], step_alone[0], rtol=1e-4, atol=1e-5)
+
+
 def test_sample_before_and_after_training_leaves_the_run_unchanged(corpus, tmp_path, capsys):
     def losses(output_dir):
         with open(output_dir / "trainer_state.json") as f:
@@ -154,12 +218,15 @@ def test_resume_from_checkpoint(corpus, tmp_path):
     assert os.path.isdir(tmp_path / "checkpoint-2")
     with open(tmp_path / "checkpoint-2" / "config.json") as f:
         assert json.load(f)["use_cache"] is True  # intermediate checkpoints serve too
-    train.main(base_argv(corpus, tmp_path, "--max_steps", "4", "--resume_from_checkpoint", "last"))
+    with logged_messages(logging.getLogger("transformers.trainer")) as messages:
+        train.main(base_argv(corpus, tmp_path, "--max_steps", "4", "--resume_from_checkpoint", "last"))
     with open(tmp_path / "trainer_state.json") as f:
         state = json.load(f)
     assert state["global_step"] == 4
     # The resumed run logged only steps 3 and 4: it did not start over.
     assert [entry["step"] for entry in state["log_history"] if "loss" in entry] == [1, 2, 3, 4]
+    # The tied LM head is not stored (it is the embedding matrix): no warning that it is missing.
+    assert not [message for message in messages if "missing keys" in message]
 
 
 def test_resume_last_skips_checkpoints_whose_save_was_interrupted(corpus, tmp_path, caplog):
@@ -189,6 +256,78 @@ def test_resume_last_skips_checkpoints_whose_save_was_interrupted(corpus, tmp_pa
     # Naming the broken checkpoint explicitly fails before any work, naming the file.
     with pytest.raises(ValueError, match="checkpoint-3.*model.safetensors is truncated"):
         train.main(base_argv(corpus, tmp_path, "--resume_from_checkpoint", str(tmp_path / "checkpoint-3")))
+
+
+def test_resume_last_skips_checkpoints_without_optimizer_or_scheduler(corpus, tmp_path, caplog):
+    """Without the optimizer or scheduler state the Trainer would resume with fresh ones: a different run."""
+    train.main(base_argv(corpus, tmp_path, "--max_steps", "3", "--save_strategy", "steps", "--save_steps", "1"))
+    os.remove(tmp_path / "checkpoint-3" / "optimizer.pt")
+    os.remove(tmp_path / "checkpoint-2" / "scheduler.pt")
+    assert train.find_resumable_checkpoint(str(tmp_path)) == (
+        str(tmp_path / "checkpoint-1"),
+        [
+            (str(tmp_path / "checkpoint-3"), "optimizer.pt is missing (resuming would restart the optimizer)"),
+            (str(tmp_path / "checkpoint-2"), "scheduler.pt is missing (resuming would restart the learning-rate schedule)"),
+        ],
+    )  # fmt: skip
+    with caplog.at_level("WARNING", logger="train"):
+        train.main(base_argv(corpus, tmp_path, "--max_steps", "3", "--resume_from_checkpoint", "last"))
+    assert "checkpoint-3: optimizer.pt is missing" in caplog.text
+    with open(tmp_path / "trainer_state.json") as f:
+        state = json.load(f)
+    assert [entry["step"] for entry in state["log_history"] if "loss" in entry] == [1, 2, 3]  # resumed after step 1
+
+
+def test_corrupted_optimizer_state_is_named(corpus, tmp_path, caplog):
+    """Bytes overwritten inside optimizer.pt: still a zip archive, but its CRCs no longer match."""
+    train.main(base_argv(corpus, tmp_path, "--max_steps", "2", "--save_strategy", "steps", "--save_steps", "1"))
+    optimizer_path = tmp_path / "checkpoint-2" / "optimizer.pt"
+    data = bytearray(optimizer_path.read_bytes())
+    data[len(data) // 2 : len(data) // 2 + 64] = bytes(64)
+    optimizer_path.write_bytes(bytes(data))
+    assert zipfile.is_zipfile(optimizer_path)
+    problem = train.checkpoint_problem(str(tmp_path / "checkpoint-2"))
+    assert problem.startswith("optimizer.pt is corrupted (")
+    with caplog.at_level("WARNING", logger="train"):
+        train.main(base_argv(corpus, tmp_path, "--max_steps", "3", "--resume_from_checkpoint", "last"))
+    assert f"checkpoint-2: {problem}" in caplog.text
+    with pytest.raises(ValueError, match="checkpoint-2.*optimizer.pt is corrupted"):
+        train.main(base_argv(corpus, tmp_path, "--resume_from_checkpoint", str(tmp_path / "checkpoint-2")))
+
+
+def write_non_finite_weight(folder, name="model.embed_tokens.weight"):
+    """A NaN in the last embedding row (a token the tiny corpus may never use) of the folder's model.safetensors."""
+    from safetensors.torch import load_file, save_file
+
+    path = os.path.join(folder, "model.safetensors")
+    weights = load_file(path)
+    weights[name][-1, 0] = float("nan")
+    save_file(weights, path, metadata={"format": "pt"})
+
+
+def test_non_finite_weights_stop_training_and_resuming(corpus, tmp_path, caplog):
+    train.main(base_argv(corpus, tmp_path, "--max_steps", "2", "--save_strategy", "steps", "--save_steps", "1"))
+    write_non_finite_weight(tmp_path / "checkpoint-2")
+    problem = "model.safetensors holds NaN or infinite values (model.embed_tokens.weight)"
+    assert train.find_resumable_checkpoint(str(tmp_path)) == (
+        str(tmp_path / "checkpoint-1"), [(str(tmp_path / "checkpoint-2"), problem)]
+    )  # fmt: skip
+    with pytest.raises(ValueError, match=f"checkpoint-2.*{re.escape(problem)}"):
+        train.main(base_argv(corpus, tmp_path, "--resume_from_checkpoint", str(tmp_path / "checkpoint-2")))
+    # Continuing from such a folder (--model_name_or_path) stops before the first step, naming the tensor.
+    shutil.copytree(tmp_path / "checkpoint-2", tmp_path / "nan-model")
+    with pytest.raises(FloatingPointError, match="model.embed_tokens.weight holds NaN or infinite values"):
+        train.main(
+            base_argv(corpus, tmp_path / "continued", "--max_steps", "2")[2:]
+            + ["--model_name_or_path", str(tmp_path / "nan-model")]
+        )
+
+
+def test_non_finite_loss_stops_training(corpus, tmp_path):
+    """A learning rate that blows the weights up: training stops at the first non-finite loss, and saves nothing."""
+    with pytest.raises(FloatingPointError, match=r"Training loss is (nan|inf|-inf) at step \d+"):
+        train.main(base_argv(corpus, tmp_path, "--max_steps", "6", "--learning_rate", "1e30", "--max_grad_norm", "0"))
+    assert not os.path.exists(tmp_path / "model.safetensors")
 
 
 def test_continue_from_checkpoint_and_evaluate_lengths(trained, corpus, tmp_path):

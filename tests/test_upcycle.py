@@ -1,0 +1,100 @@
+"""scripts/upcycle.py: convert a tiny Llama, train its new parts for 2 steps, save; what trains and what stays the
+source's; distillation; the manifest. Seconds on CPU."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from test_evaluate_length import character_tokenizer, tiny_llama
+
+from modeling_bst import BSTForCausalLM
+
+SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
+sys.path.insert(0, str(SCRIPTS))
+spec = importlib.util.spec_from_file_location("upcycle", SCRIPTS / "upcycle.py")
+upcycle = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(upcycle)
+
+TEXT = "It is a truth universally acknowledged, that a single man in possession of a good fortune, must be in want of a wife. " * 8
+
+
+@pytest.fixture(scope="module")
+def llama_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("llama")
+    tiny_llama().save_pretrained(folder)
+    character_tokenizer().save_pretrained(folder)
+    (folder / "book.txt").write_text(TEXT)
+    return folder
+
+
+def run(llama_folder, tmp_path, *options):
+    return upcycle.main([
+        "--model_name_or_path", str(llama_folder), "--text_files", str(llama_folder / "book.txt"), "--block_size", "8",
+        "--sequence_length", "32", "--max_steps", "2", "--batch_size", "2", "--output_dir", str(tmp_path / "out"),
+        *options,
+    ])
+
+
+def test_two_steps_train_only_the_new_parts(llama_folder, tmp_path):
+    """--train new: after 2 steps the SSM, the cross-attention and the cross half of o_proj have moved; every
+    pretrained weight, the self half of o_proj included, is still the source's; the folder loads to the same logits."""
+    source = tiny_llama()
+    result = run(llama_folder, tmp_path, "--bst_layers", "1", "--learning_rate", "1e-2")
+    model, log = result["model"], result["log"]
+    assert [entry["step"] for entry in log] == [1, 2] and all(entry["loss"] > 0 for entry in log)
+    converted = upcycle.convert_to_bst.convert_model(source, 8, [1])
+    before, after = converted.state_dict(), model.state_dict()
+    moved = sorted(name for name in before if not torch.equal(before[name], after[name]))
+    assert "model.layers.1.attention.o_proj.weight" in moved
+    assert any(".ssm." in name for name in moved) and "model.layers.1.attention.cross_q_proj.weight" in moved
+    assert all(upcycle.SSM_AND_CONTEXT_KEYS.search(name) or name.endswith("layers.1.attention.o_proj.weight")
+               for name in moved)
+    o_proj = after["model.layers.1.attention.o_proj.weight"]
+    torch.testing.assert_close(o_proj[:, :32], source.model.layers[1].self_attn.o_proj.weight, rtol=0, atol=0)
+    assert o_proj[:, 32:].abs().max() > 0
+    loaded = BSTForCausalLM.from_pretrained(tmp_path / "out").eval()
+    ids = torch.randint(4, 70, (1, 30))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=1e-6)
+    manifest = json.loads((tmp_path / "out" / "data_manifest.json").read_text())
+    assert manifest["tokens_trained"] == 2 * 2 * 32 and manifest["corpus_tokens"] == len(TEXT) + 1 and manifest["sources"][0]["source"].endswith("book.txt")
+    assert len(manifest["sources"][0]["sha256"]) == 64
+    assert json.loads((tmp_path / "out" / "upcycle_args.json").read_text())["bst_layers"] == "1"
+
+
+def test_control_run_tunes_only_the_chosen_o_proj(llama_folder, tmp_path):
+    """--bst_layers none --tuned_layers 1 --train new+o_proj (the control): only layer 1's o_proj moves."""
+    source = tiny_llama()
+    model = run(llama_folder, tmp_path, "--bst_layers", "none", "--tuned_layers", "1", "--train", "new+o_proj")["model"]
+    before, after = upcycle.convert_to_bst.convert_model(source, 8, []).state_dict(), model.state_dict()
+    assert [name for name in before if not torch.equal(before[name], after[name])] == [
+        "model.layers.1.attention.o_proj.weight"
+    ]
+    with pytest.raises(ValueError, match="Nothing would train"):
+        run(llama_folder, tmp_path / "other", "--bst_layers", "none")
+
+
+def test_distillation_is_zero_where_the_student_is_the_teacher(llama_folder, tmp_path):
+    """KL(teacher || student) at early slots: zero before training when each block sees what the full model sees
+    (W >= sequence length, no positions past the first block: a one-block check through distill_positions), and
+    positive at the early slots of later blocks of a W = 8 model."""
+    source = tiny_llama()
+    ids = torch.randint(4, 70, (2, 32), generator=torch.Generator().manual_seed(0))
+    mask = upcycle.distill_positions(32, 8, 2)
+    assert mask.nonzero().flatten().tolist() == [8, 9, 16, 17, 24, 25]
+    student = upcycle.convert_to_bst.convert_model(source, 8, [1])
+    loss, next_token, kl = upcycle.upcycling_loss(student, source, ids, mask, 0.5, None)
+    assert kl > 1e-3 and torch.allclose(loss, next_token + 0.5 * kl)
+    exact = upcycle.convert_to_bst.convert_model(source, 32, [1])
+    _, _, kl_exact = upcycle.upcycling_loss(exact, source, ids, mask, 1.0, None)
+    assert kl_exact.abs() < 1e-5
+    log = run(llama_folder, tmp_path, "--bst_layers", "1", "--distill_slots", "2")["log"]
+    assert all(entry["distill_kl"] > 0 for entry in log)
+
+
+def test_too_little_text_is_an_error():
+    with pytest.raises(ValueError, match="fewer than the 10 that --max_steps x --batch_size need"):
+        upcycle.training_sequences(["short text"], character_tokenizer(), 8, 10, 0)
