@@ -183,7 +183,7 @@ class BlockLayout:
             if lowest != highest:
                 slots = torch.arange(step_span, device=token_mask.device)
                 step_mask = (slots <= offsets[:, None]).view(-1, 1, 1, step_span)
-        elif bool((offsets == 0).all()):
+        elif not has_cache or bool((offsets == 0).all()):  # without a cache every row starts a block: no read
             virtual_index, span = None, length
         else:
             virtual_index = offsets[:, None] + torch.arange(length, device=token_mask.device)
@@ -1167,9 +1167,11 @@ class BSTModel(BSTPreTrainedModel):
             token_mask = attention_mask[:, -length:].to(device=device, dtype=torch.bool)
         # Move each row's real tokens to the front (stable order): padding then trails the real tokens and, every
         # sublayer being causal, cannot change them. A single token has nothing to move: a decoding step then takes no
-        # data-dependent branch (none to break a compiled graph, no device sync) and treats any mask as padding.
+        # data-dependent branch (none to break a compiled graph, no device sync) and treats any mask as padding. A
+        # compiled forward treats any mask as padding too: reading the mask would break its graph, and an all-ones
+        # mask compacts in the identity order, which gives the same numbers.
         compact_order = None
-        if length == 1:
+        if length == 1 or torch.compiler.is_compiling():
             has_padding = attention_mask is not None
         else:
             has_padding = not bool(token_mask.all())

@@ -53,7 +53,8 @@ class CausalFFTConvolution(torch.autograd.Function):
         ctx.length, ctx.kernel_length, ctx.fft_size = length, kernel_length, fft_size
         batch, channels, filters, frequencies = inputs.shape[0], *kernel_f.shape
         outputs_f = inputs_f.new_empty(batch, filters, channels, frequencies)  # (B, C, D, F)
-        torch.mul(inputs_f.unsqueeze(2), kernel_f, out=outputs_f.transpose(1, 2))
+        # Into a contiguous `out=` (the operands transposed instead): torch.compile traces no other kind.
+        torch.mul(inputs_f.unsqueeze(1), kernel_f.transpose(0, 1), out=outputs_f)
         return torch.fft.irfft(outputs_f, n=fft_size)[..., :length].transpose(1, 2)  # (B, D, C, L)
 
     @staticmethod
@@ -71,9 +72,9 @@ class CausalFFTConvolution(torch.autograd.Function):
             # Written as (D, C, F), the kernel's own layout: its gradient then reshapes to (D * C, L) without a copy.
             grad_kernel_f = kernel_f.new_empty(kernel_f.shape)
             if grad_f.shape[0] == 1:
-                torch.mul(grad_f[0], inputs_f[0].conj(), out=grad_kernel_f.transpose(0, 1))
+                torch.mul(grad_f[0].transpose(0, 1), inputs_f[0].conj().unsqueeze(1), out=grad_kernel_f)
             else:
-                torch.sum(grad_f * inputs_f.conj().unsqueeze(1), dim=0, out=grad_kernel_f.transpose(0, 1))
+                torch.sum((grad_f * inputs_f.conj().unsqueeze(1)).transpose(1, 2), dim=0, out=grad_kernel_f)
             grad_taps = torch.fft.irfft(grad_kernel_f, n=fft_size)  # (D, C, n)
             grad_kernel = grad_taps[..., : ctx.kernel_length] if ctx.needs_input_grad[1] else None
             grad_skip = grad_taps[..., 0] if needs_skip_grad else None
@@ -244,8 +245,8 @@ class BlockStateScan(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
         states = torch.empty_like(x)
         states[:, :, 0] = x[:, :, 0]
-        for k in range(1, x.shape[2]):
-            torch.addcmul(x[:, :, k], a[:, None, k], states[:, :, k - 1], out=states[:, :, k])
+        for k in range(1, x.shape[2]):  # in place: torch.compile traces no `out=` into a slice
+            states[:, :, k].copy_(x[:, :, k]).addcmul_(a[:, None, k], states[:, :, k - 1])
         ctx.save_for_backward(a, states)
         return states
 
@@ -257,7 +258,7 @@ class BlockStateScan(torch.autograd.Function):
         grad_x = torch.empty_like(states)
         grad_x[:, :, -1] = grad_states[:, :, -1]
         for k in range(states.shape[2] - 2, -1, -1):
-            torch.addcmul(grad_states[:, :, k], conj_a[:, None, k + 1], grad_x[:, :, k + 1], out=grad_x[:, :, k])
+            grad_x[:, :, k].copy_(grad_states[:, :, k]).addcmul_(conj_a[:, None, k + 1], grad_x[:, :, k + 1])
         grad_a = torch.zeros_like(a)
         grad_a[:, 1:] = (grad_x[:, :, 1:] * states[:, :, :-1].conj().resolve_conj()).sum(1)
         return grad_x, grad_a

@@ -11,8 +11,10 @@ import shutil
 import pytest
 import torch
 from conftest import open_context_path, tiny_config
+from datasets import Dataset
+from torch._dynamo.utils import counters
 
-from transformers import CompileConfig
+from transformers import CompileConfig, Trainer, TrainingArguments, default_data_collator
 
 from modeling_bst import BSTCache, BSTForCausalLM
 
@@ -130,3 +132,112 @@ def test_compiled_unstructured_generation_compiles_one_step_for_prompts_of_many_
     assert counters["stats"]["unique_graphs"] == 1
     assert torch.equal(compiled.sequences, eager.sequences)
     torch.testing.assert_close(torch.stack(compiled.logits, 1), torch.stack(eager.logits, 1), rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Training: the forward and backward of a training step compile as one graph each (no cache, as Trainer trains).
+
+
+def _training_inputs(model, padded: bool):
+    """Two rows of 21 tokens (2 full blocks of 8 + a partial one) with the attention mask Trainer's collators pass:
+    all ones, or the second row right-padded with its labels ignored there."""
+    generator = torch.Generator().manual_seed(1)
+    input_ids = torch.randint(2, model.config.vocab_size, (2, 21), generator=generator)
+    attention_mask = torch.ones_like(input_ids)
+    if padded:
+        attention_mask[1, 15:] = 0
+    labels = input_ids.masked_fill(attention_mask == 0, -100)
+    return dict(input_ids=input_ids, attention_mask=attention_mask, labels=labels, use_cache=False)
+
+
+@pytest.mark.parametrize(
+    "variant, kernel, attend_previous_block, num_sink_tokens",
+    [
+        ("sh", "s4", False, 0),
+        ("sh", "unstructured", True, 2),
+        ("mh", "s4", True, 0),
+        ("mh", "unstructured", False, 2),
+        ("mf", "s4", True, 2),
+        ("mf", "unstructured", False, 0),
+    ],
+    ids=["sh-s4", "sh-unstructured-previous-block-sinks", "mh-s4-previous-block", "mh-unstructured-sinks",
+         "mf-s4-previous-block-sinks", "mf-unstructured"],
+)  # fmt: skip
+def test_training_forward_has_no_graph_break(variant, kernel, attend_previous_block, num_sink_tokens):
+    """Dynamo traces the autograd Functions' backward passes while it traces their forward, so a training forward in
+    one graph also gives one backward graph."""
+    config = tiny_config(
+        bst_variant=variant, ssm_kernel=kernel, attend_previous_block=attend_previous_block,
+        num_sink_tokens=num_sink_tokens, num_hidden_layers=1,
+    )  # fmt: skip
+    model = BSTForCausalLM(config).train()
+    explanation = torch._dynamo.explain(model)(**_training_inputs(model, padded=False))
+    assert explanation.graph_break_count == 0, [reason.reason for reason in explanation.break_reasons]
+    assert explanation.graph_count == 1
+
+
+@pytest.mark.parametrize(
+    "variant, attend_previous_block, num_sink_tokens",
+    [("mh", True, 0), ("mf", False, 2)],
+    ids=["mh-s4-previous-block", "mf-s4-sinks"],
+)
+def test_compiled_training_step_matches_eager(variant, attend_previous_block, num_sink_tokens):
+    """One forward and backward through Dynamo and AOTAutograd in one graph each (fullgraph: a break would raise), on
+    a right-padded batch: the loss and every parameter's gradient are eager's. "mh" and "mf" "s4" run every autograd
+    Function of the SSM. (Inductor's numbers: `test_trainer_with_torch_compile_trains_as_eager`.)"""
+    config = tiny_config(
+        bst_variant=variant, attend_previous_block=attend_previous_block, num_sink_tokens=num_sink_tokens,
+        num_hidden_layers=1,
+    )  # fmt: skip
+    model = open_context_path(BSTForCausalLM(config)).train()
+    inputs = _training_inputs(model, padded=True)
+    eager_loss = model(**inputs).loss
+    eager_loss.backward()
+    eager_gradients = {name: parameter.grad for name, parameter in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    compiled_loss = torch.compile(model, backend="aot_eager", fullgraph=True)(**inputs).loss
+    compiled_loss.backward()
+    torch.testing.assert_close(compiled_loss, eager_loss, rtol=1e-6, atol=1e-8)
+    for name, parameter in model.named_parameters():
+        assert parameter.grad is not None, name
+        torch.testing.assert_close(
+            parameter.grad, eager_gradients[name], rtol=1e-6, atol=1e-8, msg=lambda message: f"{name}: {message}"
+        )
+
+
+def _train_two_steps(output_dir, **compile_settings):
+    """Two steps of a tiny BST through Trainer on CPU; returns the logged losses and the trained parameters. SGD: Adam
+    would turn a gradient of 1e-12 against an exact 0 (an unused token's embedding) into a whole learning-rate step."""
+    torch.manual_seed(0)
+    model = BSTForCausalLM(tiny_config(num_hidden_layers=1, bst_layers=[0]))
+    generator = torch.Generator().manual_seed(2)
+    input_ids = torch.randint(2, model.config.vocab_size, (4, 21), generator=generator)
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[3, 17:] = 0  # a right-padded row, as a padding collator makes one
+    labels = input_ids.masked_fill(attention_mask == 0, -100)
+    dataset = Dataset.from_dict(
+        {"input_ids": input_ids.tolist(), "attention_mask": attention_mask.tolist(), "labels": labels.tolist()}
+    )
+    args = TrainingArguments(
+        output_dir=str(output_dir), use_cpu=True, max_steps=2, per_device_train_batch_size=2, optim="sgd",
+        learning_rate=0.1,
+        logging_steps=1, save_strategy="no", report_to="none", disable_tqdm=True, seed=0, **compile_settings,
+    )  # fmt: skip
+    trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=default_data_collator)
+    trainer.train()
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    return losses, {name: parameter.detach().clone() for name, parameter in model.named_parameters()}
+
+
+def test_trainer_with_torch_compile_trains_as_eager(tmp_path):
+    """`Trainer(torch_compile=True)` compiles the model with inductor: no graph break, and after two SGD steps the
+    losses and parameters are eager's (so are the gradients, to the learning rate's factor)."""
+    eager_losses, eager_parameters = _train_two_steps(tmp_path / "eager")
+    counters.clear()
+    compiled_losses, compiled_parameters = _train_two_steps(tmp_path / "compiled", torch_compile=True)
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert counters["stats"]["unique_graphs"] == 1  # one graph, compiled once for both steps
+    assert len(compiled_losses) == 2
+    torch.testing.assert_close(compiled_losses, eager_losses, rtol=1e-5, atol=1e-6)
+    for name, parameter in compiled_parameters.items():
+        torch.testing.assert_close(parameter, eager_parameters[name], rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
