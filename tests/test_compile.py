@@ -1,8 +1,9 @@
 """`torch.compile` of the BST forward pass on CPU (inductor) gives the eager logits.
 
 A decoding step on a static `BSTCache` compiles as one graph (`_can_compile_fullgraph = True`): no data-dependent
-branch, every cached tensor updated in place. The multi-token forward compiles with graph breaks allowed, as
-`torch.compile(model)` does by default. Compiling takes a few seconds per model.
+branch, every cached tensor updated in place. A training forward (no cache) compiles as one graph too, for every
+variant, kernel and attention option, and its loss and gradients equal eager's; `Trainer(torch_compile=True)` trains
+as the eager Trainer does. Compiling takes seconds to a minute per model on 2 CPU cores.
 """
 
 import os

@@ -419,7 +419,7 @@ def test_gguf_inside_a_wheel(gguf_source, tmp_path, monkeypatch):
     with zipfile.ZipFile(wheel, "w") as archive:
         archive.write(folder / "tiny.gguf", "tiny_llama/tiny.gguf")
         archive.writestr("tiny_llama/__init__.py", "")
-    monkeypatch.setattr(convert_to_bst, "GGUF_CACHE_DIR", tmp_path / "cache")
+    monkeypatch.setattr(conversion, "GGUF_CACHE_DIR", tmp_path / "cache")
     model = conversion.convert_to_bst(
         None, str(tmp_path / "bst"), block_size=16, bst_layers=[], gguf_file=str(wheel), verify_remote_code=False
     )

@@ -312,15 +312,20 @@ def test_loss_matches_shifted_cross_entropy_and_ignores_minus_100():
 def test_gradient_checkpointing_gives_the_same_gradients(variant, kernel):
     model = tiny_model(bst_variant=variant, ssm_kernel=kernel).train()
     input_ids = torch.randint(0, 97, (2, 20))
+    layer_calls = []
+    model.model.layers[0].input_layernorm.register_forward_pre_hook(lambda *args: layer_calls.append(1))
 
     def gradients():
         model.zero_grad()
+        layer_calls.clear()
         model(input_ids, labels=input_ids).loss.backward()
-        return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+        return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}, len(layer_calls)
 
-    plain = gradients()
-    model.activation_checkpointing_enable()
-    checkpointed = gradients()
+    plain, calls = gradients()
+    # What scripts/train.py's --activation_checkpointing (alias --gradient_checkpointing) does.
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    checkpointed, calls_checkpointed = gradients()
+    assert (calls, calls_checkpointed) == (1, 2)  # the checkpointed layer really ran again in the backward pass
     assert plain.keys() == checkpointed.keys()
     assert any("ssm.kernel_generator" in name for name in plain)
     for name in plain:
