@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Checks that a code change left the model's numbers bit-identical: logits, cached decoding and gradients of every
 preset (shrunk to a few layers and a small width, every variant, kernel and attention option kept), computed with
-the same seeds by this checkout and by another git revision.
+the same seeds by this checkout and by another git revision; and that the other revision's saved checkpoints load
+here and compute the same numbers.
 
     python scripts/benchmarks/check_same_outputs.py --base c1cea15     # compare this tree with revision c1cea15
     python scripts/benchmarks/check_same_outputs.py --write out.pt     # only write this tree's numbers
@@ -52,7 +53,9 @@ def cases() -> dict[str, dict]:
     return found
 
 
-def numbers() -> dict[str, torch.Tensor]:
+def numbers(save_dir: str | None = None, load_dir: str | None = None) -> dict[str, torch.Tensor]:
+    """The tensors of every case. `save_dir`: also save each model there (`save_pretrained`); `load_dir`: compute with
+    the models saved there by another revision instead of building them (their checkpoints must load unchanged)."""
     from modeling_bst import BSTConfig, BSTForCausalLM
 
     results = {}
@@ -63,6 +66,10 @@ def numbers() -> dict[str, torch.Tensor]:
         with torch.no_grad():  # open the context path (the cross-attention half of o_proj starts at zero)
             for parameter in model.parameters():
                 parameter.add_(0.05 * torch.randn_like(parameter))
+        if save_dir:
+            model.save_pretrained(os.path.join(save_dir, name))
+        if load_dir:
+            model = BSTForCausalLM.from_pretrained(os.path.join(load_dir, name))
         inputs = torch.randint(1, config.vocab_size, (2, 29))
         mask = torch.ones_like(inputs)
         mask[1, :5] = 0  # a left-padded row
@@ -91,10 +98,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base", help="git revision to compare this tree with")
     parser.add_argument("--write", help="write this tree's numbers to this .pt file and exit")
+    parser.add_argument("--save_models", help="with --write: also save each model into this folder")
     args = parser.parse_args()
     torch.set_num_threads(1)  # the same reduction order on every machine size
     if args.write:
-        torch.save(numbers(), args.write)
+        torch.save(numbers(save_dir=args.save_models), args.write)
         return
     if not args.base:
         parser.error("pass --base REVISION or --write FILE")
@@ -105,9 +113,16 @@ def main() -> None:
         script = os.path.abspath(__file__)
         # The base tree's modeling_bst, with this file's cases (it may predate this script).
         env = dict(os.environ, PYTHONPATH=folder)
-        subprocess.run([sys.executable, script, "--write", base_file], env=env, check=True, cwd=folder)
+        saved = os.path.join(folder, "checkpoints")
+        subprocess.run(
+            [sys.executable, script, "--write", base_file, "--save_models", saved], env=env, check=True, cwd=folder
+        )
         base = torch.load(base_file)
-    current = numbers()
+        current = numbers()
+        # The base revision's checkpoints, loaded by this tree, compute the same numbers.
+        from_checkpoints = numbers(load_dir=saved)
+    current.update({f"{name} (loaded from {args.base}'s checkpoint)": value for name, value in from_checkpoints.items()})
+    base.update({f"{name} (loaded from {args.base}'s checkpoint)": value for name, value in base.items()})
     different = [name for name in sorted(set(base) | set(current)) if name not in base or name not in current
                  or not torch.equal(base[name], current[name])]
     print(f"{len(current)} tensors from {len(cases())} configurations compared with {args.base}: "
