@@ -462,11 +462,11 @@ class BSTAttention(nn.Module):
         if key_axis == 2:  # blocks: the same sinks for every block
             sink_keys = sink_keys[:, None].expand(-1, keys.shape[1], -1, -1, -1)
             sink_values = sink_values[:, None].expand(-1, keys.shape[1], -1, -1, -1)
-        queries, count = (keys.shape[2] if key_axis == 2 else 1), sink_keys.shape[key_axis]
-        if mask is None:
-            own = torch.ones(queries, keys.shape[key_axis], dtype=torch.bool, device=keys.device)
+        if mask is None:  # blocks: causal inside the block (W queries, W keys); a step: every key it was given
+            key_count = keys.shape[key_axis]
+            own = torch.ones(key_count if key_axis == 2 else 1, key_count, dtype=torch.bool, device=keys.device)
             mask = (own.tril() if key_axis == 2 else own).expand(visible.numel(), 1, -1, -1)
-        sink_mask = visible.reshape(-1, 1, 1, 1).expand(-1, 1, mask.shape[2], count)
+        sink_mask = visible.reshape(-1, 1, 1, 1).expand(-1, 1, mask.shape[2], sink_keys.shape[key_axis])
         return (
             torch.cat([sink_keys, keys], dim=key_axis),
             torch.cat([sink_values, values], dim=key_axis),
@@ -509,14 +509,13 @@ class BSTAttention(nn.Module):
         (B, T, H, d) -> (B, T, H*d). The cache holds both blocks' keys/values (2W slots)."""
         # The cache holds, per row, the block of the row's next token (`keys`/`values`) and the block before it
         # (`previous_keys`/`previous_values`), whichever path wrote them.
-        cached = layer_cache
-        if layout.is_single_step and cached is not None and cached.keys is not None:
-            layout.write_step(cached.keys, key)
-            layout.write_step(cached.values, value)
-            previous_keys = apply_rotary(cached.previous_keys, layout.previous_block_rotation, self.rope_pairing)
+        if layout.is_single_step and layer_cache is not None and layer_cache.keys is not None:
+            layout.write_step(layer_cache.keys, key)
+            layout.write_step(layer_cache.values, value)
+            previous_keys = apply_rotary(layer_cache.previous_keys, layout.previous_block_rotation, self.rope_pairing)
             span = layout.step_span
-            keys = torch.cat([previous_keys, cached.keys[:, :span]], dim=1)  # (B, W + span, H, d)
-            values = torch.cat([cached.previous_values, cached.values[:, :span]], dim=1)
+            keys = torch.cat([previous_keys, layer_cache.keys[:, :span]], dim=1)  # (B, W + span, H, d)
+            values = torch.cat([layer_cache.previous_values, layer_cache.values[:, :span]], dim=1)
             mask = layout.single_step_previous_block_mask()[..., : self.config.block_size + span]
             if sinks is not None:
                 keys, values, mask = self._with_sinks(sinks, layout, keys, values, mask)
@@ -525,17 +524,19 @@ class BSTAttention(nn.Module):
             # step only when some row completes a block).
             closes_block = (layout.offsets == self.config.block_size - 1) & layout.token_mask[:, 0]
             if step_reads_all_slots(query.device) or bool(closes_block.any()):
-                flag = closes_block.view(-1, *([1] * (cached.keys.dim() - 1)))
-                cached.store_previous_block(
-                    torch.where(flag, cached.keys, cached.previous_keys),
-                    torch.where(flag, cached.values, cached.previous_values),
+                flag = closes_block.view(-1, *([1] * (layer_cache.keys.dim() - 1)))
+                layer_cache.store_previous_block(
+                    torch.where(flag, layer_cache.keys, layer_cache.previous_keys),
+                    torch.where(flag, layer_cache.values, layer_cache.previous_values),
                 )
             return self._attend_step(query, keys, values, mask)
 
-        no_cache = cached is None
-        key_blocks = layout.to_blocks(key, None if no_cache else cached.keys)  # (B, N, W, H, d)
-        value_blocks = layout.to_blocks(value, None if no_cache else cached.values)
-        first_previous = [None, None] if no_cache else [cached.previous_keys, cached.previous_values]
+        cached_blocks = [None] * 4 if layer_cache is None else [
+            layer_cache.keys, layer_cache.values, layer_cache.previous_keys, layer_cache.previous_values
+        ]
+        key_blocks = layout.to_blocks(key, cached_blocks[0])  # (B, N, W, H, d)
+        value_blocks = layout.to_blocks(value, cached_blocks[1])
+        first_previous = cached_blocks[2:]
         # The block before the chunk's first one: from the cache, or zeros (masked) at the sequence start.
         key_blocks_with_previous, value_blocks_with_previous = (
             torch.cat([(blocks[:, 0] * 0 if previous is None else previous)[:, None], blocks], dim=1)
