@@ -1,5 +1,7 @@
+import importlib.util
 import logging
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 import torch
@@ -7,6 +9,7 @@ import torch
 from modeling_bst import BSTConfig, BSTForCausalLM
 
 
+SCRIPTS_DIR = Path(__file__).resolve().parent.parent / "scripts"
 VARIANTS_AND_KERNELS = [(v, k) for v in ("sh", "mh", "mf") for k in ("s4", "unstructured")]
 
 
@@ -82,3 +85,12 @@ def run_in_chunks(model, input_ids, chunk_sizes, attention_mask=None):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def load_script(name: str):
+    """scripts/NAME.py, imported by its path (scripts/ is not a package) under a private module name: a module called
+    `evaluate` would shadow the Hugging Face library."""
+    spec = importlib.util.spec_from_file_location(f"bst_scripts_{name}", SCRIPTS_DIR / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

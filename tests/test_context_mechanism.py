@@ -8,20 +8,14 @@ read at the last position of block k - 1, which is exactly where that token sits
 0.9 + 0.1 / vocab ~ 0.91 at every slot; chance is 1 / vocab = 0.0625.
 """
 
-import importlib.util
-import os
 
 import pytest
 import torch
-from conftest import VARIANTS_AND_KERNELS
+from conftest import VARIANTS_AND_KERNELS, load_script
 
 from modeling_bst import BSTConfig, BSTForCausalLM
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_path = os.path.join(REPO_ROOT, "scripts", "evaluate.py")
-_spec = importlib.util.spec_from_file_location("bst_scripts_evaluate", _path)
-evaluate = importlib.util.module_from_spec(_spec)  # a private name: `evaluate` would shadow the Hugging Face library
-_spec.loader.exec_module(evaluate)
+evaluate = load_script("evaluate")
 
 VOCAB_SIZE = 16
 BLOCK_SIZE = 8

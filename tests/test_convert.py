@@ -3,7 +3,6 @@ computes with its attention restricted to blocks; the config options the convers
 attention, rotate-half RoPE, q/k/v biases, untied LM head); and the errors for what cannot be converted."""
 
 import argparse
-import importlib.util
 import json
 import os
 import pathlib
@@ -12,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_in_chunks, tiny_config
+from conftest import SCRIPTS_DIR, load_script, run_in_chunks, tiny_config
 from test_push import make_tokenizer
 from huggingface_hub.errors import StrictDataclassClassValidationError
 from transformers import (
@@ -30,10 +29,7 @@ from bst_tools import conversion
 from modeling_bst import BSTConfig, BSTForCausalLM
 
 
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "convert_to_bst.py"
-spec = importlib.util.spec_from_file_location("convert_to_bst", SCRIPT)
-convert_to_bst = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(convert_to_bst)
+convert_to_bst = load_script("convert_to_bst")
 
 # The BST tests' tiny sizes (width 32, 4 heads of 8, vocabulary 97, pad 0, eos 1), plus 2 key/value heads.
 FROM_TINY = ("vocab_size", "hidden_size", "intermediate_size", "num_attention_heads", "pad_token_id", "eos_token_id")
@@ -203,7 +199,7 @@ def test_what_can_be_converted():
 
 def test_demo_preset_converts():
     """configuration/llama-convert-demo.json, the demonstration's Llama, converts to the BST the docs describe."""
-    preset = json.loads((SCRIPT.parent.parent / "configuration" / "llama-convert-demo.json").read_text())
+    preset = json.loads((SCRIPTS_DIR.parent / "configuration" / "llama-convert-demo.json").read_text())
     assert preset.pop("model_type") == "llama" and preset.pop("architectures") == ["LlamaForCausalLM"]
     config = conversion.bst_config_from(LlamaConfig(**preset), block_size=128, bst_layers=[1, 3])
     assert (config.num_key_value_heads, config.tie_word_embeddings, config.training_length) == (2, False, 256)

@@ -1,7 +1,6 @@
 """Corpus preparation, tokenizer training, data loading and packing (scripts/prepare_data.py, bst_tools/corpus.py,
 bst_tools/tokenizer.py, bst_tools/data.py, scripts/train.py). CPU only, no network."""
 
-import importlib.util
 import json
 import os
 import random
@@ -9,6 +8,7 @@ import struct
 import zlib
 
 import pytest
+from conftest import load_script
 from transformers import TrainingArguments
 
 from bst_tools import corpus
@@ -16,15 +16,6 @@ from bst_tools.corpus import Document, split_documents
 from bst_tools.data import DataArguments, load_raw_datasets
 from bst_tools.tokenizer import train_bpe_tokenizer
 
-SCRIPTS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts")
-
-
-def load_script(name):
-    """Import scripts/NAME.py by its path, under a private module name."""
-    spec = importlib.util.spec_from_file_location(f"bst_scripts_{name}", os.path.join(SCRIPTS_DIR, f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 prepare_data = load_script("prepare_data")

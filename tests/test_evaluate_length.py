@@ -1,21 +1,17 @@
 """scripts/evaluate_length.py: StreamingLLM on a Llama, the passkey harness, and windows that give every model the same
 tokens; on tiny random models (seconds)."""
 
-import importlib.util
 import json
 import re
-from pathlib import Path
 
 import pytest
+from conftest import load_script
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from bst_tools import conversion, evaluation
 
-SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
-spec = importlib.util.spec_from_file_location("evaluate_length", SCRIPTS / "evaluate_length.py")
-evaluate_length = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(evaluate_length)
+evaluate_length = load_script("evaluate_length")
 
 CHARACTERS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 .,?"
 

@@ -1,31 +1,19 @@
 """The loss-by-slot diagnostic (bst_tools/evaluation.py) and scripts/evaluate.py's SSM ablation hooks: counts and
 values. Tiny random models."""
 
-import importlib.util
-import os
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_config
+from conftest import load_script, tiny_config
 
 from bst_tools.evaluation import loss_by_slot, slot_groups, summarise_slots
 from modeling_bst import BSTForCausalLM
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CPU = torch.device("cpu")
 
 
-def load_evaluate():
-    """scripts/evaluate.py under a private name: a module called `evaluate` would shadow the Hugging Face library."""
-    path = os.path.join(REPO_ROOT, "scripts", "evaluate.py")
-    spec = importlib.util.spec_from_file_location("bst_scripts_evaluate", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-evaluate = load_evaluate()
+evaluate = load_script("evaluate")
 
 
 def random_windows(num_windows, length, vocab_size=97, seed=0):

@@ -3,7 +3,6 @@
 The real upload path runs against a stand-in `HfApi` that records what it was asked to upload.
 """
 
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -11,13 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import tiny_config
+from conftest import load_script, tiny_config
 
 from modeling_bst import BSTForCausalLM
 
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-SCRIPT = REPO_ROOT / "scripts" / "push_to_hub.py"
 EXPECTED_FILES = {
     "README.md",
     "config.json",
@@ -32,14 +29,7 @@ EXPECTED_FILES = {
 }
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("push_to_hub", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-push_to_hub = load_script()
+push_to_hub = load_script("push_to_hub")
 
 
 def make_tokenizer():

@@ -1,7 +1,6 @@
 """scripts/train.py and scripts/evaluate.py end to end on a tiny BST, plus bf16 autocast, gradient checkpointing and
 the checks on bad input. CPU only, no network."""
 
-import importlib.util
 import json
 import logging
 import math
@@ -23,24 +22,13 @@ from transformers import (
     pipeline,
 )
 
-from conftest import logged_messages, tiny_config
+from conftest import load_script, logged_messages, tiny_config
 
 from bst_tools.hub import stage_folder
 from bst_tools.tokenizer import train_bpe_tokenizer
 from modeling_bst import BSTConfig, BSTForCausalLM
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def load_script(name):
-    """Import scripts/NAME.py by its path, under a private module name: `evaluate` would shadow the Hugging Face
-    library."""
-    spec = importlib.util.spec_from_file_location(
-        f"bst_scripts_{name}", os.path.join(REPO_ROOT, "scripts", f"{name}.py")
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 train = load_script("train")

@@ -1,21 +1,17 @@
 """scripts/upcycle.py: convert a tiny Llama, train its new parts for 2 steps, save; what trains and what stays the
 source's; distillation; the manifest. Seconds on CPU."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
+from conftest import load_script
 import torch
 from test_evaluate_length import character_tokenizer, tiny_llama
 
 from bst_tools import conversion
 from modeling_bst import BSTForCausalLM
 
-SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
-spec = importlib.util.spec_from_file_location("upcycle", SCRIPTS / "upcycle.py")
-upcycle = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(upcycle)
+upcycle = load_script("upcycle")
 
 TEXT = "It is a truth universally acknowledged, that a single man in possession of a good fortune, must be in want of a wife. " * 8
 
