@@ -73,6 +73,8 @@ def parse_args(argv=None):
     add("--ssm_kernel", default="s4", choices=("s4", "unstructured"))
     add("--ssm_state_size", type=int, default=64)
     add("--attend_previous_block", action="store_true", help="Self-attention also sees the whole previous block.")
+    add("--num_sink_tokens", type=int, default=0,
+        help="Attention sinks: every block past the first window also sees the sequence's first K tokens.")
     add("--train", default="new", choices=TRAIN_CHOICES, help="What trains (see above).")
     add("--learning_rate", type=float, default=1e-3, help="Peak learning rate of the new parameters.")
     add("--pretrained_learning_rate", type=float, default=1e-5, help="Peak learning rate of trained pretrained weights.")
@@ -256,6 +258,7 @@ def upcycle(args) -> dict:
     model = conversion.convert_model(
         source, args.block_size, bst_layers, bst_variant=args.bst_variant, ssm_kernel=args.ssm_kernel,
         ssm_state_size=args.ssm_state_size, attend_previous_block=args.attend_previous_block,
+        num_sink_tokens=args.num_sink_tokens,
     ).to(device)
     teacher = source.to(device) if args.distill_slots > 0 else None
     if teacher is None:
@@ -294,9 +297,12 @@ def upcycle(args) -> dict:
         parameter.requires_grad_(True)
 
     trained_tokens = args.max_steps * args.batch_size * args.sequence_length
+    attention = f"W = {args.block_size}"
+    attention += ", previous-block attention" if args.attend_previous_block else ""
+    attention += f", {args.num_sink_tokens} attention sinks" if args.num_sink_tokens else ""
     description = (
         f"Upcycled from `{args.gguf_file or args.model_name_or_path}` by `scripts/upcycle.py` of bst-transformers: "
-        f"converted exactly with W = {args.block_size} and BST layers {bst_layers or 'none'}, then trained "
+        f"converted exactly with {attention} and BST layers {bst_layers or 'none'}, then trained "
         f"({args.train}) for {args.max_steps} steps, {trained_tokens:,} tokens of "
         f"{', '.join(entry['source'] for entry in manifest)} (data_manifest.json)."
     )

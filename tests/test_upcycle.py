@@ -74,6 +74,25 @@ def test_control_run_tunes_only_the_chosen_o_proj(llama_folder, tmp_path):
         run(llama_folder, tmp_path / "other", "--bst_layers", "none")
 
 
+def test_sinks_and_previous_block_conversion_is_the_starting_point(llama_folder, tmp_path):
+    """--attend_previous_block --num_sink_tokens 2: the saved model has both in its config, and with a learning rate
+    of 0 it is exactly the conversion with them (whose logits differ from the conversion without sinks past 2W)."""
+    source = tiny_llama()
+    run(llama_folder, tmp_path, "--bst_layers", "1", "--attend_previous_block", "--num_sink_tokens", "2",
+        "--learning_rate", "0")
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert (config["num_sink_tokens"], config["attend_previous_block"], config["block_size"]) == (2, True, 8)
+    loaded = BSTForCausalLM.from_pretrained(tmp_path / "out").eval()
+    expected = conversion.convert_model(source, 8, [1], attend_previous_block=True, num_sink_tokens=2).eval()
+    without_sinks = conversion.convert_model(source, 8, [1], attend_previous_block=True).eval()
+    ids = torch.randint(4, 70, (1, 30), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        logits = loaded(input_ids=ids).logits
+        torch.testing.assert_close(logits, expected(input_ids=ids).logits, rtol=0, atol=1e-6)
+        assert (logits[0, 16:] - without_sinks(input_ids=ids).logits[0, 16:]).abs().max() > 1e-3
+    assert "W = 8, previous-block attention, 2 attention sinks" in (tmp_path / "out" / "README.md").read_text()
+
+
 def test_distillation_is_zero_where_the_student_is_the_teacher(llama_folder, tmp_path):
     """KL(teacher || student) at early slots: zero before training when each block sees what the full model sees
     (W >= sequence length, no positions past the first block: a one-block check through distill_positions), and
