@@ -33,13 +33,15 @@ DEVICE=${DEVICE:-cuda}
 BLOCK_SIZE=${UPCYCLE_BLOCK_SIZE:-1024}
 SINKS=${UPCYCLE_SINKS:-4}
 BST_LAYERS=${UPCYCLE_BST_LAYERS:-10,20}
-STEPS=${UPCYCLE_STEPS:-300}                  # 300 x 4 x 8,192 = 9.8M tokens, if the time limit allows
-BATCH_SIZE=${UPCYCLE_BATCH_SIZE:-4}
+# 600 x 2 x 8,192 = 9.8M of the 11.9M tokens, if the time limit allows. Batches of 2 keep the activations of the 20
+# layers above the first trained one at a few tens of GB: an out-of-memory error would cost the whole run.
+STEPS=${UPCYCLE_STEPS:-600}
+BATCH_SIZE=${UPCYCLE_BATCH_SIZE:-2}
 SEQUENCE_LENGTH=${UPCYCLE_SEQUENCE_LENGTH:-8192}
 LEARNING_RATE=${UPCYCLE_LR:-1e-3}
 PRETRAINED_LEARNING_RATE=${UPCYCLE_PRETRAINED_LR:-1e-4}
 TRAIN_SECONDS=${UPCYCLE_TRAIN_SECONDS:-100}  # the training loop's own limit (--max_seconds): the model is still saved
-RUN_SECONDS=${UPCYCLE_RUN_SECONDS:-150}      # the whole upcycle.py process: loading, training, saving
+RUN_SECONDS=${UPCYCLE_RUN_SECONDS:-170}      # the whole upcycle.py process: loading, training, saving
 CONVERT_SECONDS=${UPCYCLE_CONVERT_SECONDS:-120}
 EVAL_LENGTHS=${EVAL_LENGTHS:-2048,4096,8192,16384,32768}
 EVAL_TOKENS=${EVAL_TOKENS:-65536}
