@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import transformers
 
 
 pytestmark = pytest.mark.lab
@@ -267,3 +268,117 @@ def test_quick_compiled_decode(bench_script, tmp_path):
         assert math.isclose(target["measured"], ratios["speedup_vs_llama_eager"])
         if "skipped" not in compiled["llama"]:
             assert ratios["speedup_vs_llama_compiled"] > 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# scripts/benchmarks/train_benchmark.py
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def train_script(bench_script):
+    """scripts/benchmarks/train_benchmark.py (its `main`), after the `bst_benchmark` package it imports."""
+    return load_by_path("train_benchmark_script", BENCHMARKS_DIR / "train_benchmark.py")
+
+
+@pytest.fixture(scope="module")
+def training(train_script):
+    from bst_benchmark import training
+
+    return training
+
+
+@pytest.fixture(scope="module")
+def quick_training_report(train_script, tmp_path_factory):
+    """Both shapes (tiny stand-ins), BST-SH against Llama, eager at 32 and 64 tokens, compiled (tracing only) at 64,
+    batches of 64 tokens."""
+    out = tmp_path_factory.mktemp("train")
+    argv = [
+        "--quick", "--models", "bst-sh", "llama", "--lengths", "32", "64", "--compiled-lengths", "64",
+        "--tokens-per-step", "64", "--repeats", "1", "--threads", "1",
+        "--output", str(out / "train.json"), "--figures-dir", str(out / "figures"),
+    ]  # fmt: skip
+    torch._dynamo.reset()
+    try:
+        train_script.main(argv)
+    finally:
+        torch._dynamo.reset()
+    return json.loads((out / "train.json").read_text()), out
+
+
+def test_training_baselines_match_the_bst_shapes(training):
+    """At the real shapes (built on the meta device): Llama and Mistral have BST-SH's width, depth, heads and
+    vocabulary, within 1% of its parameters, and Mistral's window is the BST block."""
+    for shape, (width, depth, heads, kv_heads, window) in {"base": (1024, 12, 8, 8, 512),
+                                                            "smollm2": (576, 30, 9, 3, 1024)}.items():
+        bst = training.bst_training_config(shape, "sh", quick=False, max_length=65536)
+        assert (bst.hidden_size, bst.num_hidden_layers, bst.block_size) == (width, depth, window)
+        configs, bst_parameters = training.baseline_configs(shape, bst, quick=False, max_length=65536)
+        for name, config in configs.items():
+            assert (config.hidden_size, config.num_hidden_layers, config.num_attention_heads,
+                    config.num_key_value_heads, config.vocab_size) == (width, depth, heads, kv_heads, bst.vocab_size)
+            assert config._attn_implementation == "sdpa" and config.intermediate_size % 64 == 0
+            with torch.device("meta"):
+                model = (transformers.LlamaForCausalLM if name == "llama" else transformers.MistralForCausalLM)(config)
+            assert abs(sum(p.numel() for p in model.parameters()) / bst_parameters - 1) < 0.01, (shape, name)
+        assert configs["mistral"].sliding_window == window
+    assert training.bst_training_config("base", "mf", quick=False, max_length=4096).num_context_states == 32
+    assert training.bst_training_config("smollm2", "mh", quick=False, max_length=4096).num_context_states == 9
+
+
+def test_quick_training_run(quick_training_report):
+    report, out = quick_training_report
+    assert report["complete"] and report["hardware"] == report["machine"]["cpu"]
+    results = report["results"]
+    points = {(r["shape"], r["name"], r["mode"], r["length"]) for r in results}
+    expected_points = {(shape, name, mode, length) for shape in ("base", "smollm2") for name in ("bst-sh", "llama")
+                       for mode, length in (("eager", 32), ("eager", 64), ("compiled", 64))}
+    assert points == expected_points and len(results) == len(points)
+    for record in results:
+        assert "skipped" not in record, record
+        assert record["batch_size"] * record["length"] == record["tokens_per_step"] >= 64
+        assert math.isclose(record["tokens_per_second"], record["tokens_per_step"] / record["seconds"])
+        assert record["repeats"] == len(record["times"]) == 1 and record["seconds"] > 0
+        assert record["peak_memory_bytes"] is None and record["peak_memory_note"] == "not measured on CPU"
+        assert not record["gradient_checkpointing"]
+        if record["mode"] == "compiled":
+            assert record["compile_backend"] == "eager" and record["graphs_compiled"] >= 1
+            assert record["compile_seconds"] >= 0 and record["first_step_seconds"] > 0
+    tokens = {(r["shape"], r["name"], r["mode"], r["length"]): r["tokens_per_second"] for r in results}
+
+    # BST-SH against Llama, per shape: eager at both lengths, compiled at 64, and "best" at both.
+    ratios = report["ratios"]
+    assert {(r["shape"], r["mode"], r["length"]) for r in ratios} == {
+        (shape, mode, length) for shape in ("base", "smollm2")
+        for mode, length in (("eager", 32), ("eager", 64), ("compiled", 64), ("best", 32), ("best", 64))}
+    for row in ratios:
+        assert (row["bst"], row["baseline"]) == ("bst-sh", "llama") and row["peak_memory_ratio"] is None
+        assert math.isfinite(row["throughput_ratio"]) and row["throughput_ratio"] > 0
+        if row["mode"] == "best":
+            modes = row["modes"]
+            expected = max(tokens[row["shape"], "bst-sh", m, row["length"]] for m in ("eager", "compiled")
+                           if (row["shape"], "bst-sh", m, row["length"]) in tokens)
+            assert math.isclose(tokens[row["shape"], "bst-sh", modes["bst-sh"], row["length"]], expected)
+        else:
+            expected = tokens[row["shape"], "bst-sh", row["mode"], row["length"]] / tokens[
+                row["shape"], "llama", row["mode"], row["length"]]
+            assert math.isclose(row["throughput_ratio"], expected)
+    # The targets are set at 4k and 16k: none measured at these lengths, all listed.
+    assert len(report["targets"]) == 6 and all(t["met"] is None for t in report["targets"])
+    assert sorted(Path(p).name for p in report["figures"]) == ["benchmark_train_base.png",
+                                                              "benchmark_train_smollm2.png"]
+    for path in report["figures"]:
+        assert matplotlib.image.imread(path).shape[0] > 100
+
+
+def test_training_run_out_of_time_records_every_point(train_script, tmp_path):
+    """A budget that is already spent: every point is recorded as skipped for time, none is lost, the JSON is
+    written."""
+    argv = ["--quick", "--models", "bst-sh", "mistral", "--shapes", "base", "--lengths", "32",
+            "--compiled-lengths", "32", "--budget-seconds", "1e-9", "--no-plots", "--output", str(tmp_path / "train.json")]
+    train_script.main(argv)
+    report = json.loads((tmp_path / "train.json").read_text())
+    assert report["complete"] and report["ratios"] == []
+    assert [(r["name"], r["mode"]) for r in report["results"]] == [("bst-sh", "eager"), ("mistral", "eager"),
+                                                                   ("bst-sh", "compiled"), ("mistral", "compiled")]
+    assert all(r["skipped"].startswith("time budget") for r in report["results"])
