@@ -67,6 +67,7 @@ def quick_report(bench_script, tmp_path_factory):
         "--prefill-length", "128",
         "--decode-contexts", "32", "128",
         "--profile-lengths", "64",
+        "--profile-layers", "bst-sh-s4", "llama",
         "--target-length", "128",
         "--scaling-lengths", "32", "128",
         "--variant-lengths", "32", "128",
@@ -211,14 +212,37 @@ def test_quick_run_profile_sees_the_training_forward(quick_report):
     """The profile runs the layer as users train it (the default config): its forward generates the SSM kernel inside
     the SSM sublayer, inside the forward."""
     report, _ = quick_report
-    (profile,) = report["profile"]
-    assert profile["length"] == 64 and profile["total_self_cpu_seconds"] > 0
+    profile, _ = report["profile"]
+    assert profile["name"] == "bst-sh-s4" and profile["length"] == 64 and profile["total_self_cpu_seconds"] > 0
     assert math.isclose(sum(profile["op_groups_seconds"].values()), profile["total_self_cpu_seconds"], rel_tol=1e-6)
     parts = profile["forward_parts_seconds"]
     assert len(parts) == 4 and all(seconds > 0 for seconds in parts.values())
     # The kernel generation runs inside the SSM sublayer, which runs inside the forward.
     assert parts["SSM kernel generation"] <= parts["SSM sublayer (kernel + FFT convolution + skip)"]
     assert parts["SSM sublayer (kernel + FFT convolution + skip)"] <= profile["forward_seconds"]
+
+
+def test_quick_run_profile_counts_operators(quick_report):
+    """Operator calls of a layer's forward and backward, nested within each other: every aten call, the innermost,
+    the ones that do work (each one GPU launch or more); by part of the forward; BST's layer against Llama's."""
+    report, _ = quick_report
+    bst, llama = report["profile"]
+    assert llama["name"] == "llama" and set(llama["forward_parts_seconds"]) == {"attention sublayer", "FFN"}
+    for record in (bst, llama):
+        assert record["cuda_kernels"] is None  # CPU
+        for phase in ("forward", "backward"):
+            working = record["working_operator_calls"][phase]
+            assert 0 < working <= record["operator_calls"][phase]
+            assert sum(record["working_operators_by_calls"][phase].values()) == working
+            assert not set(record["working_operators_by_calls"][phase]) & {"aten::view", "aten::as_strided"}
+        parts = record["working_operator_calls_by_forward_part"]
+        assert parts["FFN"] >= 3  # up, activation, down
+    bst_parts = bst["working_operator_calls_by_forward_part"]
+    assert 0 < bst_parts["SSM kernel generation"] < bst_parts["SSM sublayer (kernel + FFT convolution + skip)"]
+    assert "aten::_fft_r2c" in bst["working_operators_by_calls"]["forward"]
+    # The SSM and the cross-attention: more launches than a Llama layer, forward and backward.
+    for phase in ("forward", "backward"):
+        assert bst["working_operator_calls"][phase] > llama["working_operator_calls"][phase]
 
 
 def test_quick_run_writes_plots(quick_report):
@@ -382,3 +406,26 @@ def test_training_run_out_of_time_records_every_point(train_script, tmp_path):
     assert [(r["name"], r["mode"]) for r in report["results"]] == [("bst-sh", "eager"), ("mistral", "eager"),
                                                                    ("bst-sh", "compiled"), ("mistral", "compiled")]
     assert all(r["skipped"].startswith("time budget") for r in report["results"])
+
+
+def test_training_out_of_memory_is_retried_with_gradient_checkpointing(train_script, training, monkeypatch, tmp_path):
+    """A step that runs out of memory is retried once with gradient checkpointing, recorded on the point and on its
+    ratio; a model that runs out of memory with checkpointing too is recorded as skipped."""
+    real_step = training.train_step
+
+    def step_needing_checkpointing(model, optimizer, input_ids, device):
+        checkpointed = any(getattr(module, "gradient_checkpointing", False) for module in model.modules())
+        if not checkpointed or model.config.model_type == "mistral":
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1 GiB (simulated)")
+        return real_step(model, optimizer, input_ids, device)
+
+    monkeypatch.setattr(training, "train_step", step_needing_checkpointing)
+    argv = ["--quick", "--models", "bst-sh", "mistral", "--shapes", "base", "--lengths", "32", "--compiled-lengths",
+            "--repeats", "1", "--threads", "1", "--no-plots", "--output", str(tmp_path / "train.json")]
+    train_script.main(argv)
+    report = json.loads((tmp_path / "train.json").read_text())
+    bst, mistral = report["results"]
+    assert bst["gradient_checkpointing"] and "simulated" in bst["without_checkpointing"]
+    assert bst["tokens_per_second"] > 0 and "skipped" not in bst
+    assert mistral["gradient_checkpointing"] and mistral["skipped"].startswith("OutOfMemoryError: CUDA out of memory")
+    assert report["ratios"] == []  # nothing to compare BST with

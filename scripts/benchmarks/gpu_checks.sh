@@ -10,7 +10,9 @@
 #               float32 then bfloat16 (one JSON each; compilation takes most of the 2-4 min).
 # train:        scripts/benchmarks/train_benchmark.py --device cuda: BST-SH/MH/MF against Llama and Mistral at the
 #               base presets' and the upcycled SmolLM2's shapes, bf16 autocast, 32k tokens a step, 2k-64k, eager then
-#               compiled within TRAIN_SECONDS (points that do not fit are skipped and recorded); one JSON (~4 min).
+#               compiled within TRAIN_SECONDS (points that do not fit are skipped and recorded); then torch.profiler on
+#               one BST-SH/MH/MF and one Llama layer at d 1024, 4k and 16k, bf16 (kernels per layer, top operators by
+#               GPU time). Two JSONs, about 4 min.
 # quality:      scripts/experiments/quality_experiment.py --device cuda at 3x the CPU budget (batch 16 x 600 steps of 512
 #               tokens, 4.9M tokens per run), books and code, seeds 0-2 of the BST variants, Slide, Mistral and
 #               Llama, one process per (corpus, seed), and three ablations on books, one process per seed: 15
@@ -28,7 +30,8 @@ OUTPUT_DIR=${1:?usage: bash scripts/benchmarks/gpu_checks.sh OUTPUT_DIR}
 DEVICE=${DEVICE:-cuda}
 BENCHMARK_SECONDS=${BENCHMARK_SECONDS:-150}
 COMPILED_SECONDS=${COMPILED_SECONDS:-150}
-TRAIN_SECONDS=${TRAIN_SECONDS:-200}
+TRAIN_SECONDS=${TRAIN_SECONDS:-180}
+PROFILE_SECONDS=${PROFILE_SECONDS:-60}
 # GPU calls take milliseconds: more repeats than the CPU default, and two warm-up calls (cuFFT plans, allocator).
 BENCHMARK_TIMING=(--repeats 9 --warmup 2 --max-call-seconds 20 --seconds-per-point 3 --max-memory-gb 70)
 QUALITY_SECONDS=${QUALITY_SECONDS:-300}
@@ -95,6 +98,13 @@ if wanted train; then
         --output "$OUTPUT_DIR/benchmark_train_gpu.json" --figures-dir "$OUTPUT_DIR/figures" \
         > "$OUTPUT_DIR/logs/train.log" 2>&1 || echo "train: exit $?"
     grep -A30 "^Training tokens/s" "$OUTPUT_DIR/logs/train.log"
+    elapsed "profile of one layer"
+    timeout -k 10 "$PROFILE_SECONDS" python scripts/benchmarks/benchmark.py --device "$DEVICE" --dtypes bfloat16 \
+        --sections profile --profile-layers bst-sh-s4 bst-mh-s4 bst-mf-s4 llama --profile-lengths 4k 16k \
+        --hidden-size 1024 --num-heads 8 --intermediate-size 4096 --block-size 512 --no-plots \
+        --note "one GPU, alone; scripts/benchmarks/gpu_checks.sh train" --output "$OUTPUT_DIR/profile_layers_gpu.json" \
+        > "$OUTPUT_DIR/logs/profile.log" 2>&1 || echo "profile: exit $?"
+    grep -E "^Profile of|operator calls" "$OUTPUT_DIR/logs/profile.log"
 fi
 
 # 2. Quality. MPS lets the small processes' kernels share the GPU instead of time-slicing it; without it the

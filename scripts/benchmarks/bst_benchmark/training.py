@@ -124,9 +124,11 @@ def build_training_models(shape, args):
     models = {}
     for name in [n for n in MODEL_ORDER if n in args.models]:
         torch.manual_seed(args.seed)
+        # Initialised on the device (much faster than on the host for 100M+ parameters); `.to` moves anything a
+        # constructor placed elsewhere explicitly.
         with torch.device(args.device):
-            model_class = classes.get(name, import_bst().BSTForCausalLM)
-            model = model_class(configs[name]).train()
+            model = classes.get(name, import_bst().BSTForCausalLM)(configs[name])
+        model = model.to(args.device).train()
         fused = torch.device(args.device).type == "cuda"
         models[name] = (model, torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused))
     return models
@@ -236,10 +238,13 @@ class TrainingRunner:
     def estimate_seconds(self, shape, name, mode, length, tokens):
         """The wall time of a member's warm-up and timed steps at `length`, from its step time at the previous
         length: linear in the tokens and, for the attention-bound part, in the length (an overestimate for BST and
-        windowed attention); plus, when compiled, the longest compile seen so far (`--compile-estimate-seconds` before
-        the first). None for an eager member's first length."""
+        windowed attention), or for a compiled member's first point its eager step at the same length; plus, when
+        compiled, the longest compile seen so far (`--compile-estimate-seconds` before the first). None for an eager
+        member's first length."""
         compile_seconds = max(self.compile_seconds, default=self.args.compile_estimate_seconds)
-        previous = self.step_seconds.get((shape, name, mode))
+        # A compiled member's first point: its eager step at this length stands in for the compiled one.
+        previous = self.step_seconds.get((shape, name, mode)) or [
+            point for point in self.step_seconds.get((shape, name, "eager"), []) if point[0] == length]
         if not previous:
             return None if mode == "eager" else compile_seconds
         known_length, known_tokens, seconds = previous[-1]
@@ -254,16 +259,18 @@ class TrainingRunner:
         torch.manual_seed(args.seed)
         input_ids = torch.randint(models[next(iter(models))][0].config.vocab_size, (batch, length), device=device)
         members, records = {}, {}
+        committed = 0.0  # the estimated seconds of the members admitted so far: they all run before the deadline
         for name, (model, optimizer) in models.items():
             record = {"shape": shape, "name": name, "mode": mode, "length": length, "batch_size": batch,
                       "tokens_per_step": tokens, "gradient_checkpointing": False, **describe_model(model)}
             records[name] = record
             estimate = self.estimate_seconds(shape, name, mode, length, tokens)
-            left = self.remaining(deadline)
+            left = self.remaining(deadline) - committed
             if left <= 0 or (estimate is not None and estimate > left):
                 record["skipped"] = (f"time budget: {max(left, 0):.0f} s left, estimated {estimate:.0f} s"
                                      if estimate is not None else "time budget: none left")
                 continue
+            committed += estimate or 0.0
             runnable = torch.compile(model, dynamic=False, backend=args.compile_backend) if mode == "compiled" else model
             members[name] = {"call": functools.partial(train_step, runnable, optimizer, input_ids, device),
                              "model": model, "optimizer": optimizer, "times": [], "peaks": []}
