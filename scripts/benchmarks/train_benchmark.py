@@ -16,12 +16,13 @@ median step time, and the step's peak memory (CUDA allocator peak plus the model
 measured on CPU). The models of one (shape, length, mode) are timed round-robin. Ratios: BST / Llama and BST /
 Mistral tokens/s and peak memory, eager, compiled, and each model's faster mode ("best").
 
-Time budget (`--budget-seconds`, wall time from the start), shape by shape in the order given: first the shape's
-eager points, all lengths, then its compiled points, lengths in the order of `--compiled-lengths` (the target
-lengths first), within what the budget leaves after reserving, for each shape still to come, 1.25x the time this
-shape's eager points took. A point whose estimate (its step time at the previous length scaled up by tokens and
-length; for compiled points plus the longest compile seen so far) does not fit what is left is skipped, with the
-estimate as the reason. Compilation time is measured apart (first warm-up step less the median
+Time budget (`--budget-seconds`, wall time from the start): first every eager point (each shape, each length),
+then the compiled points of `--compiled-shapes` (default `base`, where the targets are set), lengths in the order
+of `--compiled-lengths` (the target lengths first), models in the order BST-SH, Llama, Mistral, BST-MH, BST-MF.
+Each member is admitted just before its warm-up: when its estimate (its step time at the previous length scaled
+up by tokens and length, or its eager step at this length; for compiled points plus the longest compile seen so
+far, `--compile-estimate-seconds` before the first) does not fit in what is left, it is skipped with the estimate
+as the reason. Compilation time is measured apart (first warm-up step less the median
 step) and never enters tokens/s. Memory: a member whose first warm-up step runs out of memory is retried once with
 gradient checkpointing, recorded on the point and on every ratio it enters; a second failure is recorded as
 skipped. The JSON is rewritten after every group of points, and on SIGTERM, so a run stopped by `timeout` keeps what
@@ -50,7 +51,7 @@ from tqdm.auto import tqdm
 from bst_benchmark.baselines import import_bst
 from bst_benchmark.plots import make_training_plots
 from bst_benchmark.report import machine_facts
-from bst_benchmark.settings import REPO_ROOT, format_length, parse_length
+from bst_benchmark.settings import REPO_ROOT, parse_length
 from bst_benchmark.training import (
     MODEL_ORDER,
     SHAPES,
@@ -90,6 +91,8 @@ def parse_args(argv=None):
                         help="batch = this // length (at least 1): the tokens of one step")
     parser.add_argument("--compiled-lengths", nargs="*", type=parse_length, default=[16384, 4096, 2048, 65536],
                         help="lengths of the compiled points, in the order they are tried (none: eager only)")
+    parser.add_argument("--compiled-shapes", nargs="*", choices=SHAPES, default=["base"],
+                        help="shapes of the compiled points (the targets are set on `base`)")
     parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend ('eager' traces only)")
     parser.add_argument("--budget-seconds", type=float, default=230.0,
                         help="wall time of the whole run; points that would not fit are skipped and recorded")
@@ -111,6 +114,7 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     args.lengths = sorted(set(args.lengths))
     args.compiled_lengths = [n for n in dict.fromkeys(args.compiled_lengths) if n in args.lengths]
+    args.compiled_shapes = [shape for shape in args.shapes if shape in args.compiled_shapes]
     check_args(args)
     return args
 
@@ -174,27 +178,23 @@ def main(argv=None):
         args.output.parent.mkdir(parents=True, exist_ok=True)
         args.output.write_text(json.dumps(report, indent=2, default=str) + "\n")
 
-    points = len(args.shapes) * len(args.models) * (len(args.lengths) + len(args.compiled_lengths))
+    points = len(args.models) * (len(args.shapes) * len(args.lengths)
+                                 + len(args.compiled_shapes) * len(args.compiled_lengths))
     previous_handler = signal.signal(signal.SIGTERM, stop_on_sigterm)
     try:
         with tqdm(total=points, unit="point", dynamic_ncols=True) as progress:
             runner = TrainingRunner(args, save, progress)
             report["results"] = runner.results  # the same list: every save() writes what is measured so far
-            for index, shape in enumerate(args.shapes):
-                shape_started = time.perf_counter()
-                models = build_training_models(shape, args)
-                for length in args.lengths:
-                    runner.run_group(shape, length, "eager", models, args.budget_seconds)
-                # Compiled points of this shape leave room for the eager points of the shapes after it, taken to
-                # cost what this shape's did (with a quarter more for safety).
-                eager_seconds = time.perf_counter() - shape_started
-                shapes_after = len(args.shapes) - index - 1
-                compile_deadline = args.budget_seconds - 1.25 * eager_seconds * shapes_after
-                for length in args.compiled_lengths:
-                    runner.run_group(shape, length, "compiled", models, compile_deadline)
-                del models
-                torch._dynamo.reset()
-                free_device_memory(device)
+            # Every eager point first (seconds each), then the compiled ones (a compile each) while time is left.
+            for mode, shapes, lengths in (("eager", args.shapes, args.lengths),
+                                          ("compiled", args.compiled_shapes, args.compiled_lengths)):
+                for shape in shapes if lengths else ():
+                    models = build_training_models(shape, args)
+                    for length in lengths:
+                        runner.run_group(shape, length, mode, models, args.budget_seconds)
+                    del models
+                    torch._dynamo.reset()
+                    free_device_memory(device)
         report["complete"] = True
     except Stopped as stop:
         report["stopped"] = f"stopped by {stop} after {time.perf_counter() - runner.started:.0f} s"

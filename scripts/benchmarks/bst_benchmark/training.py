@@ -259,23 +259,24 @@ class TrainingRunner:
         torch.manual_seed(args.seed)
         input_ids = torch.randint(models[next(iter(models))][0].config.vocab_size, (batch, length), device=device)
         members, records = {}, {}
-        committed = 0.0  # the estimated seconds of the members admitted so far: they all run before the deadline
+        timed_seconds = 0.0  # the estimated timed steps of the members warmed up so far, still to run
         for name, (model, optimizer) in models.items():
             record = {"shape": shape, "name": name, "mode": mode, "length": length, "batch_size": batch,
                       "tokens_per_step": tokens, "gradient_checkpointing": False, **describe_model(model)}
             records[name] = record
+            # Decided just before the member's warm-up (its compile): what the members before it took is known.
             estimate = self.estimate_seconds(shape, name, mode, length, tokens)
-            left = self.remaining(deadline) - committed
+            left = self.remaining(deadline) - timed_seconds
             if left <= 0 or (estimate is not None and estimate > left):
                 record["skipped"] = (f"time budget: {max(left, 0):.0f} s left, estimated {estimate:.0f} s"
                                      if estimate is not None else "time budget: none left")
                 continue
-            committed += estimate or 0.0
             runnable = torch.compile(model, dynamic=False, backend=args.compile_backend) if mode == "compiled" else model
             members[name] = {"call": functools.partial(train_step, runnable, optimizer, input_ids, device),
                              "model": model, "optimizer": optimizer, "times": [], "peaks": []}
-        for name in list(members):
-            self.warm_up(name, members, records[name], length)
+            self.warm_up(name, members, record, length)
+            if name in members:
+                timed_seconds += min(args.seconds_per_point, args.repeats * members[name]["last_warmup_seconds"])
         while members:
             for name in list(members):
                 self.timed_step(name, members, records[name], tokens)
@@ -296,12 +297,13 @@ class TrainingRunner:
             if attempt == "checkpointed":
                 free_device_memory(device)  # what the failed attempt held (its traceback is gone by now)
             try:
-                start = time.perf_counter()
                 for index in range(self.args.warmup):
+                    start = time.perf_counter()
                     member["call"]()
                     synchronize(device)
+                    member["last_warmup_seconds"] = time.perf_counter() - start
                     if index == 0:
-                        first_step = time.perf_counter() - start
+                        first_step = member["last_warmup_seconds"]
                 break
             except Exception as error:  # out of memory gets one retry; compile errors are results to record
                 member["model"].zero_grad(set_to_none=True)
