@@ -6,6 +6,7 @@ No timing assertions: only the JSON structure, finiteness of the ratios, and the
 import importlib.util
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -398,16 +399,27 @@ def test_quick_training_run(quick_training_report):
 
 
 def test_training_run_out_of_time_records_every_point(train_script, tmp_path):
-    """A budget that is already spent: every point is recorded as skipped for time, none is lost, the JSON is
-    written."""
-    argv = ["--quick", "--models", "bst-sh", "mistral", "--shapes", "base", "--lengths", "32",
-            "--compiled-lengths", "32", "--budget-seconds", "1e-9", "--no-plots", "--output", str(tmp_path / "train.json")]
-    train_script.main(argv)
+    """Points that do not fit in the budget are recorded as skipped with the reason, none is lost, the JSON is
+    written: a budget already spent (no model is even built), and compiles estimated longer than the budget."""
+    common = ["--quick", "--models", "bst-sh", "mistral", "--shapes", "base", "--lengths", "32", "--compiled-lengths",
+              "32", "--repeats", "1", "--threads", "1", "--no-plots", "--output", str(tmp_path / "train.json")]
+    train_script.main([*common, "--budget-seconds", "1e-9"])
     report = json.loads((tmp_path / "train.json").read_text())
     assert report["complete"] and report["ratios"] == []
     assert [(r["name"], r["mode"]) for r in report["results"]] == [("bst-sh", "eager"), ("mistral", "eager"),
                                                                    ("bst-sh", "compiled"), ("mistral", "compiled")]
-    assert all(r["skipped"].startswith("time budget") for r in report["results"])
+    assert all(r["skipped"] == "time budget: none left" for r in report["results"])
+
+    train_script.main([*common, "--budget-seconds", "600", "--compile-estimate-seconds", "1e6"])
+    report = json.loads((tmp_path / "train.json").read_text())
+    eager = [r for r in report["results"] if r["mode"] == "eager"]
+    compiled = [r for r in report["results"] if r["mode"] == "compiled"]
+    assert len(eager) == 2 and all(r["tokens_per_second"] > 0 for r in eager)
+    assert len(compiled) == 2
+    for record in compiled:  # the assumed compile time plus the eager steps
+        estimate = re.fullmatch(r"time budget: \d+ s left, estimated (\d+) s", record["skipped"])
+        assert estimate and 1e6 <= int(estimate.group(1)) < 1e6 + 60
+    assert {r["mode"] for r in report["ratios"]} == {"eager", "best"}
 
 
 def test_training_out_of_memory_is_retried_with_gradient_checkpointing(train_script, training, monkeypatch, tmp_path):

@@ -189,6 +189,9 @@ def main(argv=None):
             for mode, shapes, lengths in (("eager", args.shapes, args.lengths),
                                           ("compiled", args.compiled_shapes, args.compiled_lengths)):
                 for shape in shapes if lengths else ():
+                    if runner.remaining(args.budget_seconds) <= 0:
+                        runner.skip_without_building(shape, mode, lengths, [n for n in MODEL_ORDER if n in args.models])
+                        continue
                     models = build_training_models(shape, args)
                     for length in lengths:
                         runner.run_group(shape, length, mode, models, args.budget_seconds)

@@ -289,6 +289,14 @@ class TrainingRunner:
         free_device_memory(device)
         self.save()
 
+    def skip_without_building(self, shape, mode, lengths, names):
+        """Records the points of a shape and mode as skipped when no time is left to build its models."""
+        for length in lengths:
+            for name in names:
+                self.finish({"shape": shape, "name": name, "mode": mode, "length": length,
+                             "gradient_checkpointing": False, "skipped": "time budget: none left"})
+        self.save()
+
     def warm_up(self, name, members, record, length):
         member, device = members[name], self.device
         self.progress.set_description(f"{record['shape']} {name} {format_length(length)} {record['mode']} warm-up")
