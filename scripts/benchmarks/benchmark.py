@@ -20,7 +20,8 @@ conditions. Four sections:
    compiled.
 4. `kernel`: the share of a BST layer's forward time spent generating its SSM convolution kernel.
 
-An optional `profile` section runs `torch.profiler` on a BST layer and groups the time by kind of work.
+An optional `profile` section runs `torch.profiler` on a BST layer (or a Llama layer, `--profile-layers`), groups the
+time by kind of work and counts the operators (and CUDA kernels) of its forward and backward.
 
 Timing protocol: warm-up calls, then the median of several repeats; the thread count is fixed and recorded. A
 measurement whose extrapolated time per call exceeds `--max-call-seconds`, or whose extrapolated memory exceeds
@@ -77,7 +78,7 @@ def count_points(args):
         "model": 3 * len(args.model_lengths),
         "generate": 2 * (1 + len(args.decode_contexts) * (3 if args.compile else 2)),
         "kernel": 2 * len(bst_layers) * len(args.layer_lengths),
-        "profile": len(args.profile_lengths),
+        "profile": len(args.profile_lengths) * len(args.profile_layers),
     }
     return sum(counts[s] for s in args.sections) * len(args.dtypes)
 

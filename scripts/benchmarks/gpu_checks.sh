@@ -2,12 +2,17 @@
 # The GPU figures of docs/quality.md and docs/benchmarks.md, on one H100:
 #
 #   bash scripts/benchmarks/gpu_checks.sh OUTPUT_DIR [STAGE ...]
-#   (stages: smoke benchmark compiled quality quality-more; default all)
+#   (stages: smoke benchmark compiled train quality quality-more; default all)
 #
 # smoke:        the quality experiment and the benchmark at toy sizes on the GPU; stops here if either fails (1 min).
 # benchmark:    scripts/benchmarks/benchmark.py --device cuda, float32 then bfloat16 (one JSON each), alone on the GPU (1 min).
 # compiled:     its `generate` section with --compile (static caches, compiled decode steps) at 512 and 16k contexts,
 #               float32 then bfloat16 (one JSON each; compilation takes most of the 2-4 min).
+# train:        scripts/benchmarks/train_benchmark.py --device cuda: BST-SH/MH/MF against Llama and Mistral at the
+#               base presets' and the upcycled SmolLM2's shapes, bf16 autocast, 32k tokens a step, 2k-64k, eager then
+#               compiled within TRAIN_SECONDS (points that do not fit are skipped and recorded); then torch.profiler on
+#               one BST-SH/MH/MF and one Llama layer at d 1024, 4k and 16k, bf16 (kernels per layer, top operators by
+#               GPU time). Two JSONs, about 4 min.
 # quality:      scripts/experiments/quality_experiment.py --device cuda at 3x the CPU budget (batch 16 x 600 steps of 512
 #               tokens, 4.9M tokens per run), books and code, seeds 0-2 of the BST variants, Slide, Mistral and
 #               Llama, one process per (corpus, seed), and three ablations on books, one process per seed: 15
@@ -27,6 +32,8 @@ OUTPUT_DIR=${1:?usage: bash scripts/benchmarks/gpu_checks.sh OUTPUT_DIR}
 DEVICE=${DEVICE:-cuda}
 BENCHMARK_SECONDS=${BENCHMARK_SECONDS:-150}
 COMPILED_SECONDS=${COMPILED_SECONDS:-150}
+TRAIN_SECONDS=${TRAIN_SECONDS:-180}
+PROFILE_SECONDS=${PROFILE_SECONDS:-60}
 # GPU calls take milliseconds: more repeats than the CPU default, and two warm-up calls (cuFFT plans, allocator).
 BENCHMARK_TIMING=(--repeats 9 --warmup 2 --max-call-seconds 20 --seconds-per-point 3 --max-memory-gb 70)
 QUALITY_SECONDS=${QUALITY_SECONDS:-300}
@@ -35,7 +42,7 @@ export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 started=$(date +%s)
 elapsed() { echo "[$(( $(date +%s) - started ))s] $*"; }
 shift
-STAGES=${*:-smoke benchmark compiled quality quality-more}
+STAGES=${*:-smoke benchmark compiled train quality quality-more}
 wanted() { [[ " $STAGES " == *" $1 "* ]]; }
 
 python - <<'EOF' 2>&1 | tee "$OUTPUT_DIR/logs/versions.log"
@@ -88,6 +95,24 @@ done
 if wanted upcycle; then
     elapsed "upcycle"
     DEVICE=$DEVICE bash scripts/benchmarks/upcycle_stage.sh "$OUTPUT_DIR/upcycle" 2>&1 | tee "$OUTPUT_DIR/logs/upcycle.log"
+fi
+
+# The script keeps to its budget and writes its JSON after every group of points; the timeout is the backstop
+# (on SIGTERM it writes what it measured).
+if wanted train; then
+    elapsed "train"
+    timeout -k 20 "$((TRAIN_SECONDS + 40))" python scripts/benchmarks/train_benchmark.py --device "$DEVICE" \
+        --budget-seconds "$TRAIN_SECONDS" --note "one GPU, alone; scripts/benchmarks/gpu_checks.sh train" \
+        --output "$OUTPUT_DIR/benchmark_train_gpu.json" --figures-dir "$OUTPUT_DIR/figures" \
+        > "$OUTPUT_DIR/logs/train.log" 2>&1 || echo "train: exit $?"
+    grep -A30 "^Training tokens/s" "$OUTPUT_DIR/logs/train.log"
+    elapsed "profile of one layer"
+    timeout -k 10 "$PROFILE_SECONDS" python scripts/benchmarks/benchmark.py --device "$DEVICE" --dtypes bfloat16 \
+        --sections profile --profile-layers bst-sh-s4 bst-mh-s4 bst-mf-s4 llama --profile-lengths 4k 16k \
+        --hidden-size 1024 --num-heads 8 --intermediate-size 4096 --block-size 512 --no-plots \
+        --note "one GPU, alone; scripts/benchmarks/gpu_checks.sh train" --output "$OUTPUT_DIR/profile_layers_gpu.json" \
+        > "$OUTPUT_DIR/logs/profile.log" 2>&1 || echo "profile: exit $?"
+    grep -E "^Profile of|operator calls" "$OUTPUT_DIR/logs/profile.log"
 fi
 
 # 2. Quality. MPS lets the small processes' kernels share the GPU instead of time-slicing it; without it the

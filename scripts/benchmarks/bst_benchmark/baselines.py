@@ -231,7 +231,32 @@ class BSTLayerUnderTest(nn.Module):
         return self.model(inputs_embeds=hidden_states).last_hidden_state
 
 
+class LlamaLayerUnderTest(nn.Module):
+    """One Transformers Llama layer (SDPA, SwiGLU FFN of `--intermediate-size`), measured as BSTLayerUnderTest is: a
+    1-layer LlamaModel called with `inputs_embeds` (includes the final norm)."""
+
+    def __init__(self, args):
+        super().__init__()
+        from transformers import LlamaConfig, LlamaModel
+
+        config = LlamaConfig(
+            vocab_size=16,
+            hidden_size=args.hidden_size,
+            intermediate_size=args.intermediate_size,
+            num_hidden_layers=1,
+            num_attention_heads=args.num_heads,
+            max_position_embeddings=max(args.profile_lengths),
+            attn_implementation="sdpa",
+        )
+        self.model = LlamaModel(config)
+
+    def forward(self, hidden_states):
+        return self.model(inputs_embeds=hidden_states).last_hidden_state
+
+
 def build_layer(name, args):
+    if name == "llama":
+        return LlamaLayerUnderTest(args)
     kind, options = LAYER_SPECS[name]
     if kind == "bst":
         config = bst_config(args, num_layers=1, bst_layers=[0], vocab_size=16, **options)

@@ -1,6 +1,7 @@
 """The PNG plots of the report."""
 
 from .settings import LAYER_SPECS
+from .training import MODEL_ORDER
 
 
 def make_plots(args, results, figures_dir, dtype):
@@ -90,4 +91,50 @@ def make_plots(args, results, figures_dir, dtype):
                     ax.plot(*zip(*points), style, color=f"C{index}", label=f"{name} {part}")
         finish(fig, ax, f"SSM kernel generation vs layer forward ({dtype})", "seconds",
                f"benchmark_kernel_share{suffix}.png")
+    return written
+
+
+def make_training_plots(results, shapes, figures_dir, hardware, tokens_per_step):
+    """Per shape: training tokens/s and peak memory against the length, eager solid, compiled dashed; the title names
+    the hardware. Returns the paths written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figures_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for shape in shapes:
+        rows = [r for r in results if r["shape"] == shape and "skipped" not in r]
+        if not rows:
+            continue
+        fig, (speed, memory) = plt.subplots(1, 2, figsize=(12, 4.5))
+        names = [n for n in MODEL_ORDER if any(r["name"] == n for r in rows)]
+        for index, name in enumerate(names):
+            for mode, style in (("eager", "-o"), ("compiled", "--s")):
+                points = sorted((r["length"], r["tokens_per_second"], r["peak_memory_bytes"]) for r in rows
+                                if (r["name"], r["mode"]) == (name, mode))
+                if not points:
+                    continue
+                lengths = [p[0] for p in points]
+                speed.plot(lengths, [p[1] for p in points], style, color=f"C{index}", label=f"{name} {mode}")
+                if all(p[2] is not None for p in points):
+                    memory.plot(lengths, [p[2] / 2**30 for p in points], style, color=f"C{index}",
+                                label=f"{name} {mode}")
+        for ax, ylabel in ((speed, "training tokens/s (fwd + bwd + AdamW)"), (memory, "peak memory (GiB)")):
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("sequence length (tokens)")
+            ax.set_ylabel(ylabel)
+            ax.grid(True, which="both", alpha=0.3)
+            if ax.has_data():
+                ax.legend(fontsize=7)
+            else:
+                ax.text(0.5, 0.5, "not measured on this device", ha="center", transform=ax.transAxes)
+        speed.set_title(f"{shape}: bf16 autocast, >= {tokens_per_step} tokens/step")
+        memory.set_title(f"on {hardware}")
+        fig.tight_layout()
+        path = figures_dir / f"benchmark_train_{shape}.png"
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        written.append(path)
     return written

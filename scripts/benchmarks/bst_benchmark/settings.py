@@ -26,6 +26,8 @@ LAYER_SPECS = {
     "block-recurrent": ("block_recurrent", {}),
 }
 BASELINE_LAYERS = ("full-attention", "sliding-window", "block-recurrent")
+# `profile` also takes a Transformers Llama layer (SDPA), the layer BST's training speed is compared with.
+PROFILE_LAYERS = (*LAYER_SPECS, "llama")
 
 # How time and memory grow with the length, used only to extrapolate from the previous length when deciding
 # whether a measurement fits in the limits (and how many repeats it gets). Full attention is quadratic in time;
@@ -86,7 +88,7 @@ def parse_args(argv=None):
         nargs="+",
         choices=SECTIONS,
         default=list(DEFAULT_SECTIONS),
-        help="what to measure (see the module docstring); `profile` runs torch.profiler on a BST-SH layer",
+        help="what to measure (see the module docstring); `profile` runs torch.profiler on --profile-layers",
     )
     parser.add_argument("--quick", action="store_true", help="tiny sizes and short lengths; runs in seconds")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
@@ -159,6 +161,9 @@ def parse_args(argv=None):
     )
     parser.add_argument(
         "--profile-lengths", nargs="+", type=parse_length, default=[4096, 16384], help="lengths of `profile`"
+    )
+    parser.add_argument(
+        "--profile-layers", nargs="+", choices=PROFILE_LAYERS, default=["bst-sh-s4"], help="layers of `profile`"
     )
     # Timing protocol.
     parser.add_argument("--warmup", type=int, default=1, help="warm-up calls before timing")
