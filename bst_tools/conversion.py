@@ -389,6 +389,11 @@ def parse_layers(text: str, num_hidden_layers: int | None = None) -> list[int]:
     if text == "all":
         return list(range(num_hidden_layers))
     try:
-        return [int(part) for part in text.split(",")]
+        layers = [int(part) for part in text.split(",")]
     except ValueError:
         raise ValueError(f"--bst_layers: expected comma-separated layer indices, 'all' or 'none', got {text!r}.")
+    outside = [layer for layer in layers if num_hidden_layers is not None and not 0 <= layer < num_hidden_layers]
+    if outside:
+        # A layer that does not exist would otherwise be skipped without a word (nothing converted or trained there).
+        raise ValueError(f"Layers {outside} do not exist: the model has layers 0-{num_hidden_layers - 1}.")
+    return layers

@@ -54,6 +54,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from bst_tools import conversion, corpus
@@ -105,6 +106,10 @@ def parse_args(argv=None):
     add("--training_tokens", metavar="FILE",
         help="Instead of --sources: the token stream that --save_training_tokens wrote (checked against the "
         "tokenizer).")
+    add("--initial_weights", metavar="FILE",
+        help="After converting: load these tensors (a trained_weights.safetensors of an earlier run) over the "
+        "converted model's. With --max_steps 0 this rebuilds an upcycled model from the source and the few MB that "
+        "trained, e.g. where the whole model cannot be carried back from a GPU machine.")
     add("--seed", type=int, default=0)
     add("--log_every", type=int, default=10)
     add("--device", default=None, help="Default: cuda when available, else cpu.")
@@ -257,6 +262,25 @@ def parameter_groups(model, train: str, tuned_layers: list[int], learning_rate: 
     return groups, hooks
 
 
+def load_initial_weights(model, path: Path) -> list[str]:
+    """Copy the tensors of a trained_weights.safetensors over `model`'s; every one must exist there with its shape
+    (a file from a run with other BST layers, variant or kernel is refused, naming the tensors)."""
+    tensors = load_file(str(path))
+    parameters = dict(model.named_parameters())
+    unknown = sorted(name for name in tensors if name not in parameters)
+    mismatched = sorted(name for name in tensors if name in parameters and tensors[name].shape != parameters[name].shape)
+    if unknown or mismatched:
+        raise ValueError(
+            f"--initial_weights {path} does not fit this conversion: tensors missing from the model {unknown[:5]}, "
+            f"with other shapes {mismatched[:5]}. Convert with the run's --block_size/--bst_layers/--bst_variant/"
+            "--ssm_kernel/--ssm_state_size (its upcycle_args.json)."
+        )
+    with torch.no_grad():
+        for name, tensor in tensors.items():
+            parameters[name].copy_(tensor)
+    return sorted(tensors)
+
+
 def learning_rate_factor(step: int, max_steps: int, warmup_steps: int) -> float:
     """Linear warmup to 1, then cosine decay to 0.1 at the last step."""
     if step < warmup_steps:
@@ -338,6 +362,10 @@ def upcycle(args) -> dict:
         ssm_state_size=args.ssm_state_size, attend_previous_block=args.attend_previous_block,
         num_sink_tokens=args.num_sink_tokens,
     ).to(device)
+    loaded = []
+    if args.initial_weights:
+        loaded = load_initial_weights(model, Path(args.initial_weights))
+        print(f"--initial_weights: {len(loaded)} tensors loaded from {args.initial_weights}")
     teacher = source.to(device) if args.distill_slots > 0 else None
     if teacher is None:
         del source
@@ -374,6 +402,9 @@ def upcycle(args) -> dict:
             print(json.dumps(entry), flush=True)
     for hook in hooks:
         hook.remove()
+    trained_names = {id(parameter) for group in groups for parameter in group["params"]}
+    trained = {name: parameter.detach().to("cpu").contiguous() for name, parameter in model.named_parameters()
+               if id(parameter) in trained_names or name in loaded}
     model.eval().to("cpu")
     for parameter in model.parameters():
         parameter.requires_grad_(True)
@@ -389,7 +420,11 @@ def upcycle(args) -> dict:
         f"({args.train}) for {steps_done} steps, {trained_tokens:,} tokens of "
         f"{', '.join(entry['source'] for entry in manifest)} (data_manifest.json)."
     )
+    if args.initial_weights:
+        description += f" Started from the tensors of `{args.initial_weights}`."
     conversion.write_bst_folder(model, tokenizer, output_dir, description)
+    # What training changed, alone (a few MB where the model is 0.5 GB): --initial_weights rebuilds the model from it.
+    save_file(trained, str(output_dir / "trained_weights.safetensors"))
     (output_dir / "upcycle_args.json").write_text(json.dumps(vars(args), indent=1))
     data_manifest = {"sources": manifest, "corpus_tokens": corpus_tokens, "sequences": len(sequences),
                      "steps": steps_done, "max_steps": args.max_steps, "stopped_by_max_seconds": stopped_by_time,

@@ -72,6 +72,37 @@ def test_control_run_tunes_only_the_chosen_o_proj(llama_folder, tmp_path):
     ]
     with pytest.raises(ValueError, match="Nothing would train"):
         run(llama_folder, tmp_path / "other", "--bst_layers", "none")
+    with pytest.raises(ValueError, match=r"Layers \[2\] do not exist: the model has layers 0-1"):
+        run(llama_folder, tmp_path / "missing", "--bst_layers", "none", "--tuned_layers", "1,2", "--train", "new+o_proj")
+
+
+def test_trained_weights_rebuild_the_upcycled_model_from_the_source(llama_folder, tmp_path):
+    """trained_weights.safetensors holds exactly the tensors that trained (new parts + the tuned o_proj); a run with
+    --initial_weights and 0 steps rebuilds the same model from the source (the GPU machine's way back); a file from
+    another conversion is refused, naming the tensors."""
+    from safetensors.torch import load_file
+
+    trained = run(llama_folder, tmp_path, "--bst_layers", "1", "--train", "new+o_proj", "--tuned_layers", "0,1",
+                  "--learning_rate", "1e-2", "--pretrained_learning_rate", "1e-2")["model"]
+    saved = load_file(str(tmp_path / "out" / "trained_weights.safetensors"))
+    before = conversion.convert_model(tiny_llama(), 8, [1]).state_dict()
+    moved = {name for name, tensor in trained.state_dict().items() if not torch.equal(before[name], tensor)}
+    assert set(saved) == moved and "model.layers.0.attention.o_proj.weight" in saved
+    rebuilt = upcycle.main([
+        "--model_name_or_path", str(llama_folder), "--text_files", str(llama_folder / "book.txt"), "--block_size", "8",
+        "--bst_layers", "1", "--train", "new+o_proj", "--tuned_layers", "0,1", "--max_steps", "0",
+        "--initial_weights", str(tmp_path / "out" / "trained_weights.safetensors"),
+        "--output_dir", str(tmp_path / "rebuilt"),
+    ])
+    assert rebuilt["log"] == []
+    ids = torch.randint(4, 70, (1, 30), generator=torch.Generator().manual_seed(2))
+    loaded = BSTForCausalLM.from_pretrained(tmp_path / "rebuilt").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, trained.eval()(input_ids=ids).logits, rtol=0, atol=0)
+    assert set(load_file(str(tmp_path / "rebuilt" / "trained_weights.safetensors"))) == moved
+    with pytest.raises(ValueError, match="does not fit this conversion.*layers.1.ssm"):
+        upcycle.load_initial_weights(conversion.convert_model(tiny_llama(), 8, [0]),
+                                     tmp_path / "out" / "trained_weights.safetensors")
 
 
 def test_sinks_and_previous_block_conversion_is_the_starting_point(llama_folder, tmp_path):

@@ -62,6 +62,7 @@ def test_stage_runs_end_to_end_and_always_writes_its_summary(tiny_inputs, tmp_pa
     control = summary["training"]["control"]["config"]
     assert control["bst_layers"] == [] and control["num_sink_tokens"] == 2
     assert (tmp_path / "models" / "converted" / "config.json").is_file()
+    assert all((tmp_path / "stage" / f"{run}_trained_weights.safetensors").is_file() for run in ("upcycled", "control"))
     assert not (tmp_path / "stage" / "upcycled").exists()
     names = sorted(summary["evaluation"])
     assert names == ["BST control", "BST converted", "BST upcycled", "StreamingLLM (2 sinks + 8 window, chunks of 8)",

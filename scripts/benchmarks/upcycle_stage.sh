@@ -90,6 +90,12 @@ else
     part control "$RUN_SECONDS" python scripts/upcycle.py "${RECIPE[@]}" --bst_layers none --tuned_layers "$BST_LAYERS" \
         --output_dir "$MODELS_DIR/control"
     wait
+    # What trained, alone (a few MB; the models are 0.5 GB): `upcycle.py --initial_weights F --max_steps 0` rebuilds
+    # each model from the source elsewhere.
+    for model in upcycled control; do
+        [ -f "$MODELS_DIR/$model/trained_weights.safetensors" ] \
+            && cp "$MODELS_DIR/$model/trained_weights.safetensors" "$OUTPUT_DIR/${model}_trained_weights.safetensors"
+    done
     EVALUATION=(--lengths "$EVAL_LENGTHS" --total_tokens "$EVAL_TOKENS" --passkey_distances "$EVAL_PASSKEYS"
                 --passkey_trials "$EVAL_PASSKEY_TRIALS" --device "$DEVICE" --block_size "$BLOCK_SIZE")
     # Four processes at once on the GPU (a 135M model uses a fraction of it): the stage waits for the slowest only.
