@@ -174,12 +174,11 @@ def build_model_card(model, tokenizer, evaluation, args):
         language=args.language or None,
         datasets=args.dataset or None,  # Hub dataset ids only
         metrics=["perplexity"],
+        # A model without BST layers has no SSM: its config's variant and kernel describe nothing in it.
         tags=[
             "block-state-transformer",
             "bst",
-            "state-space-model",
-            kernel_tag,
-            f"bst-{config.bst_variant}",
+            *(["state-space-model", kernel_tag, f"bst-{config.bst_variant}"] if config.bst_layers else []),
             "custom_code",
             *args.tag,
         ],

@@ -27,6 +27,9 @@ by default the `manifest.json` next to the evaluation data named in the evaluati
 package versions, how many documents per split. `datasets` in the card metadata lists Hub dataset ids only
 (`--dataset`); our corpora are not Hub datasets, so by default it is left out rather than filled with a local path.
 
+`--length_eval_json` (repeatable) takes the `length_evaluation.json` of scripts/evaluate_length.py instead: the
+card shows its perplexity table (the source, StreamingLLM and BSTs on the same tokens), this model's row in bold.
+
 Evaluation JSON (written by scripts/evaluate.py), read tolerantly:
 
     {"model": "...", "dataset": "...", "split": "test",

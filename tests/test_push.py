@@ -344,7 +344,9 @@ def test_card_of_a_converted_model_without_ssm_has_the_length_evaluation_tables(
     # What the model attends to and keeps: its block, the previous one and 2 sinks (8 + 8 + 2 tokens); no SSM.
     assert "its own block and the whole previous block plus the\nsequence's first 2 tokens (attention sinks)" in body
     assert "Attention never looks outside its block" not in body
-    assert "| SSM |" not in body
+    assert "| SSM |" not in body and "| SSM kernel |" not in body and "| BST variant |" not in body
+    metadata = yaml.safe_load(card.split("---\n")[1])
+    assert metadata["tags"] == ["block-state-transformer", "bst", "custom_code"]
     assert "This checkpoint has no SSM: during generation each layer keeps the keys/values of at most 18 tokens" in body
     assert "## About this checkpoint\n\nConverted, not trained: the baseline." in body
     assert "Inherits the source's limitations." in body and "not instruction-tuned" not in body
