@@ -40,6 +40,7 @@ def test_bst_cache_bytes_stay_while_the_source_cache_grows_with_the_context(deco
     results = decode_script.main([
         "--source", str(folders / "source"), "--bst", str(folders / "bst"), "--contexts", "24,72",
         "--new_tokens", "4", "--rounds", "2", "--warmup_steps", "1", "--source_prefill_max", "24", "--output", str(output),
+        "--threads", str(torch.get_num_threads()),
     ])
     assert json.loads(output.read_text()) == json.loads(json.dumps(results))
     config = json.loads((folders / "source" / "config.json").read_text())
