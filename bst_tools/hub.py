@@ -84,6 +84,11 @@ def add_card_arguments(parser):
     add("--tag", action="append", default=[], help="Extra tag for the card metadata (repeatable).")
     add("--model_name", help="Title of the card (default: the repository name).")
     add("--example_prompt", default="The meaning of life is", help="Prompt shown in the card's usage code.")
+    add(
+        "--about",
+        help="A paragraph on what this checkpoint is, shown under the title (e.g. how it was made, what it is for).",
+    )
+    add("--limitations", help="The card's limitations paragraph (default: a research model trained on a small corpus).")
     add("--card_template", default=str(DEFAULT_TEMPLATE), help="Jinja2 model card template.")
 
 
@@ -94,6 +99,7 @@ def parse_card_args(argv):
     add_card_arguments(parser)
     args = parser.parse_args(argv)
     args.corpus = None
+    args.length_evaluations = []
     return args
 
 
@@ -168,12 +174,11 @@ def build_model_card(model, tokenizer, evaluation, args):
         language=args.language or None,
         datasets=args.dataset or None,  # Hub dataset ids only
         metrics=["perplexity"],
+        # A model without BST layers has no SSM: its config's variant and kernel describe nothing in it.
         tags=[
             "block-state-transformer",
             "bst",
-            "state-space-model",
-            kernel_tag,
-            f"bst-{config.bst_variant}",
+            *(["state-space-model", kernel_tag, f"bst-{config.bst_variant}"] if config.bst_layers else []),
             "custom_code",
             *args.tag,
         ],
@@ -205,6 +210,11 @@ def build_model_card(model, tokenizer, evaluation, args):
         evaluation=evaluation,
         evaluation_dataset_name=dataset_name,
         example_prompt=args.example_prompt.replace('"', '\\"'),
+        length_evaluations=getattr(args, "length_evaluations", None) or [],
+        # Tokens whose keys/values a layer keeps while decoding: its block, the previous one, the sinks.
+        attention_span=config.block_size * (2 if config.attend_previous_block else 1) + config.num_sink_tokens,
+        about=args.about,
+        limitations=args.limitations,
     )
     return card
 

@@ -27,6 +27,9 @@ by default the `manifest.json` next to the evaluation data named in the evaluati
 package versions, how many documents per split. `datasets` in the card metadata lists Hub dataset ids only
 (`--dataset`); our corpora are not Hub datasets, so by default it is left out rather than filled with a local path.
 
+`--length_eval_json` (repeatable) takes the `length_evaluation.json` of scripts/evaluate_length.py instead: the
+card shows its perplexity table (the source, StreamingLLM and BSTs on the same tokens), this model's row in bold.
+
 Evaluation JSON (written by scripts/evaluate.py), read tolerantly:
 
     {"model": "...", "dataset": "...", "split": "test",
@@ -71,6 +74,18 @@ def parse_args(argv=None):
     add("--model_dir", required=True, help="Folder written by save_pretrained / Trainer (config.json + weights).")
     add("--tokenizer_dir", help="Folder with the tokenizer files (default: --model_dir).")
     add("--eval_json", help="Evaluation results written by scripts/evaluate.py (format above).")
+    add(
+        "--length_eval_json",
+        action="append",
+        default=[],
+        help="A length_evaluation.json of scripts/evaluate_length.py (repeatable): its perplexity table (the source, "
+        "StreamingLLM and BSTs on the same tokens) goes into the card, one table per file.",
+    )
+    add(
+        "--length_eval_model",
+        help="This model's name in the --length_eval_json files (default: `BST <name of --model_dir>`, the name "
+        "scripts/evaluate_length.py gives it).",
+    )
     add(
         "--corpus_manifest",
         help="manifest.json of the training corpus (scripts/prepare_data.py). Default: the manifest.json in the folder "
@@ -136,6 +151,39 @@ def read_evaluation(path):
     return {"model": raw.get("model"), "dataset": dataset, "split": split, "results": results}
 
 
+def read_length_evaluation(path, model_name):
+    """The perplexity table of a scripts/evaluate_length.py JSON, for the card: {"caption", "lengths", "rows": [{"model",
+    "this_model", "cells"}]}, a cell being "perplexity (last-quarter perplexity)" or "-" where the model skipped a
+    length. Raises ValueError naming what is missing (`model_name` among them)."""
+    with open(path) as handle:
+        try:
+            raw = json.load(handle)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path} is not valid JSON: {error}") from None
+    missing = [key for key in ("text", "total_tokens", "lengths", "models") if key not in raw]
+    if missing:
+        raise ValueError(f"{path} is not a length evaluation of scripts/evaluate_length.py: no {missing}.")
+    if model_name not in raw["models"]:
+        raise ValueError(
+            f"{path} has no model named {model_name!r} (it has {sorted(raw['models'])}): pass --length_eval_model."
+        )
+    rows = []
+    for name, results in raw["models"].items():
+        by_length = {row["length"]: row for row in results["perplexity"]}
+        cells = [
+            f"{by_length[length]['perplexity']:.2f} ({by_length[length]['last_quarter_perplexity']:.2f})"
+            if length in by_length else "-"
+            for length in raw["lengths"]
+        ]
+        rows.append({"model": name, "this_model": name == model_name, "cells": cells})
+    caption = (
+        f"Perplexity on {raw['total_tokens']:,} tokens of {raw['text']}, cut into non-overlapping windows of each "
+        "length: every model and every length scores the same tokens (the perplexity of each window's last quarter "
+        f"in brackets). From `{Path(path).name}`, written by scripts/evaluate_length.py of bst-transformers."
+    )
+    return {"caption": caption, "lengths": [f"{length:,}" for length in raw["lengths"]], "rows": rows}
+
+
 def read_corpus_manifest(path):
     """The corpus summary for the card: {"corpus", "sources", "splits", "python_version"}, without the per-document
     list (which can be long)."""
@@ -188,6 +236,15 @@ def check_inputs(args):
             raise SystemExit(f"--eval_json {args.eval_json} does not exist.")
         try:
             evaluation = read_evaluation(args.eval_json)
+        except ValueError as error:
+            raise SystemExit(str(error))
+    args.length_evaluations = []
+    model_name = args.length_eval_model or f"BST {model_dir.resolve().name}"
+    for path in args.length_eval_json:
+        if not Path(path).is_file():
+            raise SystemExit(f"--length_eval_json {path} does not exist.")
+        try:
+            args.length_evaluations.append(read_length_evaluation(path, model_name))
         except ValueError as error:
             raise SystemExit(str(error))
     if args.corpus_manifest and not Path(args.corpus_manifest).is_file():

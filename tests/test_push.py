@@ -295,3 +295,62 @@ def test_read_evaluation_reads_what_evaluate_py_writes(tmp_path):
         {"eval_length": 512, "perplexity": 270.4, "tokens": 4088},
         {"eval_length": 2048, "perplexity": 244.7, "tokens": 4094},
     ]
+
+
+def length_evaluation(total_tokens, rows):
+    """A length_evaluation.json as scripts/evaluate_length.py writes it: {model: {length: (perplexity, last quarter)}}."""
+    lengths = sorted({length for by_length in rows.values() for length in by_length})
+    models = {
+        name: {"perplexity": [{"length": length, "perplexity": value, "last_quarter_perplexity": quarter}
+                              for length, (value, quarter) in by_length.items()], "passkey": {}}
+        for name, by_length in rows.items()
+    }
+    return {"text": "CPython 3.11.7 standard-library docstrings", "total_tokens": total_tokens, "lengths": lengths,
+            "passkey_trials": 5, "models": models}
+
+
+def test_card_of_a_converted_model_without_ssm_has_the_length_evaluation_tables(tmp_path):
+    torch.manual_seed(0)
+    config = tiny_config(bst_layers=[], attend_previous_block=True, num_sink_tokens=2, bos_token_id=None)
+    BSTForCausalLM(config).save_pretrained(tmp_path / "converted")
+    make_tokenizer().save_pretrained(tmp_path / "converted")
+    short = length_evaluation(8192, {
+        "source (full attention)": {2048: (14.14, 11.0), 8192: (13.241, 11.54)},
+        "BST converted": {2048: (14.14, 11.0), 8192: (13.484, 11.86)},
+    })
+    long = length_evaluation(16384, {
+        "source (full attention)": {8192: (8.224, 5.15), 16384: (25.379, 183.19)},
+        "BST converted": {8192: (8.543, 5.39), 16384: (8.501, 2.97)},
+        "StreamingLLM (4 sinks + 1,024 window, chunks of 1,024)": {16384: (8.494, 2.97)},
+    })
+    (tmp_path / "short.json").write_text(json.dumps(short))
+    (tmp_path / "long.json").write_text(json.dumps(long))
+    args = [
+        "--model_dir", str(tmp_path / "converted"), "--repo_id", "someone/converted", "--dry_run", "--skip_verify",
+        "--length_eval_json", str(tmp_path / "short.json"), "--length_eval_json", str(tmp_path / "long.json"),
+        "--about", "Converted, not trained: the baseline.", "--limitations", "Inherits the source's limitations.",
+        "--output_dir", str(tmp_path / "staged"),
+    ]  # fmt: skip
+    card = (push_to_hub.main(args) / "README.md").read_text()
+    body = card.split("---\n", 2)[2]
+    assert "Perplexity on 8,192 tokens of CPython 3.11.7 standard-library docstrings" in body
+    assert "| model | window 2,048 | window 8,192 |" in body
+    assert "| source (full attention) | 14.14 (11.00) | 13.24 (11.54) |" in body
+    assert "| **BST converted (this model)** | **14.14 (11.00)** | **13.48 (11.86)** |" in body
+    assert "| model | window 8,192 | window 16,384 |" in body
+    assert "| **BST converted (this model)** | **8.54 (5.39)** | **8.50 (2.97)** |" in body
+    assert "| StreamingLLM (4 sinks + 1,024 window, chunks of 1,024) | - | 8.49 (2.97) |" in body
+    assert "No evaluation results were supplied" not in body
+    # What the model attends to and keeps: its block, the previous one and 2 sinks (8 + 8 + 2 tokens); no SSM.
+    assert "its own block and the whole previous block plus the\nsequence's first 2 tokens (attention sinks)" in body
+    assert "Attention never looks outside its block" not in body
+    assert "| SSM |" not in body and "| SSM kernel |" not in body and "| BST variant |" not in body
+    metadata = yaml.safe_load(card.split("---\n")[1])
+    assert metadata["tags"] == ["block-state-transformer", "bst", "custom_code"]
+    assert "This checkpoint has no SSM: during generation each layer keeps the keys/values of at most 18 tokens" in body
+    assert "## About this checkpoint\n\nConverted, not trained: the baseline." in body
+    assert "Inherits the source's limitations." in body and "not instruction-tuned" not in body
+    assert "{{" not in body and "{%" not in body
+    args[args.index("--output_dir") + 1] = str(tmp_path / "never_written")
+    with pytest.raises(SystemExit, match=r"has no model named 'BST other' \(it has \['BST converted', "):
+        push_to_hub.main(args + ["--length_eval_model", "BST other"])
