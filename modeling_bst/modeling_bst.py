@@ -975,7 +975,7 @@ class BSTDecoderLayer(GradientCheckpointingLayer):
         self.ssm_gate_proj = nn.Linear(width, width, bias=False) if self.is_bst_layer and gated else None
         self.ssm_residual_gate_proj = nn.Linear(width, width, bias=False) if self.is_bst_layer and residual else None
         self.ssm_residual_out_proj = BSTSSMResidualProjection(width) if self.is_bst_layer and residual else None
-        self.act_fn = ACT2FN[config.hidden_act]
+        self.act_fn = ACT2FN[config.hidden_act] if self.is_bst_layer and (gated or residual) else None
         self.attention = BSTAttention(config, layer_idx, self.is_bst_layer)
         self.post_attention_layernorm = BSTRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.mlp = BSTMLP(config)
