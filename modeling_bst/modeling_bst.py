@@ -953,7 +953,7 @@ class BSTStateSpace(nn.Module):
 
 
 class BSTSSMResidualProjection(nn.Linear):
-    """`ssm_residual_out_proj`: the residual SSM branch's output projection (`ssm_residual`). A plain linear map; its
+    """`residual_out_proj`: the residual SSM branch's output projection (`ssm_residual`). A plain linear map; its
     own class only so that initialisation can start it at zero."""
 
     def __init__(self, hidden_size: int):
@@ -970,11 +970,12 @@ class BSTDecoderLayer(GradientCheckpointingLayer):
         self.input_layernorm = BSTRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.ssm = BSTStateSpace(config) if self.is_bst_layer else None
         # The options of the SSM branch live here, not in `ssm`, whose parameters stay fp32: these are plain
-        # projections of the layer input and run in the model's dtype.
+        # projections of the layer input and run in the model's dtype (no "ssm" in their names, see
+        # `_keep_in_fp32_modules_strict`). `ssm_gate`: context_gate_proj; `ssm_residual`: residual_*_proj.
         width, gated, residual = config.hidden_size, config.ssm_gate, config.ssm_residual
-        self.ssm_gate_proj = nn.Linear(width, width, bias=False) if self.is_bst_layer and gated else None
-        self.ssm_residual_gate_proj = nn.Linear(width, width, bias=False) if self.is_bst_layer and residual else None
-        self.ssm_residual_out_proj = BSTSSMResidualProjection(width) if self.is_bst_layer and residual else None
+        self.context_gate_proj = nn.Linear(width, width, bias=False) if self.is_bst_layer and gated else None
+        self.residual_gate_proj = nn.Linear(width, width, bias=False) if self.is_bst_layer and residual else None
+        self.residual_out_proj = BSTSSMResidualProjection(width) if self.is_bst_layer and residual else None
         self.act_fn = ACT2FN[config.hidden_act] if self.is_bst_layer and (gated or residual) else None
         self.attention = BSTAttention(config, layer_idx, self.is_bst_layer)
         self.post_attention_layernorm = BSTRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
@@ -994,18 +995,18 @@ class BSTDecoderLayer(GradientCheckpointingLayer):
             # "mf" reads the SSM at block ends only: (B, N, D, S) instead of (B, T, D, S).
             block_ends = self.ssm.config.bst_variant == "mf"
             context_states = self.ssm(hidden_states, layout, layer_cache, block_ends=block_ends)
-            if self.ssm_residual_out_proj is not None:
+            if self.residual_out_proj is not None:
                 # Griffin's recurrent block: W_o (mean_c y_c * act(W_r x)), the mean over filters, (B, T, D).
                 ssm_outputs = context_states.mean(-1).to(hidden_states.dtype)
-                gate = self.act_fn(self.ssm_residual_gate_proj(hidden_states))
-                ssm_residual = self.ssm_residual_out_proj(ssm_outputs * gate)
-            if self.ssm_gate_proj is not None:
+                gate = self.act_fn(self.residual_gate_proj(hidden_states))
+                ssm_residual = self.residual_out_proj(ssm_outputs * gate)
+            if self.context_gate_proj is not None:
                 # y * act(W_g x), x at the positions whose SSM outputs become context states ("mf": the block ends).
                 gate_inputs = hidden_states
                 if block_ends:
                     end_index = block_end_index(layout, hidden_states.shape[1])[..., None]  # (B, N, 1)
                     gate_inputs = hidden_states.gather(1, end_index.expand(-1, -1, hidden_states.shape[-1]))
-                context_states = context_states * self.act_fn(self.ssm_gate_proj(gate_inputs)).unsqueeze(-1)
+                context_states = context_states * self.act_fn(self.context_gate_proj(gate_inputs)).unsqueeze(-1)
         hidden_states = self.attention(hidden_states, rotations, layout, context_states, layer_cache)
         hidden_states = residual + hidden_states
         if ssm_residual is not None:
@@ -1017,7 +1018,7 @@ class BSTDecoderLayer(GradientCheckpointingLayer):
 # saved for another `ssm_kernel`, `bst_variant`, `bst_layers`, `num_context_states`, `ssm_gate`, `ssm_conv_size` or
 # `ssm_residual`.
 SSM_AND_CONTEXT_KEYS = re.compile(
-    r"(^|\.)(ssm|ssm_gate_proj|ssm_residual_gate_proj|ssm_residual_out_proj"
+    r"(^|\.)(ssm|context_gate_proj|residual_gate_proj|residual_out_proj"
     r"|attention\.(context_norm|cross_q_proj|context_k_proj|context_v_proj|initial_context|context_ids))\."
     r"|\.attention\.(initial_context|context_ids)$"
 )
@@ -1086,7 +1087,8 @@ class BSTPreTrainedModel(PreTrainedModel):
     _is_stateful = True
     # The SSM parameters (step sizes, A, C, the implicit filter, the skip) stay fp32 when from_pretrained/from_config
     # get dtype=bfloat16/float16: bf16 rounds log_dt and A by up to 0.4%, and the kernel's phase dt*Im(A)*l
-    # multiplies that by the position. (A plain `model.to(torch.bfloat16)` casts them all the same.)
+    # multiplies that by the position. (A plain `model.to(torch.bfloat16)` casts them all the same.) Transformers
+    # searches each entry in the parameter names, so no other module's name may contain "ssm".
     _keep_in_fp32_modules_strict = ["ssm"]
 
     @classmethod

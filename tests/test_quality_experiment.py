@@ -246,13 +246,13 @@ def test_ssm_options_in_model_names_and_the_gated_backbone():
         with pytest.raises(SystemExit):
             quality_experiment.parse_args(common + ["--models", bad])
     layer = bst.model.layers[1]
-    torch.nn.init.normal_(layer.ssm_residual_out_proj.weight)
+    torch.nn.init.normal_(layer.residual_out_proj.weight)
     torch.nn.init.normal_(layer.attention.o_proj.weight)
     spans = torch.randint(2, 300, (1, 2 * args.train_length + 1))
     with torch.no_grad():
         real = quality_experiment.perplexity(bst, spans, args.train_length, args)
         zeroed = quality_experiment.ssm_ablation(bst, spans, args)
-        layer.ssm_residual_out_proj.weight.zero_()
+        layer.residual_out_proj.weight.zero_()
         o_proj = layer.attention.o_proj.weight
         o_proj[:, o_proj.shape[1] // 2 :] = 0
         closed = quality_experiment.perplexity(bst, spans, args.train_length, args)

@@ -18,7 +18,7 @@ from modeling_bst import BSTConfig, BSTForCausalLM
 
 
 BLOCK, TAPS = 8, 4
-OPTION_PARAMETERS = ("conv_weight", "ssm_gate_proj", "ssm_residual_gate_proj", "ssm_residual_out_proj")
+OPTION_PARAMETERS = ("conv_weight", "context_gate_proj", "residual_gate_proj", "residual_out_proj")
 
 
 def all_options(variant: str) -> dict:
@@ -32,8 +32,8 @@ def options_model(dtype=torch.float32, **overrides) -> BSTForCausalLM:
     model = open_context_path(BSTForCausalLM(tiny_config(**overrides))).to(dtype).eval()
     with torch.no_grad():
         for layer in model.model.layers:
-            if layer.ssm_residual_out_proj is not None:
-                torch.nn.init.normal_(layer.ssm_residual_out_proj.weight, std=0.1)
+            if layer.residual_out_proj is not None:
+                torch.nn.init.normal_(layer.residual_out_proj.weight, std=0.1)
     return model
 
 
@@ -94,7 +94,7 @@ def test_the_gate_multiplies_the_ssm_output_by_act_of_a_projection_of_the_layer_
     layer.attention.register_forward_pre_hook(lambda module, args: seen.update(context=args[3]))
     model(torch.randint(2, 97, (2, 29)))
     x = seen["x"] if variant != "mf" else seen["x"][:, block_end_positions(29)]
-    expected = seen["y"] * F.gelu(x @ layer.ssm_gate_proj.weight.T)[..., None]
+    expected = seen["y"] * F.gelu(x @ layer.context_gate_proj.weight.T)[..., None]
     assert seen["context"].dtype == torch.float64 and seen["y"].abs().max() > 0
     torch.testing.assert_close(seen["context"], expected, rtol=0, atol=1e-12)
 
@@ -141,8 +141,8 @@ def test_the_residual_branch_adds_a_gated_projection_of_the_ssm_output(variant, 
         plain_layer.ssm.register_forward_hook(lambda module, args, output, seen=seen: seen.update(y=output))
 
         def add_branch(module, args, output, seen=seen, layer=layer):
-            gate = F.gelu(seen["x"] @ layer.ssm_residual_gate_proj.weight.T)
-            return output + (seen["y"].mean(-1) * gate) @ layer.ssm_residual_out_proj.weight.T
+            gate = F.gelu(seen["x"] @ layer.residual_gate_proj.weight.T)
+            return output + (seen["y"].mean(-1) * gate) @ layer.residual_out_proj.weight.T
 
         plain_layer.attention.register_forward_hook(add_branch)
     ids = torch.randint(2, 97, (2, 29))
@@ -156,7 +156,7 @@ def test_a_new_model_with_every_option_computes_what_it_computes_without_its_ssm
     """The residual branch's output projection starts at zero, as the cross half of o_proj does: a new model is its
     SSM-free self, and so is the model whose SSM outputs are replaced by zeros (the SSM ablation) once trained."""
     model = BSTForCausalLM(tiny_config(**all_options("sh"))).eval()
-    assert all(layer.ssm_residual_out_proj.weight.abs().max() == 0 for layer in model.model.layers)
+    assert all(layer.residual_out_proj.weight.abs().max() == 0 for layer in model.model.layers)
     ids = torch.randint(2, 97, (2, 29))
     logits = model(ids).logits
     hooks = [
@@ -183,7 +183,7 @@ def test_a_converted_model_with_every_option_still_equals_its_source(source_type
     source = random_source(source_type)
     for block_size, length in ((16, 13), (8, 21)):
         model = conversion.convert_model(source, block_size, [0, 2], ssm_state_size=8, **all_options("sh"))
-        assert model.model.layers[2].ssm_residual_out_proj is not None
+        assert model.model.layers[2].residual_out_proj is not None
         ids = input_ids(length)
         torch.testing.assert_close(model(input_ids=ids).logits, blockwise_source_logits(source, ids, block_size))
 
@@ -208,9 +208,7 @@ def test_no_output_depends_on_a_later_token(variant, kernel):
 @pytest.mark.parametrize("variant, kernel", VARIANTS_AND_KERNELS)
 @torch.no_grad()
 def test_cached_and_chunked_paths_equal_the_full_forward(variant, kernel):
-    model = options_model(
-        bst_variant=variant, ssm_kernel=kernel, num_hidden_layers=3, bst_layers=[0, 2], **all_options(variant)
-    )
+    model = options_model(bst_variant=variant, ssm_kernel=kernel, **all_options(variant))
     ids = torch.randint(2, 97, (2, 37))
     full = model(ids, use_cache=False).logits
     # Decoding, uneven chunks, and a prompt shorter than the convolution's K - 1 cached inputs.
@@ -230,25 +228,24 @@ def test_left_padded_chunks_and_decoding_equal_each_row_alone(variant, kernel):
     batch[0, 11:], mask[0, 11:] = short[0], 1
     batch[1], mask[1] = long[0], 1
     alone_short, alone_long = model(short).logits[0], model(long).logits[0]
-    for chunks in ([7, 5, 1, 1, 9], [13] + [1] * 10):
-        batched, _ = run_in_chunks(model, batch, chunks, attention_mask=mask)
-        assert (batched[0, 11:] - alone_short).abs().max() < 1e-4, chunks
-        assert (batched[1] - alone_long).abs().max() < 1e-4, chunks
+    # The short row is all padding in the first chunk, partly in the second; then single steps.
+    batched, _ = run_in_chunks(model, batch, [7, 5, 1, 1, 9], attention_mask=mask)
+    assert (batched[0, 11:] - alone_short).abs().max() < 1e-4
+    assert (batched[1] - alone_long).abs().max() < 1e-4
 
 
 @pytest.mark.parametrize("variant, kernel", [("sh", "s4"), ("mh", "unstructured"), ("mf", "s4")])
 @torch.no_grad()
-def test_generate_logits_equal_the_full_forward_and_beams_equal_uncached(variant, kernel):
+def test_generate_logits_equal_the_full_forward(variant, kernel):
     model = options_model(bst_variant=variant, ssm_kernel=kernel, **all_options(variant))
     prompt = torch.randint(2, 97, (1, 10))
     settings = dict(max_new_tokens=12, do_sample=False, output_logits=True, return_dict_in_generate=True)
     generated = model.generate(prompt, **settings)
     full = model(generated.sequences).logits[0, 9:-1]
     assert (torch.stack(generated.logits, 1)[0] - full).abs().max() < 1e-4
-    chunked = model.generate(prompt, prefill_chunk_size=3, **settings)
-    assert (torch.stack(chunked.logits, 1)[0] - full).abs().max() < 1e-4
-    beams = dict(num_beams=3, do_sample=False, num_return_sequences=2, max_new_tokens=8)
-    assert torch.equal(model.generate(prompt, **beams), model.generate(prompt, use_cache=False, **beams))
+    if variant == "sh":  # beam search reorders the cache rows, the short convolution's inputs among them
+        beams = dict(num_beams=3, do_sample=False, num_return_sequences=2, max_new_tokens=8)
+        assert torch.equal(model.generate(prompt, **beams), model.generate(prompt, use_cache=False, **beams))
 
 
 @pytest.mark.parametrize("variant", ["sh", "mh", "mf"])
@@ -308,3 +305,17 @@ def test_modern_backbone_presets_build(name):
         parameters = sum(p.numel() for p in BSTForCausalLM(config).parameters())
     assert 150e6 < parameters < 230e6
     assert (config.bst_layers == []) == name.startswith("slide")
+
+
+def test_from_pretrained_in_bf16_keeps_only_the_ssm_module_in_fp32(tmp_path):
+    """The option projections are not part of the `ssm` module: they load in the model's dtype, and the model runs."""
+    model = options_model(**all_options("sh"))
+    model.save_pretrained(tmp_path)
+    loaded = BSTForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
+    dtypes = {name: parameter.dtype for name, parameter in loaded.named_parameters()}
+    assert dtypes["model.layers.0.ssm.conv_weight"] == dtypes["model.layers.0.ssm.skip"] == torch.float32
+    assert {dtypes[name] for name in dtypes if ".ssm." not in name} == {torch.bfloat16}
+    ids = torch.randint(2, 97, (2, 29))
+    with torch.no_grad():
+        difference = (loaded(ids).logits.float() - model(ids).logits).abs().max()
+    assert difference < 0.05
