@@ -27,6 +27,8 @@ CACHE_SIGNATURE_FIELDS = (
     "ssm_state_size",
     "num_context_states",
     "bst_layers",
+    "ssm_gate",
+    "ssm_conv_size",
 )
 
 
@@ -52,6 +54,8 @@ class BSTLayerCache(LinearAttentionLayer, CacheLayerMixin):
       K), the SSM inputs so far right-aligned (the newest last, zeros before the first): the filter is as long as the
       sequence, so its convolution window is the whole history. K grows in a dynamic cache and is `max_cache_len` in a
       static one;
+    - `short_conv_inputs` (B, D, K - 1), `store_short_conv_inputs` (`ssm_conv_size` K): each row's last K - 1 real
+      inputs of the short convolution before the SSM (zeros before the first);
     - `sink_keys`/`sink_values` (B, k, H_kv, d), `store_sinks` (`num_sink_tokens`): the keys/values of the sequence's
       first k tokens, which every later block also attends to;
     - `seen_tokens` (B,), `advance`: real tokens so far, per row (rows of a left-padded batch sit at different slots);
@@ -80,6 +84,7 @@ class BSTLayerCache(LinearAttentionLayer, CacheLayerMixin):
         self.context_states: torch.Tensor | None = None
         self.sink_keys: torch.Tensor | None = None
         self.sink_values: torch.Tensor | None = None
+        self.short_conv_inputs: torch.Tensor | None = None
         self.seen_tokens: torch.Tensor | None = None
         self.discretization: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self.taps: torch.Tensor | None = None
@@ -111,6 +116,9 @@ class BSTLayerCache(LinearAttentionLayer, CacheLayerMixin):
 
     def store_sinks(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         self.sink_keys, self.sink_values = self._hold(self.sink_keys, keys), self._hold(self.sink_values, values)
+
+    def store_short_conv_inputs(self, inputs: torch.Tensor) -> None:
+        self.short_conv_inputs = self._hold(self.short_conv_inputs, inputs)
 
     def ssm_state(self) -> torch.Tensor | None:
         return self.recurrent_states[0] if self.has_previous_state[0] else None
@@ -146,7 +154,7 @@ class BSTLayerCache(LinearAttentionLayer, CacheLayerMixin):
             name: getattr(self, name)
             for name in (
                 "keys", "values", "previous_keys", "previous_values", "context_keys", "context_values", "sink_keys",
-                "sink_values",
+                "sink_values", "short_conv_inputs",
             )
         }
         named.update(context_states=self.context_states, seen_tokens=self.seen_tokens)

@@ -74,6 +74,17 @@ class BSTConfig(PreTrainedConfig):
             sizes of the "s4" kernel; they set the range of time scales the SSM starts with (about 1/dt tokens: from
             one token to about one block of 128). Measured in docs/quality.md: [0.01, 1] carries the tokens just
             before a block boundary into the block far better than the S4D default [0.001, 0.1].
+        ssm_gate (`bool`, defaults to `False`): a data-dependent gate on the SSM branch (H3/Hyena style): the SSM
+            outputs are multiplied, channel by channel, by act(W_g x) with x the layer's normalised input and act
+            `hidden_act`, before they become context states. Pointwise in time: no generation state.
+        ssm_conv_size (`int`, defaults to 0): taps of a short causal depthwise convolution on the SSM input, before the
+            SSM (as Mamba and H3 run one); 0 turns it off, otherwise at least 2. Generation keeps each row's last
+            `ssm_conv_size - 1` SSM inputs in the cache.
+        ssm_residual (`bool`, defaults to `False`): the SSM output also joins the residual stream beside the
+            attention, through a gated projection as Griffin's recurrent block: W_o (mean_c y_c * act(W_r x)), the
+            mean over the layer's filters of the SSM outputs (before `ssm_gate`). W_o starts at zero, so a new or
+            converted model computes what it computed without the option. Not with `bst_variant="mf"`, whose SSM is
+            read at block ends only.
         implicit_filter_features (`int`, defaults to 16): number of sine/cosine frequency pairs that describe a
             position to the "unstructured" kernel's filter network.
         implicit_filter_hidden_size (`int`, defaults to 64): width of the "unstructured" kernel's filter network.
@@ -125,6 +136,9 @@ class BSTConfig(PreTrainedConfig):
     bst_layers: list[int] | None = None
     ssm_dt_min: float = 0.01
     ssm_dt_max: float = 1.0
+    ssm_gate: bool = False
+    ssm_conv_size: int = 0
+    ssm_residual: bool = False
     implicit_filter_features: int = 16
     implicit_filter_hidden_size: int = 64
     rope_theta: float = 10000.0
@@ -245,6 +259,19 @@ class BSTConfig(PreTrainedConfig):
         if not 0.0 < self.ssm_dt_min <= self.ssm_dt_max:
             raise ValueError(
                 f"Need 0 < `ssm_dt_min` <= `ssm_dt_max`, got {self.ssm_dt_min} and {self.ssm_dt_max}."
+            )
+        if self.ssm_conv_size < 0 or self.ssm_conv_size == 1:
+            raise ValueError(
+                f"`ssm_conv_size` is the number of taps of the short convolution on the SSM input: 0 (off) or at "
+                f"least 2, got {self.ssm_conv_size}."
+            )
+        options_on = [name for name in ("ssm_gate", "ssm_conv_size", "ssm_residual") if getattr(self, name)]
+        if options_on and not self.bst_layers:
+            raise ValueError(f"{options_on} change the SSM of BST layers, and `bst_layers` is empty.")
+        if self.ssm_residual and self.bst_variant == "mf":
+            raise ValueError(
+                '`ssm_residual` adds the SSM output at every token to the residual stream; `bst_variant="mf"` reads '
+                "its SSM at block ends only (its training path never forms per-token outputs). Use \"sh\" or \"mh\"."
             )
         if not 0 <= self.num_sink_tokens <= self.block_size:
             raise ValueError(

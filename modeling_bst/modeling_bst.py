@@ -772,6 +772,10 @@ class BSTStateSpace(nn.Module):
         kernel_class = BSTS4DKernel if config.ssm_kernel == "s4" else BSTImplicitKernel
         self.kernel_generator = kernel_class(config, channels)
         self.skip = nn.Parameter(torch.empty(self.hidden_size, self.num_filters))
+        # The short causal convolution on the SSM input (`ssm_conv_size` taps, the last on the current input).
+        self.conv_weight = None
+        if config.ssm_conv_size:
+            self.conv_weight = nn.Parameter(torch.empty(self.hidden_size, config.ssm_conv_size))  # (D, K)
 
     def kernel(self, length: int) -> torch.Tensor:
         """(D, C, length) filter taps from the current parameters."""
@@ -793,21 +797,46 @@ class BSTStateSpace(nn.Module):
         matmuls (kernel taps off by ~3e-3 of the largest tap, the long-range ones lost; "mf" failed outright on CUDA).
         """
         with torch.autocast(device_type=inputs.device.type, enabled=False):
-            if block_ends:
-                return self._block_end_outputs(inputs, layout, layer_cache)
             inputs = inputs.to(ssm_compute_dtype(self.skip.dtype))
+            if self.conv_weight is not None:
+                inputs = self._short_convolution(inputs, layout, layer_cache)
             if layout.has_padding:
                 # Padding must not enter the state (left-padded generation would otherwise leak it into later tokens).
                 inputs = inputs * layout.token_mask.unsqueeze(-1)
-            if layer_cache is None:
-                # No state to continue: one FFT convolution over the sequence, the skip term on the kernel's tap 0.
-                convolved = causal_fft_conv(inputs.transpose(1, 2), self.kernel(inputs.shape[1]), self.skip)
-                return convolved.permute(0, 3, 1, 2)  # (B, T, D, C), a view: filters outermost in memory
-            if self.config.ssm_kernel == "unstructured":
-                convolved = self._forward_with_history(inputs, layout, layer_cache)
-            else:
-                convolved = self._forward_with_state(inputs, layout, layer_cache)
-            return torch.addcmul(convolved, inputs.unsqueeze(-1), self.skip.to(inputs.dtype))  # + skip u, (B,T,D,C)
+            if block_ends:
+                return self._block_end_outputs(inputs, layout, layer_cache)
+            return self._all_outputs(inputs, layout, layer_cache)
+
+    def _all_outputs(self, inputs: torch.Tensor, layout: "BlockLayout", layer_cache: BSTLayerCache | None):
+        """The SSM outputs at every position: SSM inputs (B, T, D), in the compute dtype with padding zeroed ->
+        (B, T, D, C)."""
+        if layer_cache is None:
+            # No state to continue: one FFT convolution over the sequence, the skip term on the kernel's tap 0.
+            convolved = causal_fft_conv(inputs.transpose(1, 2), self.kernel(inputs.shape[1]), self.skip)
+            return convolved.permute(0, 3, 1, 2)  # (B, T, D, C), a view: filters outermost in memory
+        if self.config.ssm_kernel == "unstructured":
+            convolved = self._forward_with_history(inputs, layout, layer_cache)
+        else:
+            convolved = self._forward_with_state(inputs, layout, layer_cache)
+        return torch.addcmul(convolved, inputs.unsqueeze(-1), self.skip.to(inputs.dtype))  # + skip u, (B,T,D,C)
+
+    def _short_convolution(self, inputs: torch.Tensor, layout: "BlockLayout", layer_cache: BSTLayerCache | None):
+        """The short causal depthwise convolution on the SSM input, (B, T, D) -> (B, T, D):
+        x'[t] = sum_k w[k] x[t - K + 1 + k] with K = `ssm_conv_size` taps, zeros before the sequence start. It continues
+        from each row's last K - 1 real inputs held by the cache and stores the new ones: padding trails each row's
+        real tokens, so it reaches neither a real token's output nor the cache."""
+        batch, _, width = inputs.shape
+        taps = self.conv_weight.shape[1]
+        history = None if layer_cache is None else layer_cache.short_conv_inputs
+        if history is None:
+            history = inputs.new_zeros(batch, width, taps - 1)
+        combined = torch.cat([history, inputs.transpose(1, 2)], dim=-1)  # (B, D, K - 1 + T)
+        convolved = F.conv1d(combined, self.conv_weight.to(inputs.dtype).unsqueeze(1), groups=width)  # (B, D, T)
+        if layer_cache is not None:
+            # A row's last K - 1 real inputs sit at positions lengths .. lengths + K - 2 of `combined`.
+            index = layout.lengths[:, None] + torch.arange(taps - 1, device=inputs.device)  # (B, K - 1)
+            layer_cache.store_short_conv_inputs(combined.gather(-1, index[:, None, :].expand(-1, width, -1)))
+        return convolved.transpose(1, 2).contiguous()
 
     def _discretized(self, layer_cache: BSTLayerCache) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The "s4" (log dA, C dB, dA) of this cache: computed on its first use, then reused by every decoding step."""
@@ -900,7 +929,8 @@ class BSTStateSpace(nn.Module):
     def _block_end_outputs(
         self, inputs: torch.Tensor, layout: "BlockLayout", layer_cache: BSTLayerCache | None
     ) -> torch.Tensor:
-        """The SSM outputs "mf" reads: inputs (B, T, D) -> (B, N, D, C), the outputs at the chunk positions
+        """The SSM outputs "mf" reads: SSM inputs (B, T, D) as `_all_outputs` takes them -> (B, N, D, C), the outputs
+        at the chunk positions
         `block_end_index(layout, T)` (the last position of each of the layout's N blocks, clamped to the chunk), equal
         to the full forward's outputs gathered there.
 
@@ -912,17 +942,22 @@ class BSTStateSpace(nn.Module):
         length = inputs.shape[1]
         end_index = block_end_index(layout, length)  # (B, N)
         if layer_cache is not None:
-            states = self.forward(inputs, layout, layer_cache)  # (B, T, D, C); hooks run once, outside
+            states = self._all_outputs(inputs, layout, layer_cache)  # (B, T, D, C)
             return states.gather(1, end_index[..., None, None].expand(-1, -1, *states.shape[2:]))
-        inputs = inputs.to(ssm_compute_dtype(self.skip.dtype))
-        if layout.has_padding:
-            inputs = inputs * layout.token_mask.unsqueeze(-1)  # as in forward: padding never enters the state
         if self.config.ssm_kernel == "s4":
             convolved = block_end_scan(inputs, *self.kernel_generator.discretize(), self.num_filters, layout.block_size)
         else:
             convolved = block_end_convolution(inputs, self.kernel(length), layout.block_size)
         end_inputs = inputs.gather(1, end_index[..., None].expand(-1, -1, self.hidden_size))  # (B, N, D)
         return torch.addcmul(convolved, end_inputs.unsqueeze(-1), self.skip.to(inputs.dtype))  # + skip * u
+
+
+class BSTSSMResidualProjection(nn.Linear):
+    """`residual_out_proj`: the residual SSM branch's output projection (`ssm_residual`). A plain linear map; its
+    own class only so that initialisation can start it at zero."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__(hidden_size, hidden_size, bias=False)
 
 
 class BSTDecoderLayer(GradientCheckpointingLayer):
@@ -934,6 +969,14 @@ class BSTDecoderLayer(GradientCheckpointingLayer):
         self.is_bst_layer = layer_idx in config.bst_layers
         self.input_layernorm = BSTRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.ssm = BSTStateSpace(config) if self.is_bst_layer else None
+        # The options of the SSM branch live here, not in `ssm`, whose parameters stay fp32: these are plain
+        # projections of the layer input and run in the model's dtype (no "ssm" in their names, see
+        # `_keep_in_fp32_modules_strict`). `ssm_gate`: context_gate_proj; `ssm_residual`: residual_*_proj.
+        width, gated, residual = config.hidden_size, config.ssm_gate, config.ssm_residual
+        self.context_gate_proj = nn.Linear(width, width, bias=False) if self.is_bst_layer and gated else None
+        self.residual_gate_proj = nn.Linear(width, width, bias=False) if self.is_bst_layer and residual else None
+        self.residual_out_proj = BSTSSMResidualProjection(width) if self.is_bst_layer and residual else None
+        self.act_fn = ACT2FN[config.hidden_act] if self.is_bst_layer and (gated or residual) else None
         self.attention = BSTAttention(config, layer_idx, self.is_bst_layer)
         self.post_attention_layernorm = BSTRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.mlp = BSTMLP(config)
@@ -947,20 +990,36 @@ class BSTDecoderLayer(GradientCheckpointingLayer):
     ) -> torch.Tensor:
         residual = hidden_states
         hidden_states = self.input_layernorm(hidden_states)
-        context_states = None
+        context_states = ssm_residual = None
         if self.is_bst_layer:
             # "mf" reads the SSM at block ends only: (B, N, D, S) instead of (B, T, D, S).
             block_ends = self.ssm.config.bst_variant == "mf"
             context_states = self.ssm(hidden_states, layout, layer_cache, block_ends=block_ends)
+            if self.residual_out_proj is not None:
+                # Griffin's recurrent block: W_o (mean_c y_c * act(W_r x)), the mean over filters, (B, T, D).
+                ssm_outputs = context_states.mean(-1).to(hidden_states.dtype)
+                gate = self.act_fn(self.residual_gate_proj(hidden_states))
+                ssm_residual = self.residual_out_proj(ssm_outputs * gate)
+            if self.context_gate_proj is not None:
+                # y * act(W_g x), x at the positions whose SSM outputs become context states ("mf": the block ends).
+                gate_inputs = hidden_states
+                if block_ends:
+                    end_index = block_end_index(layout, hidden_states.shape[1])[..., None]  # (B, N, 1)
+                    gate_inputs = hidden_states.gather(1, end_index.expand(-1, -1, hidden_states.shape[-1]))
+                context_states = context_states * self.act_fn(self.context_gate_proj(gate_inputs)).unsqueeze(-1)
         hidden_states = self.attention(hidden_states, rotations, layout, context_states, layer_cache)
         hidden_states = residual + hidden_states
+        if ssm_residual is not None:
+            hidden_states = hidden_states + ssm_residual
         return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
 
 
 # Parameters that exist only for a given SSM/context configuration: a checkpoint that lacks them, or has others, was
-# saved for another `ssm_kernel`, `bst_variant`, `bst_layers` or `num_context_states`.
+# saved for another `ssm_kernel`, `bst_variant`, `bst_layers`, `num_context_states`, `ssm_gate`, `ssm_conv_size` or
+# `ssm_residual`.
 SSM_AND_CONTEXT_KEYS = re.compile(
-    r"(^|\.)(ssm|attention\.(context_norm|cross_q_proj|context_k_proj|context_v_proj|initial_context|context_ids))\."
+    r"(^|\.)(ssm|context_gate_proj|residual_gate_proj|residual_out_proj"
+    r"|attention\.(context_norm|cross_q_proj|context_k_proj|context_v_proj|initial_context|context_ids))\."
     r"|\.attention\.(initial_context|context_ids)$"
 )
 
@@ -1028,7 +1087,8 @@ class BSTPreTrainedModel(PreTrainedModel):
     _is_stateful = True
     # The SSM parameters (step sizes, A, C, the implicit filter, the skip) stay fp32 when from_pretrained/from_config
     # get dtype=bfloat16/float16: bf16 rounds log_dt and A by up to 0.4%, and the kernel's phase dt*Im(A)*l
-    # multiplies that by the position. (A plain `model.to(torch.bfloat16)` casts them all the same.)
+    # multiplies that by the position. (A plain `model.to(torch.bfloat16)` casts them all the same.) Transformers
+    # searches each entry in the parameter names, so no other module's name may contain "ssm".
     _keep_in_fp32_modules_strict = ["ssm"]
 
     @classmethod
@@ -1046,7 +1106,9 @@ class BSTPreTrainedModel(PreTrainedModel):
             raise ValueError(
                 f"The checkpoint's SSM/context weights do not fit its configuration (ssm_kernel={config.ssm_kernel!r}, "
                 f"bst_variant={config.bst_variant!r}, bst_layers={config.bst_layers}, "
-                f"num_context_states={config.num_context_states}): missing {len(missing)} {missing[:6]}, "
+                f"num_context_states={config.num_context_states}, ssm_gate={config.ssm_gate}, "
+                f"ssm_conv_size={config.ssm_conv_size}, ssm_residual={config.ssm_residual}): "
+                f"missing {len(missing)} {missing[:6]}, "
                 f"unexpected {len(unexpected)} {unexpected[:6]}. Was config.json edited after the weights were saved?"
             )
         return (model, loading_info) if output_loading_info else model
@@ -1059,6 +1121,9 @@ class BSTPreTrainedModel(PreTrainedModel):
         elif isinstance(module, BSTStateSpace):
             # No skip term at the start: the context states are the SSM's history alone (docs/quality.md, "Recipe").
             init.zeros_(module.skip)
+            if module.conv_weight is not None:  # Mamba's short convolution: uniform in +-1/sqrt(taps)
+                bound = module.conv_weight.shape[1] ** -0.5
+                init.uniform_(module.conv_weight, -bound, bound)
         elif isinstance(module, BSTAttention) and getattr(module, "initial_context", None) is not None:
             init.normal_(module.initial_context, std=std)
             init.normal_(module.context_ids, std=std)
@@ -1069,6 +1134,10 @@ class BSTPreTrainedModel(PreTrainedModel):
             # context path grows only as far as it helps (docs/quality.md, "Recipe").
             cross_columns = torch.arange(module.in_features, device=module.weight.device) >= module.in_features // 2
             init.copy_(module.weight, module.weight.masked_fill(cross_columns, 0.0))
+        if isinstance(module, BSTSSMResidualProjection):
+            # The residual SSM branch starts at zero: a new layer, or a converted model's layer, computes what it
+            # computes without it, and the branch grows only as far as training finds it useful.
+            init.zeros_(module.weight)
 
 
 class BSTModel(BSTPreTrainedModel):

@@ -124,7 +124,7 @@ def test_targets_table_figure_and_markdown(quick_results):
     assert set(saved["targets"]) == {"prose", "code"}
     for entry in saved["targets"].values():
         rows = entry["targets"]
-        assert len(rows) == 8  # every target has its models in the quick run
+        assert len(rows) == 9  # every target has its models in the quick run (the SSM ablation too)
         for label, row in rows.items():
             assert (row["met"] is None) == label.endswith("(reported)")
             assert set(row["per_seed"]) == {"0", "1"}
@@ -224,3 +224,37 @@ def test_chunked_scan_resets_and_carries_a_state_like_the_loop():
         )
         for got_tensor, expected_tensor in zip(got, expected):
             torch.testing.assert_close(got_tensor, expected_tensor, atol=1e-12, rtol=1e-10)
+
+
+def test_ssm_options_in_model_names_and_the_gated_backbone():
+    """`bst-sh-s4+gate+conv4+residual` sets the options; --gated_mlp gives BST and Slide the MLP Llama and Mistral have
+    (SwiGLU); the SSM ablation zeroes every SSM output."""
+    common = ["--quick", "--data_dir", os.path.dirname(__file__), "--corpora", ""]
+    name = "bst-sh-s4+gate+conv4+residual"
+    args = quality_experiment.parse_args(common + ["--models", f"{name},slide,llama", "--gated_mlp"])
+    fields = quality_experiment.bst_fields(args, name)
+    assert (fields["ssm_gate"], fields["ssm_conv_size"], fields["ssm_residual"]) == (True, 4, True)
+    assert args.reference_intermediate_size == 8 * args.hidden_size // 3
+    torch.manual_seed(0)
+    bst = quality_experiment.build_model(args, name, 300, 40).eval()
+    slide = quality_experiment.build_model(args, "slide", 300, 40)
+    llama = quality_experiment.build_model(args, "llama", 300, 40)
+    for model in (bst, slide):
+        assert model.config.gated_mlp and model.config.hidden_act == llama.config.hidden_act == "silu"
+    assert not quality_experiment.build_model(quality_experiment.parse_args(common), "slide", 300, 40).config.gated_mlp
+    for bad in ("bst-sh-s4+gates", "bst-sh-s4+conv", "bst-mf-s4+residual", "slide+gate"):
+        with pytest.raises(SystemExit):
+            quality_experiment.parse_args(common + ["--models", bad])
+    layer = bst.model.layers[1]
+    torch.nn.init.normal_(layer.residual_out_proj.weight)
+    torch.nn.init.normal_(layer.attention.o_proj.weight)
+    spans = torch.randint(2, 300, (1, 2 * args.train_length + 1))
+    with torch.no_grad():
+        real = quality_experiment.perplexity(bst, spans, args.train_length, args)
+        zeroed = quality_experiment.ssm_ablation(bst, spans, args)
+        layer.residual_out_proj.weight.zero_()
+        o_proj = layer.attention.o_proj.weight
+        o_proj[:, o_proj.shape[1] // 2 :] = 0
+        closed = quality_experiment.perplexity(bst, spans, args.train_length, args)
+    assert zeroed["test_perplexity"] == pytest.approx(closed, rel=1e-5) and real != pytest.approx(closed, rel=1e-5)
+    assert not bst.model.layers[1].ssm._forward_hooks  # the ablation's hooks are gone

@@ -18,6 +18,20 @@ Models (`--models`; the default is bst-sh-s4, slide, mistral-swa, recurrentgemma
 * `recurrentgemma`: Transformers' RecurrentGemma (Griffin), RG-LRU recurrence and local attention over `block_size`;
 * `llama`: Transformers' `LlamaForCausalLM`, full attention, its RoPE used as is beyond the training length.
 
+A BST name may carry options of the SSM branch, joined by "+": `gate` (`ssm_gate`), `conv<k>` (`ssm_conv_size=k`),
+`residual` (`ssm_residual`), e.g. `bst-sh-s4+gate+conv4+residual`. Llama and Mistral have SwiGLU MLPs (gated, SiLU)
+and RecurrentGemma a gated GeLU MLP; BST and Slide have the paper's plain GeLU MLP unless `--gated_mlp` gives them
+Llama's, so that BST, Slide, Mistral-SWA and Llama share one backbone.
+
+Every trained BST model is also scored at 1x with its SSM outputs replaced by zeros (the SSM ablation: no context
+states, no residual SSM branch): whether its real context states lower its perplexity.
+
+The options one by one and together, against Slide and Mistral-SWA on one backbone, RecurrentGemma and Llama:
+
+    python scripts/experiments/quality_experiment.py --gated_mlp --corpora books,code --seeds 0,1,2 --no_ablation \
+        --models bst-sh-s4,bst-sh-s4+gate,bst-sh-s4+conv4,bst-sh-s4+residual,bst-sh-s4+gate+conv4+residual,slide,\
+mistral-swa,recurrentgemma,llama
+
 Evaluation: the held-out documents (id order, separated by the end-of-text token) form one token stream; `--eval_spans`
 non-overlapping spans of 16 x 512 tokens are taken evenly spaced over it, and every span is scored as windows of 1x,
 4x and 16x the training length: the same tokens are predicted at every length, so the numbers differ only by how
@@ -49,6 +63,7 @@ import types
 import numpy as np
 import torch
 import torch.nn.functional as F
+from huggingface_hub.errors import StrictDataclassClassValidationError
 from tqdm.auto import tqdm
 from transformers import (
     LlamaConfig,
@@ -68,6 +83,7 @@ from bst_tools.training import SSM_LEARNING_RATE_SCALE, optimizer_parameter_grou
 from modeling_bst import BSTConfig, BSTForCausalLM
 
 
+# The base models; BST names may add SSM options ("bst-sh-s4+gate+conv4", SSM_OPTIONS).
 ALL_MODELS = (
     "bst-sh-s4",
     "bst-mh-s4",
@@ -81,6 +97,7 @@ ALL_MODELS = (
 )
 DEFAULT_MODELS = ("bst-sh-s4", "slide", "mistral-swa", "recurrentgemma", "llama")
 BASELINES = ("slide", "mistral-swa", "recurrentgemma", "llama")
+SSM_OPTIONS = {"gate": "ssm_gate", "residual": "ssm_residual"}  # and "conv<taps>": ssm_conv_size
 RECURRENCE_CHUNK = 16  # time steps per chunk of chunked_rnn_scan
 EARLY_SLOTS = 4  # "early-slot loss": the first 4 slots of a block, where block attention has almost no context
 PARAMETER_TOLERANCE = 0.05
@@ -133,7 +150,13 @@ def parse_args(argv=None):
         "--reference_intermediate_size",
         type=int,
         default=None,
-        help="FFN width of bst-sh-s4, whose non-embedding parameter count every model is matched to. Default 4*hidden.",
+        help="FFN width of bst-sh-s4, whose non-embedding parameter count every model is matched to. Default 4*hidden "
+        "(8/3*hidden with --gated_mlp: the same parameters).",
+    )
+    model.add_argument(
+        "--gated_mlp",
+        action="store_true",
+        help="BST and Slide get Llama's and Mistral's SwiGLU MLP (gated_mlp, silu) instead of the paper's GeLU MLP.",
     )
 
     train = parser.add_argument_group("training (identical for every model)")
@@ -234,9 +257,14 @@ def check_args(parser, args):
     """Everything that can be checked before any heavy work."""
     args.corpora = [c for c in args.corpora.split(",") if c]
     args.models = [m for m in args.models.split(",") if m]
-    unknown = [m for m in args.models if m not in ALL_MODELS]
+    unknown = [m for m in args.models if m.split("+")[0] not in ALL_MODELS]
     if unknown:
         parser.error(f"--models: unknown {unknown}; choose from {list(ALL_MODELS)}.")
+    for name in [m for m in args.models if "+" in m]:
+        try:
+            ssm_option_fields(name)
+        except ValueError as error:
+            parser.error(f"--models: {error}")
     for corpus in args.corpora:
         for split in ("train", "validation", "test"):
             path = os.path.join(args.data_dir, corpus, f"{split}.jsonl")
@@ -275,7 +303,17 @@ def check_args(parser, args):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1, got {getattr(args, name)}.")
     if args.reference_intermediate_size is None:
-        args.reference_intermediate_size = 4 * args.hidden_size
+        args.reference_intermediate_size = 8 * args.hidden_size // 3 if args.gated_mlp else 4 * args.hidden_size
+    for name in [m for m in args.models if m.startswith("bst-")]:
+        try:
+            BSTConfig(
+                hidden_size=args.hidden_size,
+                num_hidden_layers=args.num_layers,
+                num_attention_heads=args.num_heads,
+                **bst_fields(args, name),
+            )
+        except (ValueError, StrictDataclassClassValidationError) as error:  # e.g. an option the variant does not take
+            parser.error(f"--models: {name}: {error}")
     return args
 
 
@@ -371,17 +409,37 @@ def evaluation_spans(stream, span_length, count):
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def ssm_option_fields(model_name):
+    """The BST config fields of the "+"-joined options of a model name: "bst-sh-s4+gate+conv4" -> ssm_gate=True,
+    ssm_conv_size=4."""
+    fields = {}
+    for option in model_name.split("+")[1:]:
+        if option in SSM_OPTIONS:
+            fields[SSM_OPTIONS[option]] = True
+        elif option.startswith("conv") and option[4:].isdigit():
+            fields["ssm_conv_size"] = int(option[4:])
+        else:
+            raise ValueError(f"{model_name}: unknown option {option!r}; options are gate, residual, conv<taps>.")
+    if fields and not model_name.startswith("bst-"):
+        raise ValueError(f"{model_name}: SSM options apply to BST models only.")
+    return fields
+
+
 def bst_fields(args, model_name, overrides=None):
     overrides = {k: v for k, v in (overrides or {}).items() if k != "old_recipe"}
+    # Llama's and Mistral's MLP, for the same backbone (--gated_mlp).
+    backbone = dict(gated_mlp=True, hidden_act="silu") if args.gated_mlp else {}
     if model_name == "slide":
-        return dict(block_size=args.block_size, bst_layers=[], **overrides)
-    variant, kernel = model_name.split("-")[1:3]
+        return dict(block_size=args.block_size, bst_layers=[], **backbone, **overrides)
+    variant, kernel = model_name.split("+")[0].split("-")[1:3]
     fields = dict(
         bst_variant=variant,
         ssm_kernel=kernel,
         bst_layers=list(args.bst_layers),
         ssm_state_size=args.ssm_state_size,
         block_size=args.block_size,
+        **backbone,
+        **ssm_option_fields(model_name),
     )
     if variant == "mf":
         fields["num_context_states"] = args.mf_context_states
@@ -586,6 +644,26 @@ def slot_losses(model, spans, args):
     }
 
 
+def ssm_ablation(model, spans, args):
+    """Test perplexity and loss by slot at the training length with every SSM output replaced by zeros (context
+    states, and the residual SSM branch when there is one): what the model's real context states are worth."""
+    hooks = [
+        layer.ssm.register_forward_hook(lambda module, inputs, output: torch.zeros_like(output))
+        for layer in model.model.layers
+        if layer.ssm is not None
+    ]
+    try:
+        slots = slot_losses(model, spans, args)
+        return {
+            "test_perplexity": perplexity(model, spans, args.train_length, args),
+            "early_slot_loss": slots["early_slot_loss"],
+            "late_slot_loss": slots["late_slot_loss"],
+        }
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Results: JSON, figure, markdown
 # ----------------------------------------------------------------------------------------------------------------
@@ -608,6 +686,12 @@ def mean(values):
     return sum(values) / len(values)
 
 
+def model_names(results):
+    """The models that have runs: the base models in ALL_MODELS' order, then BST models with options as they came."""
+    names = [run["name"] for run in results["runs"] if not run["ablation"]]
+    return [name for name in ALL_MODELS if name in names] + list(dict.fromkeys(n for n in names if n not in ALL_MODELS))
+
+
 def aggregate(results, corpus, name):
     """Mean test perplexity per evaluation length and the list of seeds, over the main runs of one model."""
     runs = [r for r in results["runs"] if r["corpus"] == corpus and r["name"] == name and not r["ablation"]]
@@ -623,6 +707,10 @@ def aggregate(results, corpus, name):
         "early_slot_loss": mean([r["early_slot_loss"] for r in runs]),
         "late_slot_loss": mean([r["late_slot_loss"] for r in runs]),
         "train_seconds": mean([r["train_seconds"] for r in runs]),
+        # Test perplexity at 1x with the SSM outputs zeroed (BST runs; None for others and for older results).
+        "ssm_zeroed": mean([r["ssm_ablation"]["test_perplexity"] for r in runs])
+        if all(r.get("ssm_ablation") for r in runs)
+        else None,
         "run": runs[0],
     }
 
@@ -744,6 +832,19 @@ def evaluate_targets(results):
                 compare(bst, llama, lambda r: r["test_perplexity"][short], None, ratio),
             ),
         ]
+        if all(run.get("ssm_ablation") for run in bst.values()):
+            rows.append(
+                (
+                    "perplexity at 1x below its own with the SSM outputs zeroed",
+                    compare(
+                        bst,
+                        bst,
+                        lambda r: r["test_perplexity"][short] / r["ssm_ablation"]["test_perplexity"],
+                        lambda b, o: b < 1.0,
+                        lambda b, o: f"x{b:.3f}",
+                    ),
+                )
+            )
         targets[corpus] = {"best_bst": best, "targets": {label: row for label, row in rows if row is not None}}
     return targets
 
@@ -773,9 +874,10 @@ def plot_results(results, figure_dir):
         plt.close(figure)
         return path
 
+    names = model_names(results)
     figure, axes = plt.subplots(1, len(corpora), figsize=(6.5 * len(corpora), 4.5), squeeze=False)
     for axis, corpus in zip(axes[0], corpora):
-        for name in ALL_MODELS:
+        for name in names:
             summary = aggregate(results, corpus, name)
             if summary is None:
                 continue
@@ -794,7 +896,8 @@ def plot_results(results, figure_dir):
 
     # Training curves of every main run: shows how much of the spread between models is spread between seeds.
     figure, axes = plt.subplots(1, len(corpora), figsize=(6.5 * len(corpora), 4.5), squeeze=False)
-    colors = dict(zip(ALL_MODELS, plt.rcParams["axes.prop_cycle"].by_key()["color"] * 2))
+    palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    colors = {name: palette[index % len(palette)] for index, name in enumerate(names)}
     for axis, corpus in zip(axes[0], corpora):
         labelled = set()
         for run in results["runs"]:
@@ -819,7 +922,7 @@ def plot_results(results, figure_dir):
     figure, axes = plt.subplots(1, len(corpora), figsize=(6.5 * len(corpora), 4.5), squeeze=False)
     for axis, corpus in zip(axes[0], corpora):
         curves = {}
-        for name in ALL_MODELS:
+        for name in names:
             by_seed = [r["loss_by_slot"] for r in results["runs"] if r["corpus"] == corpus and r["name"] == name]
             if by_seed:
                 curves[name] = np.mean(by_seed, axis=0)
@@ -843,10 +946,11 @@ def format_table(results, corpus):
     header = (
         "| model | seeds | "
         + " | ".join(f"test ppl @ {n} (min-max)" for n in lengths)
-        + " | early-slot loss | late-slot loss | val ppl @ 1x | params (non-emb.) | FFN | tokens seen | train s / run |"
+        + " | ppl @ 1x, SSM zeroed | early-slot loss | late-slot loss | val ppl @ 1x | params (non-emb.) | FFN "
+        + "| tokens seen | train s / run |"
     )
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
-    for name in ALL_MODELS:
+    for name in model_names(results):
         summary = aggregate(results, corpus, name)
         if summary is None:
             continue
@@ -858,8 +962,9 @@ def format_table(results, corpus):
                 cell += f" ({summary['low'][n]:.0f}-{summary['high'][n]:.0f})"
             cells.append(cell)
         parameters = f"{run['parameters'] / 1e6:.3f}M ({run['non_embedding_parameters'] / 1e6:.3f}M)"
+        zeroed = "-" if summary["ssm_zeroed"] is None else f"{summary['ssm_zeroed']:.1f}"
         lines.append(
-            f"| {name} | {','.join(map(str, summary['seeds']))} | {' | '.join(cells)} | "
+            f"| {name} | {','.join(map(str, summary['seeds']))} | {' | '.join(cells)} | {zeroed} | "
             f"{summary['early_slot_loss']:.3f} | {summary['late_slot_loss']:.3f} | {summary['validation']:.2f} | "
             f"{parameters} | {run['intermediate_size']} | {run['tokens_seen']:,} | {summary['train_seconds']:.0f} |"
         )
@@ -994,6 +1099,8 @@ def main(argv=None):
         if key
         not in ("command", "resume", "report_only", "output_json", "figure_dir", "markdown", "work_dir", "threads")
     }
+    if not args.gated_mlp:  # absent from the settings of results written before the flag, which resume unchanged
+        del settings["gated_mlp"]
     settings["machine"] = (
         f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, {args.threads} threads"
     )
@@ -1091,6 +1198,8 @@ def main(argv=None):
         validation = curve[-1][1]
         test = {str(n): perplexity(model, data["test"], n, args) for n in eval_lengths}
         slots = slot_losses(model, data["test"], args)
+        has_ssm = isinstance(model, BSTForCausalLM) and any(layer.ssm is not None for layer in model.model.layers)
+        zeroed = ssm_ablation(model, data["test"], args) if has_ssm else None
         eval_seconds = time.time() - eval_started
         run = {
             "corpus": corpus,
@@ -1115,6 +1224,7 @@ def main(argv=None):
             "validation_curve": curve,
             "test_perplexity": test,
             **slots,
+            "ssm_ablation": zeroed,
         }
         results["runs"].append(run)
         done.add(key)
