@@ -422,9 +422,15 @@ class BSTAttention(nn.Module):
         itself."""
         if self.config._attn_implementation != "sdpa" or self.training:
             return self._attend(query[:, None], key[:, None], value[:, None], attention_mask)[:, 0]
-        key, value = repeat_key_value_heads(key, value, query.shape[-2])
+        # SDPA serves grouped key/value heads itself (query head h reads key/value head h // groups, as
+        # `repeat_key_value_heads` would): no per-step copy of every key and value for each query head.
         output = F.scaled_dot_product_attention(
-            query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), attention_mask, scale=self.scaling
+            query.transpose(1, 2),
+            key.transpose(1, 2),
+            value.transpose(1, 2),
+            attention_mask,
+            scale=self.scaling,
+            enable_gqa=key.shape[2] != query.shape[2],
         )  # (B, H, 1, d)
         return output.transpose(1, 2).reshape(query.shape[0], 1, -1)
 
