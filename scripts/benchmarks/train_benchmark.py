@@ -51,7 +51,7 @@ from tqdm.auto import tqdm
 from bst_benchmark.baselines import import_bst
 from bst_benchmark.plots import make_training_plots
 from bst_benchmark.report import machine_facts
-from bst_benchmark.settings import REPO_ROOT, parse_length
+from bst_benchmark.settings import REPO_ROOT, check_device, parse_length
 from bst_benchmark.training import (
     MODEL_ORDER,
     SHAPES,
@@ -121,12 +121,7 @@ def parse_args(argv=None):
 
 def check_args(args):
     """Fail on bad input, naming the problem, before any heavy work starts."""
-    try:
-        device = torch.device(args.device)
-    except RuntimeError as error:
-        raise SystemExit(f"--device {args.device!r} is not a torch device: {error}")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"--device {args.device} was asked for, but torch sees no CUDA GPU.")
+    check_device(args.device)
     for name in ("tokens_per_step", "warmup", "repeats"):
         if getattr(args, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}.")

@@ -225,14 +225,20 @@ def parse_args(argv=None):
     return args
 
 
+def check_device(name: str) -> torch.device:
+    """--device as a torch device that exists here, or an error naming the problem."""
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise SystemExit(f"--device {name!r} is not a torch device: {error}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {name} was asked for, but torch sees no CUDA GPU.")
+    return device
+
+
 def check_args(args):
     """Fail on bad input, naming the problem, before any heavy work starts."""
-    try:
-        device = torch.device(args.device)
-    except RuntimeError as error:
-        raise SystemExit(f"--device {args.device!r} is not a torch device: {error}")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"--device {args.device} was asked for, but torch sees no CUDA GPU.")
+    check_device(args.device)
     if args.hidden_size % args.num_heads:
         raise SystemExit(f"--hidden-size {args.hidden_size} is not divisible by --num-heads {args.num_heads}.")
     if (args.hidden_size // args.num_heads) % 2:
