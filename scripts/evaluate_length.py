@@ -298,6 +298,14 @@ def parse_args(argv=None):
     add("--sinks", type=int, default=4, help="StreamingLLM: attention-sink tokens kept from the start.")
     add("--streaming_chunk", type=int, default=1024, help="StreamingLLM: tokens recomputed per forward.")
     add(
+        "--streaming_generation_window",
+        type=int,
+        default=None,
+        help="StreamingLLM's recent tokens when it answers passkeys (default: --streaming_window). Scoring in chunks "
+        "gives each token the window plus its place in the chunk; generation gives it the window alone, so match a "
+        "BST with previous-block attention (1-2 blocks) with twice its W here.",
+    )
+    add(
         "--source_max_length",
         type=int,
         default=None,
@@ -356,11 +364,13 @@ def main(argv=None):
                  greedy_answer(source), args.source_max_length)
         if args.streaming_window:
             window, sinks, chunk = args.streaming_window, args.sinks, args.streaming_chunk
+            generation_window = args.streaming_generation_window or window
             evaluate(
-                f"StreamingLLM ({sinks} sinks + {window:,} window, chunks of {chunk:,})",
+                f"StreamingLLM ({sinks} sinks + {window:,} window, chunks of {chunk:,}"
+                + (f"; passkeys with {generation_window:,})" if generation_window != window else ")"),
                 lambda ids: streaming_llm_losses(source, ids, window, sinks, chunk),
                 block_size,
-                lambda prompt: streaming_llm_generate(source, prompt, PASSKEY_NEW_TOKENS, window, sinks),
+                lambda prompt: streaming_llm_generate(source, prompt, PASSKEY_NEW_TOKENS, generation_window, sinks),
             )
     for path, model in bsts.items():
         evaluate(f"BST {Path(path).name}", lambda ids, model=model: next_token_losses(model, ids),

@@ -178,3 +178,23 @@ def test_command_line_on_tiny_folders(tmp_path):
         "--output_dir", str(tmp_path / "out2"),
     ])["models"]["source (full attention)"]
     assert [row["length"] for row in skipped["perplexity"]] == [32] and list(skipped["passkey"]) == [8]
+
+
+def test_streaming_llm_answers_passkeys_with_its_generation_window(tmp_path, monkeypatch):
+    """--streaming_generation_window: the window StreamingLLM's passkey answers keep (its chunked scoring keeps
+    --streaming_window plus the place in the chunk), named in its row; default: --streaming_window."""
+    tiny_llama().save_pretrained(tmp_path / "llama")
+    character_tokenizer().save_pretrained(tmp_path / "llama")
+    windows = []
+    generate = evaluate_length.streaming_llm_generate
+    monkeypatch.setattr(evaluate_length, "streaming_llm_generate",
+                        lambda model, prompt, new, window, sinks: windows.append(window) or generate(model, prompt, new, window, sinks))
+    options = ["--source", str(tmp_path / "llama"), "--lengths", "32", "--total_tokens", "32", "--source_max_length", "0",
+               "--streaming_window", "16", "--sinks", "2", "--streaming_chunk", "8", "--passkey_distances", "8",
+               "--passkey_trials", "1"]
+    models = evaluate_length.main([*options, "--streaming_generation_window", "32", "--output_dir", str(tmp_path / "a")])
+    assert list(models["models"]) == ["source (full attention)", "StreamingLLM (2 sinks + 16 window, chunks of 8; passkeys with 32)"]
+    assert windows == [32]
+    evaluate_length.main([*options, "--output_dir", str(tmp_path / "b")])
+    assert windows == [32, 16]
+

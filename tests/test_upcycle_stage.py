@@ -65,7 +65,7 @@ def test_stage_runs_end_to_end_and_always_writes_its_summary(tiny_inputs, tmp_pa
     assert all((tmp_path / "stage" / f"{run}_trained_weights.safetensors").is_file() for run in ("upcycled", "control"))
     assert not (tmp_path / "stage" / "upcycled").exists()
     names = sorted(summary["evaluation"])
-    assert names == ["BST control", "BST converted", "BST upcycled", "StreamingLLM (2 sinks + 8 window, chunks of 8)",
+    assert names == ["BST control", "BST converted", "BST upcycled", "StreamingLLM (2 sinks + 8 window, chunks of 8; passkeys with 16)",
                      "source (full attention)"]
     for results in summary["evaluation"].values():
         assert [row["length"] for row in results["perplexity"]] == [32, 64]

@@ -101,6 +101,7 @@ else
     # Four processes at once on the GPU (a 135M model uses a fraction of it): the stage waits for the slowest only.
     part eval-source "$EVAL_SECONDS" python scripts/evaluate_length.py --source_gguf "$GGUF" "${EVALUATION[@]}" \
         --streaming_window "$BLOCK_SIZE" --streaming_chunk "$BLOCK_SIZE" --sinks "$SINKS" \
+        --streaming_generation_window "$(( 2 * BLOCK_SIZE ))" \
         --output_dir "$OUTPUT_DIR/eval-source" &
     for model in upcycled control converted; do
         [ -f "$MODELS_DIR/$model/config.json" ] || continue
