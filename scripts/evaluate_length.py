@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import modeling_bst  # noqa: F401  (registers the "bst" model type)
+from bst_tools import conversion
 from bst_tools.evaluation import summarise_slots
 
 
@@ -319,22 +320,15 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def load_source(args):
-    if args.source_gguf:
-        from bst_tools import conversion
-
-        return conversion.load_gguf_source(conversion.resolve_gguf_file(args.source_gguf))
-    model = AutoModelForCausalLM.from_pretrained(args.source, dtype=torch.float32).eval()
-    return model, AutoTokenizer.from_pretrained(args.source)
-
-
 def main(argv=None):
     args = parse_args(argv)
     torch.manual_seed(0)
     lengths, distances = parse_list(args.lengths), parse_list(args.passkey_distances)
     bsts = {path: AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval().to(args.device)
             for path in args.bst}
-    source, tokenizer = load_source(args) if (args.source or args.source_gguf) else (None, None)
+    source, tokenizer = (None, None)
+    if args.source or args.source_gguf:
+        source, tokenizer = conversion.load_source(args.source, args.source_gguf)
     source = source.to(args.device) if source is not None else None
     if tokenizer is None:
         tokenizer = AutoTokenizer.from_pretrained(args.bst[0])

@@ -55,7 +55,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoTokenizer
 
 from bst_tools import conversion, corpus
 from modeling_bst.modeling_bst import SSM_AND_CONTEXT_KEYS
@@ -321,16 +321,6 @@ def upcycling_loss(model, teacher, input_ids, distill_mask, distill_weight, auto
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def load_source(args):
-    """(source LlamaForCausalLM in fp32, tokenizer)."""
-    if args.gguf_file:
-        return conversion.load_gguf_source(conversion.resolve_gguf_file(args.gguf_file, args.model_name_or_path))
-    if not args.model_name_or_path:
-        raise SystemExit("Pass --model_name_or_path, --gguf_file, or both.")
-    source = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, dtype=torch.float32).eval()
-    return source, AutoTokenizer.from_pretrained(args.model_name_or_path)
-
-
 def load_tokenizer(args):
     if args.gguf_file:
         gguf_path = conversion.resolve_gguf_file(args.gguf_file, args.model_name_or_path)
@@ -354,7 +344,9 @@ def upcycle(args) -> dict:
     if output_dir.exists() and any(output_dir.iterdir()):
         raise FileExistsError(f"--output_dir {output_dir} is not empty.")
 
-    source, tokenizer = load_source(args)
+    if not (args.model_name_or_path or args.gguf_file):
+        raise SystemExit("Pass --model_name_or_path, --gguf_file, or both.")
+    source, tokenizer = conversion.load_source(args.model_name_or_path, args.gguf_file)
     bst_layers = conversion.parse_layers(args.bst_layers, source.config.num_hidden_layers)
     tuned_layers = conversion.parse_layers(args.tuned_layers, source.config.num_hidden_layers) if args.tuned_layers else bst_layers
     model = conversion.convert_model(
