@@ -45,7 +45,8 @@ class BSTLayerCache(LinearAttentionLayer, CacheLayerMixin):
       (slot = position modulo W; H_kv = `num_key_value_heads`); only the slots up to a row's current position are read,
       a new block overwrites them;
     - `previous_keys`/`previous_values` (B, W, H_kv, d), `store_previous_block` (`attend_previous_block`): the block
-      before the one that holds the row's next token;
+      before the one that holds the row's next token, its keys already rotated by -W (RoPE), where they sit for the
+      queries of the row's current block: a decoding step reads them as they are;
     - `context_keys`/`context_values` (B, W, H, d), `store_context_block` ("sh"/"mh"), or `context_states` (B, S, D),
       `store_context_states` ("mf"): the current block's context;
     - `ssm_state()` / `update_recurrent_state` ("s4"): the diagonal SSM state `recurrent_states[0]` (B, D*C, N/2)
@@ -57,7 +58,8 @@ class BSTLayerCache(LinearAttentionLayer, CacheLayerMixin):
     - `short_conv_inputs` (B, D, K - 1), `store_short_conv_inputs` (`ssm_conv_size` K): each row's last K - 1 real
       inputs of the short convolution before the SSM (zeros before the first);
     - `sink_keys`/`sink_values` (B, k, H_kv, d), `store_sinks` (`num_sink_tokens`): the keys/values of the sequence's
-      first k tokens, which every later block also attends to;
+      first k tokens, which every later block also attends to, the keys already rotated to sit just before a block's
+      attention window;
     - `seen_tokens` (B,), `advance`: real tokens so far, per row (rows of a left-padded batch sit at different slots);
     - `discretization` ("s4": log dA, C dB, dA) or `taps` ("unstructured"): what decoding reuses and no row owns,
       computed from the parameters on the cache's first use and kept until `reset`.

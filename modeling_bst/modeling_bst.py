@@ -23,7 +23,7 @@ keys/values, the current block's context states, and the SSM state ("s4") or the
 import math
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -163,6 +163,8 @@ class BlockLayout:
     # steps read all W slots (`step_reads_all_slots`).
     step_span: int = 0
     step_mask: torch.Tensor | None = None
+    # `step_key_mask`'s masks, made once per forward for all layers.
+    step_key_masks: dict = field(default_factory=dict, repr=False)
 
     @classmethod
     def build(
@@ -280,11 +282,29 @@ class BlockLayout:
             return first_block >= first_visible_block
         return (first_block[:, None] + torch.arange(self.num_blocks, device=first_block.device)) >= first_visible_block
 
-    def single_step_previous_block_mask(self) -> torch.Tensor:
-        """(B, 1, 1, 2W): `previous_block_mask` for a lone new token at slot `offsets`."""
-        has_previous = (self.seen_tokens // self.block_size >= 1)[:, None].expand(-1, self.block_size)
-        own = self.single_step_mask().view(-1, self.block_size)
-        return torch.cat([has_previous, own], dim=-1).view(-1, 1, 1, 2 * self.block_size)
+    def step_key_mask(self, num_sinks: int, with_previous_block: bool) -> torch.Tensor | None:
+        """(B, 1, 1, K) keys a decoding step on a cache may see, laid out as `BSTAttention` joins them: the `num_sinks`
+        attention sinks (once the row's window no longer holds them), the W slots of the previous block (when the row
+        has one), then the first `step_span` slots of its own block up to itself. None when every row sees every key.
+        Every layer asks for the same mask: it is made once per forward."""
+        key = (num_sinks, with_previous_block)
+        if key not in self.step_key_masks:
+            batch = self.seen_tokens.shape[0]
+            current_block = self.seen_tokens // self.block_size
+            parts = []
+            if num_sinks:
+                sinks_visible = current_block >= (2 if with_previous_block else 1)
+                parts.append(sinks_visible[:, None].expand(-1, num_sinks))
+            if with_previous_block:
+                parts.append((current_block >= 1)[:, None].expand(-1, self.block_size))
+            mask = self.step_mask
+            if parts:
+                own = self.step_mask.view(batch, -1) if self.step_mask is not None else None
+                if own is None:
+                    own = torch.ones(batch, self.step_span, dtype=torch.bool, device=self.seen_tokens.device)
+                mask = torch.cat([*parts, own], dim=-1).view(batch, 1, 1, -1)
+            self.step_key_masks[key] = mask
+        return self.step_key_masks[key]
 
 
 def block_end_index(layout: BlockLayout, length: int) -> torch.Tensor:
@@ -438,8 +458,8 @@ class BSTAttention(nn.Module):
         """The keys/values of the sequence's first `num_sink_tokens` tokens, (B, k, H_kv, d) each, which every later
         block's self-attention also sees (StreamingLLM's attention sinks: pretrained models park attention on the first
         tokens, and a window without them loses that). This chunk's tokens at sequence positions < k are written into
-        their sink slots first; the cache keeps the slots, so memory stays constant. The keys come back rotated to sit
-        just before a block's attention window."""
+        their sink slots first, their keys rotated to sit just before a block's attention window; the cache keeps the
+        slots, so memory stays constant."""
         count = self.config.num_sink_tokens
         batch, length = key.shape[:2]
         if layer_cache is None or layer_cache.sink_keys is None:
@@ -447,35 +467,36 @@ class BSTAttention(nn.Module):
             sink_values = value.new_zeros(batch, count, *value.shape[2:])
         else:
             sink_keys, sink_values = layer_cache.sink_keys, layer_cache.sink_values
+            # A decoding step of rows all past their sinks writes none; on an eager CPU step the check costs no sync.
+            reads_host = layout.is_single_step and not step_reads_all_slots(key.device)
+            if reads_host and bool((layout.seen_tokens >= count).all()):
+                return sink_keys, sink_values
         new = min(length, count)  # only a chunk's first k tokens can be among the sequence's first k
         positions = layout.seen_tokens[:, None] + torch.arange(new, device=key.device)  # (B, new)
         # Tokens past the sinks (or padding) go to slot k, a discard slot cut off after the scatter.
         slots = torch.where((positions < count) & layout.token_mask[:, :new], positions, count)
         index = slots.view(batch, new, 1, 1).expand(-1, -1, *key.shape[2:])
-        sink_keys = torch.cat([sink_keys, sink_keys[:, :1]], dim=1).scatter(1, index, key[:, :new])[:, :count]
+        new_keys = apply_rotary(key[:, :new], layout.sink_rotation, self.rope_pairing)
+        sink_keys = torch.cat([sink_keys, sink_keys[:, :1]], dim=1).scatter(1, index, new_keys)[:, :count]
         sink_values = torch.cat([sink_values, sink_values[:, :1]], dim=1).scatter(1, index, value[:, :new])[:, :count]
         if layer_cache is not None:
             layer_cache.store_sinks(sink_keys, sink_values)
-        return apply_rotary(sink_keys, layout.sink_rotation, self.rope_pairing), sink_values
+        return sink_keys, sink_values
 
-    def _with_sinks(self, sinks, layout, keys, values, mask):
-        """Puts the attention sinks (`_attention_sinks`) in front of the key axis of `keys`/`values` ((B, N, K, H, d)
-        for blocks, (B, K, H, d) for a decoding step) and of `mask` ((B*N or B, 1, Q, K), None for plain causal
-        attention within the block, or None for a step that sees all K)."""
-        sink_keys, sink_values = sinks
-        visible = layout.sinks_visible(2 if self.config.attend_previous_block else 1)  # (B, N) or (B,)
-        key_axis = keys.dim() - 3
-        if key_axis == 2:  # blocks: the same sinks for every block
-            sink_keys = sink_keys[:, None].expand(-1, keys.shape[1], -1, -1, -1)
-            sink_values = sink_values[:, None].expand(-1, keys.shape[1], -1, -1, -1)
-        if mask is None:  # blocks: causal inside the block (W queries, W keys); a step: every key it was given
-            key_count = keys.shape[key_axis]
-            own = torch.ones(key_count if key_axis == 2 else 1, key_count, dtype=torch.bool, device=keys.device)
-            mask = (own.tril() if key_axis == 2 else own).expand(visible.numel(), 1, -1, -1)
-        sink_mask = visible.reshape(-1, 1, 1, 1).expand(-1, 1, mask.shape[2], sink_keys.shape[key_axis])
+    def _with_sinks(self, sinks, layout, key_parts, value_parts, mask):
+        """Joins the attention sinks (`_attention_sinks`) and the blocks' keys/values (`key_parts`/`value_parts`, each
+        (B, N, K_i, H_kv, d)) along the key axis in one copy, and puts the sinks in front of `mask` ((B*N, 1, Q, K), or
+        None for plain causal attention within the block)."""
+        num_blocks = key_parts[0].shape[1]
+        sink_keys, sink_values = (states[:, None].expand(-1, num_blocks, -1, -1, -1) for states in sinks)
+        visible = layout.sinks_visible(2 if self.config.attend_previous_block else 1)  # (B, N), or (B,) when N = 1
+        if mask is None:  # causal inside the block: W queries, W keys
+            own = torch.ones(key_parts[0].shape[2], key_parts[0].shape[2], dtype=torch.bool, device=sink_keys.device)
+            mask = own.tril().expand(visible.numel(), 1, -1, -1)
+        sink_mask = visible.reshape(-1, 1, 1, 1).expand(-1, 1, mask.shape[2], sink_keys.shape[2])
         return (
-            torch.cat([sink_keys, keys], dim=key_axis),
-            torch.cat([sink_values, values], dim=key_axis),
+            torch.cat([sink_keys, *key_parts], dim=2),
+            torch.cat([sink_values, *value_parts], dim=2),
             torch.cat([sink_mask, mask], dim=-1),
         )
 
@@ -489,9 +510,9 @@ class BSTAttention(nn.Module):
             layout.write_step(cached_keys, key)
             layout.write_step(cached_values, value)
             keys, values = cached_keys[:, : layout.step_span], cached_values[:, : layout.step_span]
-            mask = layout.step_mask
             if sinks is not None:
-                keys, values, mask = self._with_sinks(sinks, layout, keys, values, mask)
+                keys, values = (torch.cat([sink, own], dim=1) for sink, own in zip(sinks, (keys, values)))
+            mask = layout.step_key_mask(self.config.num_sink_tokens if sinks is not None else 0, False)
             return self._attend_step(query, keys, values, mask)
         key_blocks = layout.to_blocks(key, cached_keys)  # (B, N, W, H, d)
         value_blocks = layout.to_blocks(value, cached_values)
@@ -500,13 +521,13 @@ class BSTAttention(nn.Module):
         if layout.is_single_step:  # a single token on an empty cache
             mask = layout.single_step_mask()
             if sinks is not None:
-                key_blocks, value_blocks, mask = self._with_sinks(sinks, layout, key_blocks, value_blocks, mask)
+                key_blocks, value_blocks, mask = self._with_sinks(sinks, layout, [key_blocks], [value_blocks], mask)
             output = self._attend(query[:, None], key_blocks, value_blocks, mask)
             return output[:, 0]  # (B, 1, H*d)
         if sinks is None:
             output = self._attend(layout.to_blocks(query), key_blocks, value_blocks, is_causal=True)
         else:
-            key_blocks, value_blocks, mask = self._with_sinks(sinks, layout, key_blocks, value_blocks, None)
+            key_blocks, value_blocks, mask = self._with_sinks(sinks, layout, [key_blocks], [value_blocks], None)
             output = self._attend(layout.to_blocks(query), key_blocks, value_blocks, mask)
         return layout.from_blocks(output, query.shape[1])
 
@@ -514,25 +535,28 @@ class BSTAttention(nn.Module):
         """Causal self-attention over the token's own block and the whole previous block (`attend_previous_block`):
         (B, T, H, d) -> (B, T, H*d). The cache holds both blocks' keys/values (2W slots)."""
         # The cache holds, per row, the block of the row's next token (`keys`/`values`) and the block before it
-        # (`previous_keys`/`previous_values`), whichever path wrote them.
+        # (`previous_keys`, rotated by -W, and `previous_values`), whichever path wrote them.
+        rotation = layout.previous_block_rotation
         if layout.is_single_step and layer_cache is not None and layer_cache.keys is not None:
             layout.write_step(layer_cache.keys, key)
             layout.write_step(layer_cache.values, value)
-            previous_keys = apply_rotary(layer_cache.previous_keys, layout.previous_block_rotation, self.rope_pairing)
             span = layout.step_span
-            keys = torch.cat([previous_keys, layer_cache.keys[:, :span]], dim=1)  # (B, W + span, H, d)
-            values = torch.cat([layer_cache.previous_values, layer_cache.values[:, :span]], dim=1)
-            mask = layout.single_step_previous_block_mask()[..., : self.config.block_size + span]
+            key_parts = [layer_cache.previous_keys, layer_cache.keys[:, :span]]
+            value_parts = [layer_cache.previous_values, layer_cache.values[:, :span]]
             if sinks is not None:
-                keys, values, mask = self._with_sinks(sinks, layout, keys, values, mask)
+                key_parts, value_parts = [sinks[0], *key_parts], [sinks[1], *value_parts]
+            keys = torch.cat(key_parts, dim=1)  # (B, k + W + span, H_kv, d)
+            values = torch.cat(value_parts, dim=1)
+            mask = layout.step_key_mask(self.config.num_sink_tokens if sinks is not None else 0, True)
             # A real token at slot W - 1 completes its block, which becomes the previous block of the row's next token
             # (in place; a compiled step or one on an accelerator always copies, which needs no host sync; an eager CPU
             # step only when some row completes a block).
             closes_block = (layout.offsets == self.config.block_size - 1) & layout.token_mask[:, 0]
             if step_reads_all_slots(query.device) or bool(closes_block.any()):
                 flag = closes_block.view(-1, *([1] * (layer_cache.keys.dim() - 1)))
+                closed_keys = apply_rotary(layer_cache.keys, rotation, self.rope_pairing)
                 layer_cache.store_previous_block(
-                    torch.where(flag, layer_cache.keys, layer_cache.previous_keys),
+                    torch.where(flag, closed_keys, layer_cache.previous_keys),
                     torch.where(flag, layer_cache.values, layer_cache.previous_values),
                 )
             return self._attend_step(query, keys, values, mask)
@@ -540,28 +564,27 @@ class BSTAttention(nn.Module):
         cached_blocks = [None] * 4 if layer_cache is None else [
             layer_cache.keys, layer_cache.values, layer_cache.previous_keys, layer_cache.previous_values
         ]
-        key_blocks = layout.to_blocks(key, cached_blocks[0])  # (B, N, W, H, d)
+        key_blocks = layout.to_blocks(key, cached_blocks[0])  # (B, N, W, H_kv, d)
         value_blocks = layout.to_blocks(value, cached_blocks[1])
-        first_previous = cached_blocks[2:]
-        # The block before the chunk's first one: from the cache, or zeros (masked) at the sequence start.
-        key_blocks_with_previous, value_blocks_with_previous = (
-            torch.cat([(blocks[:, 0] * 0 if previous is None else previous)[:, None], blocks], dim=1)
-            for blocks, previous in zip((key_blocks, value_blocks), first_previous)
-        )  # (B, 1 + N, W, H, d)
+        # Each block as the next block's queries see it, after the block before the chunk's first one: from the cache,
+        # or zeros (masked) at the sequence start.
+        shifted_key_blocks = apply_rotary(key_blocks.flatten(1, 2), rotation, self.rope_pairing).view_as(key_blocks)
+        previous_key_blocks, previous_value_blocks = (
+            torch.cat([(torch.zeros_like(blocks[:, 0]) if previous is None else previous)[:, None], blocks], dim=1)
+            for blocks, previous in zip((shifted_key_blocks, value_blocks), cached_blocks[2:])
+        )  # (B, 1 + N, W, H_kv, d)
         if layer_cache is not None:
             layer_cache.store_block(layout.last_block(key_blocks), layout.last_block(value_blocks))
             layer_cache.store_previous_block(
-                layout.previous_of_last_block(key_blocks_with_previous),
-                layout.previous_of_last_block(value_blocks_with_previous),
+                layout.previous_of_last_block(previous_key_blocks), layout.previous_of_last_block(previous_value_blocks)
             )
-        previous_keys = apply_rotary(
-            key_blocks_with_previous[:, :-1].flatten(1, 2), layout.previous_block_rotation, self.rope_pairing
-        )
-        keys = torch.cat([previous_keys.view_as(key_blocks), key_blocks], dim=2)  # (B, N, 2W, H, d)
-        values = torch.cat([value_blocks_with_previous[:, :-1], value_blocks], dim=2)
+        key_parts = [previous_key_blocks[:, :-1], key_blocks]
+        value_parts = [previous_value_blocks[:, :-1], value_blocks]
         mask = layout.previous_block_mask()
         if sinks is not None:
-            keys, values, mask = self._with_sinks(sinks, layout, keys, values, mask)
+            keys, values, mask = self._with_sinks(sinks, layout, key_parts, value_parts, mask)
+        else:
+            keys, values = torch.cat(key_parts, dim=2), torch.cat(value_parts, dim=2)  # (B, N, 2W, H_kv, d)
         output = self._attend(layout.to_blocks(query), keys, values, mask)
         return layout.from_blocks(output, query.shape[1])
 

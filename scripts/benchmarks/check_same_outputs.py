@@ -9,7 +9,8 @@ here and compute the same numbers.
 
 The other revision is exported with `git archive` into a temporary folder and run in its own process, so each side
 imports its own `modeling_bst`. Only public API is used (`BSTConfig`, `BSTForCausalLM`, `forward`, `backward`), so any
-revision since 0.4 can be compared. Exits 1 and names every tensor that differs.
+revision since 0.4 can be compared (the attention-sink cases only since 0.6, which added them). Exits 1 and names
+every tensor that differs.
 """
 
 import argparse
@@ -50,6 +51,9 @@ def cases() -> dict[str, dict]:
             rope_pairing="rotate_half",
             qkv_bias=True,
         )
+    for previous in (False, True):  # attention sinks (0.6), with and without the previous block
+        name = "sh-sinks" + ("-previous-block" if previous else "")
+        found[name] = dict(SMALL, num_hidden_layers=2, num_sink_tokens=2, attend_previous_block=previous)
     return found
 
 
