@@ -165,6 +165,12 @@ def test_bad_arguments_are_named():
         quality_experiment.parse_args(["--data_dir", "/nonexistent", "--corpora", "books"])
 
 
+def test_report_of_no_results_is_refused_by_name(tmp_path):
+    missing = str(tmp_path / "none.json")
+    with pytest.raises(SystemExit, match="none of .*none.json"):
+        quality_experiment.main(["--corpora", "", "--report_only", "--output_json", missing, "--merge_json", missing])
+
+
 def test_training_sequences_take_further_epochs_as_new_permutations():
     """A budget beyond the stream repeats every piece once per epoch, in a fresh order; within one epoch the order
     is the one a single-epoch budget gives (so smaller budgets reproduce earlier runs)."""

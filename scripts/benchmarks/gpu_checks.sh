@@ -2,7 +2,8 @@
 # The GPU figures of docs/quality.md and docs/benchmarks.md, on one H100:
 #
 #   bash scripts/benchmarks/gpu_checks.sh OUTPUT_DIR [STAGE ...]
-#   (stages: smoke benchmark compiled train quality quality-more; default all)
+#   (stages: smoke benchmark compiled train quality quality-more, default all of them; options and upcycle
+#   only when named)
 #
 # smoke:        the quality experiment and the benchmark at toy sizes on the GPU; stops here if either fails (1 min).
 # benchmark:    scripts/benchmarks/benchmark.py --device cuda, float32 then bfloat16 (one JSON each), alone on the GPU (1 min).
@@ -20,6 +21,10 @@
 # quality-more: RecurrentGemma (chunked scan) on both corpora, seeds 0-2; seeds 3-4 of the other models; two more
 #               ablations on books: 17 processes, 3 min.
 # Then one merged report of every run under OUTPUT_DIR/runs: quality_results_gpu.json, quality_gpu.md, figures.
+# options:      (only when named) the SSM options of issue 24 on Llama's backbone (--gated_mlp) at the same budget:
+#               bst-sh-s4 with each option alone and all three, Slide, Mistral-SWA and Llama, books and code, seeds
+#               0-4, one process per (corpus, seed): 10 processes, about 5 min; its own report in OUTPUT_DIR/options
+#               (the backbone differs from the quality stages', so the two do not merge).
 # upcycle:      (only when named) scripts/benchmarks/upcycle_stage.sh: SmolLM2-135M upcycled into a BST, its control and
 #               the evaluation by length, into OUTPUT_DIR/upcycle (needs SMOLLM2_GGUF and UPCYCLE_TOKENS; about 8 min).
 #
@@ -117,7 +122,7 @@ fi
 
 # 2. Quality. MPS lets the small processes' kernels share the GPU instead of time-slicing it; without it the
 # processes still run, slower.
-if (wanted quality || wanted quality-more) && [ "${DEVICE%%:*}" = cuda ] \
+if (wanted quality || wanted quality-more || wanted options) && [ "${DEVICE%%:*}" = cuda ] \
         && command -v nvidia-cuda-mps-control > /dev/null; then
     export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps-pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps-log
     mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
@@ -129,12 +134,12 @@ if (wanted quality || wanted quality-more) && [ "${DEVICE%%:*}" = cuda ] \
         elapsed "CUDA MPS did not start: processes time-slice the GPU"
     fi
 fi
-launch() {  # name, then the experiment's selection flags
-    local name=$1
+launch() {  # name, then the experiment's selection flags; results in OUTPUT_DIR/${RUN_DIR:-runs}
+    local name=$1 runs=$OUTPUT_DIR/${RUN_DIR:-runs}
     shift
     timeout "$QUALITY_SECONDS" python scripts/experiments/quality_experiment.py "${QUALITY_SETTINGS[@]}" "$@" \
-        --output_json "$OUTPUT_DIR/runs/$name.json" --figure_dir "$OUTPUT_DIR/runs/figures-$name" \
-        --markdown "$OUTPUT_DIR/runs/$name.md" > "$OUTPUT_DIR/logs/$name.log" 2>&1 &
+        --output_json "$runs/$name.json" --figure_dir "$runs/figures-$name" \
+        --markdown "$runs/$name.md" > "$OUTPUT_DIR/logs/$name.log" 2>&1 &
 }
 MAIN_MODELS=bst-sh-s4,slide,mistral-swa,llama,bst-mf-s4,bst-mh-s4,bst-sh-unstructured
 if wanted quality; then
@@ -168,6 +173,25 @@ if wanted quality-more; then
         launch "ablation-more-books-$seed" --corpora books --seeds "$seed" --ablations_only \
             --models bst-mh-s4,bst-mf-s4 --ablations "bst-mh-s4 attend_previous_block;bst-mf-s4 attend_previous_block"
     done
+fi
+if wanted options; then
+    elapsed "options: the SSM options on the gated-MLP backbone, seeds 0-4"
+    mkdir -p "$OUTPUT_DIR/options"
+    OPTION_MODELS=bst-sh-s4,bst-sh-s4+gate+conv4+residual,slide,mistral-swa,bst-sh-s4+gate,bst-sh-s4+conv4
+    OPTION_MODELS=$OPTION_MODELS,bst-sh-s4+residual,llama
+    for corpus in books code; do
+        for seed in 0 1 2 3 4; do
+            RUN_DIR=options launch "options-$corpus-$seed" --gated_mlp --corpora "$corpus" --seeds "$seed" --no_ablation \
+                --models "$OPTION_MODELS"
+        done
+    done
+    wait
+    python scripts/experiments/quality_experiment.py "${QUALITY_SETTINGS[@]}" --gated_mlp --report_only \
+        --corpora books,code --merge_json "$OUTPUT_DIR"/options/*.json \
+        --output_json "$OUTPUT_DIR/options_results_gpu.json" --figure_dir "$OUTPUT_DIR/options-figures" \
+        --markdown "$OUTPUT_DIR/quality_options_gpu.md" > "$OUTPUT_DIR/logs/options-merge.log" 2>&1 \
+        || echo "options merge failed"
+    tail -40 "$OUTPUT_DIR/logs/options-merge.log"
 fi
 wait
 elapsed "quality processes done"

@@ -1160,6 +1160,8 @@ def main(argv=None):
         write_markdown(results, args.markdown, figures)
 
     if args.report_only:
+        if not statuses:
+            raise SystemExit(f"--report_only: none of {resumed + args.merge_json} exists.")
         results["settings"] = previous["settings"]
         # Merged processes may each have run other seeds or corpora: the report covers all of them.
         results["settings"]["seeds"] = sorted({run["seed"] for run in results["runs"]})
