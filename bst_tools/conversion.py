@@ -408,3 +408,50 @@ def parse_layers(text: str, num_hidden_layers: int | None = None) -> list[int]:
         # A layer that does not exist would otherwise be skipped without a word (nothing converted or trained there).
         raise ValueError(f"Layers {outside} do not exist: the model has layers 0-{num_hidden_layers - 1}.")
     return layers
+
+
+# What the command-line options below set in the converted model's config (beyond W and the BST layers).
+NEW_PART_FIELDS = (
+    "bst_variant",
+    "ssm_kernel",
+    "ssm_state_size",
+    "attend_previous_block",
+    "num_sink_tokens",
+    "ssm_gate",
+    "ssm_conv_size",
+    "ssm_residual",
+)
+
+
+def add_new_part_arguments(parser) -> None:
+    """The options of scripts/convert_to_bst.py and scripts/upcycle.py that shape a conversion's new parts; every one
+    leaves the converted model exact (its new outputs start at zero)."""
+    add = parser.add_argument
+    add("--bst_variant", default="sh", choices=("sh", "mh", "mf"), help="How SSM outputs become context states.")
+    add("--ssm_kernel", default="s4", choices=("s4", "unstructured"), help="SSM kernel family.")
+    add("--ssm_state_size", type=int, default=64, help="State size N of an 's4' filter.")
+    add(
+        "--attend_previous_block",
+        action="store_true",
+        help="Self-attention also sees the whole previous block (W to 2W tokens; the cache holds 2W slots).",
+    )
+    add(
+        "--num_sink_tokens",
+        type=int,
+        default=0,
+        help="Attention sinks: every block past the first window also sees the sequence's first N tokens "
+        "(StreamingLLM). Pretrained models need them to keep their quality in windows; 4 is StreamingLLM's choice.",
+    )
+    add("--ssm_gate", action="store_true", help="Gate the context states by the layer input (BSTConfig.ssm_gate).")
+    add("--ssm_conv_size", type=int, default=0, help="Taps of a short convolution on the SSM input (0: none).")
+    add(
+        "--ssm_residual",
+        action="store_true",
+        help="The SSM output also joins the residual stream through a gated projection that starts at zero.",
+    )
+
+
+def new_part_fields(args) -> dict:
+    """The config fields that `add_new_part_arguments`' options set."""
+    return {name: getattr(args, name) for name in NEW_PART_FIELDS}
+

@@ -35,6 +35,7 @@ import argparse
 
 from transformers import AutoConfig
 
+from bst_tools import conversion
 from bst_tools.conversion import DTYPES, convert_to_bst, load_gguf_config, parse_layers, resolve_gguf_file
 
 
@@ -51,21 +52,7 @@ def parse_args(argv=None):
     add("--bst_layers", required=True, help="Layers that get an SSM: comma-separated indices, 'all' or 'none'.")
     add("--output_dir", required=True, help="Where the BST folder is written (must be empty or new).")
     add("--tokenizer_name", help="Tokenizer folder or Hub id (default: --model_name_or_path).")
-    add("--bst_variant", default="sh", choices=("sh", "mh", "mf"), help="How SSM outputs become context states.")
-    add("--ssm_kernel", default="s4", choices=("s4", "unstructured"), help="SSM kernel family.")
-    add("--ssm_state_size", type=int, default=64, help="State size N of an 's4' filter.")
-    add(
-        "--attend_previous_block",
-        action="store_true",
-        help="Self-attention also sees the whole previous block (W to 2W tokens; the cache holds 2W slots).",
-    )
-    add(
-        "--num_sink_tokens",
-        type=int,
-        default=0,
-        help="Attention sinks: every block past the first window also sees the sequence's first N tokens "
-        "(StreamingLLM). Pretrained models need them to keep their quality in windows; 4 is StreamingLLM's choice.",
-    )
+    conversion.add_new_part_arguments(parser)
     add("--dtype", default="float32", choices=tuple(DTYPES), help="dtype of the saved weights (the SSM stays fp32).")
     add("--repo_id", help="Hub repository named in the model card's usage code (default: your-name/<folder>).")
     add("--skip_check", action="store_true", help="Do not compare the converted model's logits with the source's.")
@@ -93,12 +80,8 @@ def main(argv=None):
         check_length=0 if args.skip_check else 128,
         verify_remote_code=not args.skip_verify,
         trust_remote_code=args.trust_remote_code,
-        bst_variant=args.bst_variant,
-        ssm_kernel=args.ssm_kernel,
-        ssm_state_size=args.ssm_state_size,
-        attend_previous_block=args.attend_previous_block,
-        num_sink_tokens=args.num_sink_tokens,
         gguf_file=args.gguf_file,
+        **conversion.new_part_fields(args),
     )
 
 

@@ -78,12 +78,7 @@ def parse_args(argv=None):
     add("--block_size", type=int, help="W: tokens per attention block (required unless --save_training_tokens).")
     add("--bst_layers", help="Layers that get an SSM and cross-attention: '10,20', 'all' or 'none' (required).")
     add("--tuned_layers", default=None, help="Layers whose o_proj trains with --train new+o_proj (default: bst_layers).")
-    add("--bst_variant", default="sh", choices=("sh", "mh", "mf"))
-    add("--ssm_kernel", default="s4", choices=("s4", "unstructured"))
-    add("--ssm_state_size", type=int, default=64)
-    add("--attend_previous_block", action="store_true", help="Self-attention also sees the whole previous block.")
-    add("--num_sink_tokens", type=int, default=0,
-        help="Attention sinks: every block past the first window also sees the sequence's first K tokens.")
+    conversion.add_new_part_arguments(parser)
     add("--train", default="new", choices=TRAIN_CHOICES, help="What trains (see above).")
     add("--learning_rate", type=float, default=1e-3, help="Peak learning rate of the new parameters.")
     add("--pretrained_learning_rate", type=float, default=1e-5, help="Peak learning rate of trained pretrained weights.")
@@ -272,8 +267,8 @@ def load_initial_weights(model, path: Path) -> list[str]:
     if unknown or mismatched:
         raise ValueError(
             f"--initial_weights {path} does not fit this conversion: tensors missing from the model {unknown[:5]}, "
-            f"with other shapes {mismatched[:5]}. Convert with the run's --block_size/--bst_layers/--bst_variant/"
-            "--ssm_kernel/--ssm_state_size (its upcycle_args.json)."
+            f"with other shapes {mismatched[:5]}. Convert with the run's options (its upcycle_args.json): "
+            "--block_size, --bst_layers and the new parts' (--bst_variant, --ssm_kernel, --ssm_gate, ...)."
         )
     with torch.no_grad():
         for name, tensor in tensors.items():
@@ -349,11 +344,7 @@ def upcycle(args) -> dict:
     source, tokenizer = conversion.load_source(args.model_name_or_path, args.gguf_file)
     bst_layers = conversion.parse_layers(args.bst_layers, source.config.num_hidden_layers)
     tuned_layers = conversion.parse_layers(args.tuned_layers, source.config.num_hidden_layers) if args.tuned_layers else bst_layers
-    model = conversion.convert_model(
-        source, args.block_size, bst_layers, bst_variant=args.bst_variant, ssm_kernel=args.ssm_kernel,
-        ssm_state_size=args.ssm_state_size, attend_previous_block=args.attend_previous_block,
-        num_sink_tokens=args.num_sink_tokens,
-    ).to(device)
+    model = conversion.convert_model(source, args.block_size, bst_layers, **conversion.new_part_fields(args)).to(device)
     loaded = []
     if args.initial_weights:
         loaded = load_initial_weights(model, Path(args.initial_weights))
@@ -406,6 +397,9 @@ def upcycle(args) -> dict:
     attention = f"W = {args.block_size}"
     attention += ", previous-block attention" if args.attend_previous_block else ""
     attention += f", {args.num_sink_tokens} attention sinks" if args.num_sink_tokens else ""
+    ssm_options = [f"{name}={getattr(args, name)}" for name in ("ssm_gate", "ssm_conv_size", "ssm_residual")
+                   if getattr(args, name)]
+    attention += f", SSM options {', '.join(ssm_options)}" if ssm_options else ""
     description = (
         f"Upcycled from `{args.gguf_file or args.model_name_or_path}` by `scripts/upcycle.py` of bst-transformers: "
         f"converted exactly with {attention} and BST layers {bst_layers or 'none'}, then trained "

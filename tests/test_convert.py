@@ -95,6 +95,22 @@ def test_blocks_equal_source_on_each_block(model_type):
         assert (source(input_ids=ids).logits[:, 8:] - logits[:, 8:]).abs().max() > 1e-3
 
 
+def test_ssm_options_convert_exactly():
+    """The SSM options (gate, short convolution, residual branch) on the new layers leave the conversion exact: the
+    residual branch's output projection starts at zero like the cross half of o_proj. The command line sets them."""
+    source = random_source("llama")
+    args = convert_to_bst.parse_args(["--block_size", "8", "--bst_layers", "0,2", "--output_dir", "x", "--ssm_gate",
+                                      "--ssm_conv_size", "4", "--ssm_residual"])
+    fields = conversion.new_part_fields(args)
+    assert (fields["ssm_gate"], fields["ssm_conv_size"], fields["ssm_residual"]) == (True, 4, True)
+    model = conversion.convert_model(source, block_size=8, bst_layers=[0, 2], **fields)
+    assert model.config.ssm_residual and model.model.layers[2].residual_out_proj.weight.abs().max() == 0
+    ids = input_ids(21)
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+    torch.testing.assert_close(logits, blockwise_source_logits(source, ids, 8), rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize("model_type", sorted(SOURCES))
 def test_cached_generation_equals_full_forward(model_type):
     """Prefill, chunked prefill and token-by-token decoding of a converted model (grouped key/value heads, rotate-half

@@ -124,6 +124,23 @@ def test_sinks_and_previous_block_conversion_is_the_starting_point(llama_folder,
     assert "W = 8, previous-block attention, 2 attention sinks" in (tmp_path / "out" / "README.md").read_text()
 
 
+def test_ssm_options_train_from_the_exact_conversion(llama_folder, tmp_path):
+    """--ssm_gate --ssm_conv_size 3 --ssm_residual: the saved config has them, the option's parameters are among what
+    trains (they are new parts), and nothing outside the new parts and the BST layer's o_proj moves."""
+    result = run(llama_folder, tmp_path, "--bst_layers", "1", "--ssm_gate", "--ssm_conv_size", "3", "--ssm_residual",
+                 "--learning_rate", "1e-2")
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert (config["ssm_gate"], config["ssm_conv_size"], config["ssm_residual"]) == (True, 3, True)
+    converted = conversion.convert_model(tiny_llama(), 8, [1], ssm_gate=True, ssm_conv_size=3, ssm_residual=True)
+    before, after = converted.state_dict(), result["model"].state_dict()
+    moved = {name for name in before if not torch.equal(before[name], after[name])}
+    assert {"model.layers.1.residual_out_proj.weight", "model.layers.1.context_gate_proj.weight",
+            "model.layers.1.ssm.conv_weight"} <= moved
+    assert all(upcycle.SSM_AND_CONTEXT_KEYS.search(name) or name.endswith("layers.1.attention.o_proj.weight")
+               for name in moved)
+    assert "SSM options ssm_gate=True, ssm_conv_size=3, ssm_residual=True" in (tmp_path / "out" / "README.md").read_text()
+
+
 def test_distillation_is_zero_where_the_student_is_the_teacher(llama_folder, tmp_path):
     """KL(teacher || student) at early slots: zero before training when each block sees what the full model sees
     (W >= sequence length, no positions past the first block: a one-block check through distill_positions), and

@@ -48,7 +48,8 @@ def run_stage(output_dir, gguf, tokens, **settings):
 
 def test_stage_runs_end_to_end_and_always_writes_its_summary(tiny_inputs, tmp_path):
     gguf, tokens, token_count = tiny_inputs
-    summary, stdout = run_stage(tmp_path / "stage", gguf, tokens, UPCYCLE_MODELS_DIR=str(tmp_path / "models"))
+    summary, stdout = run_stage(tmp_path / "stage", gguf, tokens, UPCYCLE_MODELS_DIR=str(tmp_path / "models"),
+                                UPCYCLE_SSM_OPTIONS="--ssm_gate --ssm_residual")
     parts = {part["part"]: part["exit"] for part in summary["parts"]}
     assert parts == {"converted": 0, "upcycled": 0, "control": 0, "eval-source": 0, "eval-upcycled": 0,
                      "eval-control": 0, "eval-converted": 0}, stdout
@@ -59,6 +60,7 @@ def test_stage_runs_end_to_end_and_always_writes_its_summary(tiny_inputs, tmp_pa
     assert summary["data"]["sources"][0]["tokens"] == token_count
     config = summary["training"]["upcycled"]["config"]
     assert (config["bst_layers"], config["num_sink_tokens"], config["attend_previous_block"]) == ([1], 2, True)
+    assert (config["ssm_gate"], config["ssm_residual"], config["ssm_conv_size"]) == (True, True, 0)
     control = summary["training"]["control"]["config"]
     assert control["bst_layers"] == [] and control["num_sink_tokens"] == 2
     assert (tmp_path / "models" / "converted" / "config.json").is_file()

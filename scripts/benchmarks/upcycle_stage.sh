@@ -7,7 +7,8 @@
 #
 # 1. upcycled:  scripts/upcycle.py: the conversion with W = 1,024, previous-block attention and 4 attention sinks, an
 #               SSM + cross-attention in UPCYCLE_BST_LAYERS, trained with --train new+o_proj (the new parts at
-#               UPCYCLE_LR, the o_proj of those layers at UPCYCLE_PRETRAINED_LR) on the token file.
+#               UPCYCLE_LR, the o_proj of those layers at UPCYCLE_PRETRAINED_LR) on the token file; UPCYCLE_SSM_OPTIONS
+#               adds options of the SSM branch.
 # 2. control:   the same recipe with --bst_layers none --tuned_layers UPCYCLE_BST_LAYERS: the same data, steps, seed
 #               and the same pretrained weights tuned at the same rate; only the SSM and cross-attention are missing,
 #               so the difference between the two is what the SSM brings. Both stop at UPCYCLE_STEPS or
@@ -33,6 +34,8 @@ DEVICE=${DEVICE:-cuda}
 BLOCK_SIZE=${UPCYCLE_BLOCK_SIZE:-1024}
 SINKS=${UPCYCLE_SINKS:-4}
 BST_LAYERS=${UPCYCLE_BST_LAYERS:-10,20}
+# Options of the upcycled run's SSM branch (scripts/upcycle.py), e.g. "--ssm_gate --ssm_conv_size 4 --ssm_residual".
+read -r -a SSM_OPTIONS <<< "${UPCYCLE_SSM_OPTIONS:-}"
 # 600 x 2 x 8,192 = 9.8M of the 11.9M tokens, if the time limit allows. Batches of 2 keep the activations of the 20
 # layers above the first trained one at a few tens of GB: an out-of-memory error would cost the whole run.
 STEPS=${UPCYCLE_STEPS:-600}
@@ -86,7 +89,7 @@ else
         --bst_layers none --attend_previous_block --num_sink_tokens "$SINKS" --skip_verify \
         --output_dir "$MODELS_DIR/converted" &
     part upcycled "$RUN_SECONDS" python scripts/upcycle.py "${RECIPE[@]}" --bst_layers "$BST_LAYERS" \
-        --output_dir "$MODELS_DIR/upcycled"
+        "${SSM_OPTIONS[@]}" --output_dir "$MODELS_DIR/upcycled"
     part control "$RUN_SECONDS" python scripts/upcycle.py "${RECIPE[@]}" --bst_layers none --tuned_layers "$BST_LAYERS" \
         --output_dir "$MODELS_DIR/control"
     wait
