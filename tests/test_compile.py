@@ -48,14 +48,21 @@ def test_compiled_forward_matches_eager(variant, kernel):
     torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_compiled_decoding_steps_match_eager():
+@pytest.mark.parametrize(
+    "options, prompt_length, steps",
+    [({}, 13, 2), (dict(attend_previous_block=True, num_sink_tokens=2), 20, 4)],
+    ids=["block", "previous-block-sinks"],
+)
+def test_compiled_decoding_steps_match_eager(options, prompt_length, steps):
     """The generation hot path: decoding steps through a compiled forward on a cache filled by an eager prefill of a
-    left-padded batch. (Compiling the padded prefill itself works too but takes ~30 s on 2 cores.)"""
-    model = open_context_path(BSTForCausalLM(tiny_config(bst_layers=[1]))).eval()
-    input_ids = torch.randint(2, model.config.vocab_size, (2, 13))
+    left-padded batch. (Compiling the padded prefill itself works too but takes ~30 s on 2 cores.) With previous-block
+    attention and sinks, the steps reach the third block (sinks in view) and row 1 closes a block (W = 8): a compiled
+    step updates the previous block without a host sync, which eager steps do only when a block closes."""
+    model = open_context_path(BSTForCausalLM(tiny_config(bst_layers=[1], **options))).eval()
+    input_ids = torch.randint(2, model.config.vocab_size, (2, prompt_length))
     attention_mask = torch.ones_like(input_ids)
     attention_mask[0, :3] = 0  # left padding, as batched generation uses
-    next_ids = torch.randint(2, model.config.vocab_size, (2, 2))
+    next_ids = torch.randint(2, model.config.vocab_size, (2, steps))
     compiled = torch.compile(model)
     with torch.no_grad():
         eager_cache = model(input_ids=input_ids, attention_mask=attention_mask).past_key_values
