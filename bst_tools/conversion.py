@@ -454,4 +454,3 @@ def add_new_part_arguments(parser) -> None:
 def new_part_fields(args) -> dict:
     """The config fields that `add_new_part_arguments`' options set."""
     return {name: getattr(args, name) for name in NEW_PART_FIELDS}
-

@@ -299,9 +299,10 @@ class BlockLayout:
                 parts.append((current_block >= 1)[:, None].expand(-1, self.block_size))
             mask = self.step_mask
             if parts:
-                own = self.step_mask.view(batch, -1) if self.step_mask is not None else None
-                if own is None:
+                if self.step_mask is None:  # every row sees all `step_span` slots of its block
                     own = torch.ones(batch, self.step_span, dtype=torch.bool, device=self.seen_tokens.device)
+                else:
+                    own = self.step_mask.view(batch, -1)
                 mask = torch.cat([*parts, own], dim=-1).view(batch, 1, 1, -1)
             self.step_key_masks[key] = mask
         return self.step_key_masks[key]
@@ -512,6 +513,7 @@ class BSTAttention(nn.Module):
             keys, values = cached_keys[:, : layout.step_span], cached_values[:, : layout.step_span]
             if sinks is not None:
                 keys, values = (torch.cat([sink, own], dim=1) for sink, own in zip(sinks, (keys, values)))
+            # The cross-attention comes through here too, without sinks.
             mask = layout.step_key_mask(self.config.num_sink_tokens if sinks is not None else 0, False)
             return self._attend_step(query, keys, values, mask)
         key_blocks = layout.to_blocks(key, cached_keys)  # (B, N, W, H, d)
@@ -547,7 +549,7 @@ class BSTAttention(nn.Module):
                 key_parts, value_parts = [sinks[0], *key_parts], [sinks[1], *value_parts]
             keys = torch.cat(key_parts, dim=1)  # (B, k + W + span, H_kv, d)
             values = torch.cat(value_parts, dim=1)
-            mask = layout.step_key_mask(self.config.num_sink_tokens if sinks is not None else 0, True)
+            mask = layout.step_key_mask(self.config.num_sink_tokens, True)  # self-attention: the sinks are in `keys`
             # A real token at slot W - 1 completes its block, which becomes the previous block of the row's next token
             # (in place; a compiled step or one on an accelerator always copies, which needs no host sync; an eager CPU
             # step only when some row completes a block).
