@@ -21,8 +21,8 @@
 # quality-more: RecurrentGemma (chunked scan) on both corpora, seeds 0-2; seeds 3-4 of the other models; two more
 #               ablations on books: 17 processes, 3 min.
 # Then one merged report of every run under OUTPUT_DIR/runs: quality_results_gpu.json, quality_gpu.md, figures.
-# options:      (only when named) the SSM options (docs/quality.md) on Llama's backbone (--gated_mlp) at the same budget:
-#               bst-sh-s4 with each option alone and all three, Slide, Mistral-SWA and Llama, books and code, seeds
+# options:      (only when named) the SSM options (docs/quality.md) on Llama's backbone (--gated_mlp) at the same
+#               budget: bst-sh-s4 with each option alone and all three, Slide, Mistral-SWA and Llama, books and code, seeds
 #               0-4, one process per (corpus, seed): 10 processes, about 5 min; its own report in OUTPUT_DIR/options
 #               (the backbone differs from the quality stages', so the two do not merge).
 # upcycle:      (only when named) scripts/benchmarks/upcycle_stage.sh: SmolLM2-135M upcycled into a BST, its control and
