@@ -100,6 +100,12 @@ def test_json_structure(quick_results):
     assert all(r["corpus"] == "prose" for r in ablation_runs)
 
 
+def run_of(results, run):
+    """The main run of an ablation's base model, same corpus and seed."""
+    key = (run["corpus"], run["base_model"], run["seed"], False)
+    return next(r for r in results["runs"] if (r["corpus"], r["name"], r["seed"], r["ablation"]) == key)
+
+
 def test_same_budget_and_finite_perplexities(quick_results):
     _, _, saved = quick_results
     lengths = ["32", "128", "512"]  # 1x, 4x, 16x the toy training length
@@ -109,7 +115,15 @@ def test_same_budget_and_finite_perplexities(quick_results):
         assert math.isfinite(run["validation_perplexity"])
         assert run["tokens_seen"] == 3 * 2 * 32
         assert len(run["train_losses"]) == 3
-        assert abs(run["non_embedding_parameters"] / run["parameter_target"] - 1) <= 0.05
+        width_of = (run["overrides"] or {}).get("ffn_of")
+        if width_of:  # deliberately unmatched: the named model's FFN width (its main run, same corpus and seed)
+            named = next(
+                r for r in saved["runs"]
+                if (r["corpus"], r["name"], r["seed"], r["ablation"]) == (run["corpus"], width_of, run["seed"], False)
+            )
+            assert run["intermediate_size"] == named["intermediate_size"] != run_of(saved, run)["intermediate_size"]
+        else:
+            assert abs(run["non_embedding_parameters"] / run["parameter_target"] - 1) <= 0.05
         # Loss by slot at 1x (block 8 in --quick) and the validation curve (the last step at least).
         assert len(run["loss_by_slot"]) == 8 and all(math.isfinite(v) and v > 0 for v in run["loss_by_slot"])
         assert run["early_slot_loss"] == pytest.approx(sum(run["loss_by_slot"][:4]) / 4)
@@ -264,3 +278,24 @@ def test_ssm_options_in_model_names_and_the_gated_backbone():
         closed = quality_experiment.perplexity(bst, spans, args.train_length, args)
     assert zeroed["test_perplexity"] == pytest.approx(closed, rel=1e-5) and real != pytest.approx(closed, rel=1e-5)
     assert not bst.model.layers[1].ssm._forward_hooks  # the ablation's hooks are gone
+
+
+def test_ablation_table_has_every_corpus():
+    def run(corpus, name, ablation, perplexity_value, size):
+        return {
+            "corpus": corpus, "name": name, "base_model": "slide", "seed": 0, "ablation": ablation,
+            "validation_perplexity": perplexity_value, "test_perplexity": {"512": perplexity_value},
+            "early_slot_loss": 5.0, "late_slot_loss": 4.0, "non_embedding_parameters": 900_000, "intermediate_size": size,
+        }
+
+    ablation = "slide at bst-sh-s4's FFN width"
+    results = {"runs": [
+        run("books", "slide", False, 106.87, 432), run("books", ablation, True, 111.25, 341),
+        run("code", "slide", False, 145.7, 432), run("code", ablation, True, 160.5, 341),
+    ]}
+    text = quality_experiment.format_ablation(results)
+    books, code = text.split("\n\nCorpus `code`")
+    assert books.startswith("Corpus `books`")
+    assert "| slide (default) | 0 | 106.87 | 106.87 |" in books and f"| {ablation} | 0 | 111.25 |" in books
+    assert "| slide (default) | 0 | 145.70 |" in code and "| 160.50 | 5.000 | 4.000 | 0.900M | 341 |" in code
+    assert "106.87" not in code

@@ -105,7 +105,8 @@ RESULTS_BEGIN, RESULTS_END = "<!-- results:begin -->", "<!-- results:end -->"
 
 # Ablation runs: (name, base model, overrides), each on the first seed. Overrides are BST config fields, plus
 # "old_recipe": the initialisation and optimiser of version 0.2 (skip term at one, cross half of o_proj random, SSM
-# parameters at the model's learning rate with weight decay; the dt range is a config field).
+# parameters at the model's learning rate with weight decay; the dt range is a config field); "ffn_of": the FFN width
+# that matches another model to the parameter target, instead of this one's.
 ABLATIONS = (
     (
         "bst-sh-s4 before the recipe",
@@ -117,6 +118,10 @@ ABLATIONS = (
     ("bst-sh-s4 in every layer", "bst-sh-s4", {"bst_layers": "all"}),
     ("bst-mh-s4 attend_previous_block", "bst-mh-s4", {"attend_previous_block": True}),
     ("bst-mf-s4 attend_previous_block", "bst-mf-s4", {"attend_previous_block": True}),
+    # Parameters deliberately unmatched: the FFN width of another model ("ffn_of"), to tell what the context path
+    # buys from what its parameters cost the FFN.
+    ("slide at bst-sh-s4's FFN width", "slide", {"ffn_of": "bst-sh-s4"}),
+    ("bst-sh-s4 at slide's FFN width", "bst-sh-s4", {"ffn_of": "slide"}),
 )
 
 
@@ -426,7 +431,7 @@ def ssm_option_fields(model_name):
 
 
 def bst_fields(args, model_name, overrides=None):
-    overrides = {k: v for k, v in (overrides or {}).items() if k != "old_recipe"}
+    overrides = {k: v for k, v in (overrides or {}).items() if k not in ("old_recipe", "ffn_of")}
     # Llama's and Mistral's MLP, for the same backbone (--gated_mlp).
     backbone = dict(gated_mlp=True, hidden_act="silu") if args.gated_mlp else {}
     if model_name == "slide":
@@ -972,10 +977,16 @@ def format_table(results, corpus):
 
 
 def format_ablation(results):
-    runs = sorted((r for r in results["runs"] if r["ablation"]), key=lambda r: (r["name"], r["seed"]))
+    runs = sorted((r for r in results["runs"] if r["ablation"]), key=lambda r: (r["corpus"], r["name"], r["seed"]))
     if not runs:
         return "(no ablation runs yet)"
-    corpus = runs[0]["corpus"]
+    return "\n\n".join(
+        format_corpus_ablation(results, corpus, [r for r in runs if r["corpus"] == corpus])
+        for corpus in dict.fromkeys(r["corpus"] for r in runs)
+    )
+
+
+def format_corpus_ablation(results, corpus, runs):
     lengths = list(runs[0]["test_perplexity"])
     lines = [
         (
@@ -1183,11 +1194,15 @@ def main(argv=None):
         if key in done:
             return
         vocab_size = len(data["tokenizer"])
-        size = matched_intermediate_size(args, base_model, vocab_size, target, overrides)
+        width_of = (overrides or {}).get("ffn_of")
+        if width_of:
+            size = matched_intermediate_size(args, width_of, vocab_size, target)
+        else:
+            size = matched_intermediate_size(args, base_model, vocab_size, target, overrides)
         torch.manual_seed(seed)
         model = build_model(args, base_model, vocab_size, size, overrides).to(args.device)
         parameters, non_embedding = count_parameters(model)
-        if abs(non_embedding / target - 1) > PARAMETER_TOLERANCE:
+        if not width_of and abs(non_embedding / target - 1) > PARAMETER_TOLERANCE:
             raise RuntimeError(f"{name}: {non_embedding} non-embedding parameters, more than 5% from {target}.")
         print(f"[{corpus}] {name} seed {seed}: {non_embedding:,} non-embedding parameters (FFN {size})", flush=True)
         train_started = time.time()
