@@ -100,9 +100,9 @@ def test_json_structure(quick_results):
     assert all(r["corpus"] == "prose" for r in ablation_runs)
 
 
-def run_of(results, run):
-    """The main run of an ablation's base model, same corpus and seed."""
-    key = (run["corpus"], run["base_model"], run["seed"], False)
+def run_of(results, run, name=None):
+    """The main run of `name` (default: the ablation's base model), same corpus and seed."""
+    key = (run["corpus"], name or run["base_model"], run["seed"], False)
     return next(r for r in results["runs"] if (r["corpus"], r["name"], r["seed"], r["ablation"]) == key)
 
 
@@ -117,10 +117,7 @@ def test_same_budget_and_finite_perplexities(quick_results):
         assert len(run["train_losses"]) == 3
         width_of = (run["overrides"] or {}).get("ffn_of")
         if width_of:  # deliberately unmatched: the named model's FFN width (its main run, same corpus and seed)
-            named = next(
-                r for r in saved["runs"]
-                if (r["corpus"], r["name"], r["seed"], r["ablation"]) == (run["corpus"], width_of, run["seed"], False)
-            )
+            named = run_of(saved, run, width_of)
             assert run["intermediate_size"] == named["intermediate_size"] != run_of(saved, run)["intermediate_size"]
         else:
             assert abs(run["non_embedding_parameters"] / run["parameter_target"] - 1) <= 0.05
