@@ -1,5 +1,7 @@
 """Next-token loss by slot inside a block: the diagnostic of scripts/evaluate.py, which other evaluations (the quality
-experiment in scripts/experiments/) report too."""
+experiment in scripts/experiments/) report too; and the SSM ablation, which scores a BST with its SSM silenced."""
+
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -87,3 +89,20 @@ def summarise_slots(stats):
         ],
         "context_gain": early - late if early is not None and late is not None else None,
     }
+
+
+@contextmanager
+def ssm_zeroed(model):
+    """Inside the block, every SSM sublayer (a module attribute named `ssm`, as BST decoder layers have) outputs zeros,
+    in the full forward and in cached decoding alike: its context states then carry nothing, neither from earlier
+    blocks nor from the block itself (nor does the residual SSM branch, where there is one). Forward hooks, so the
+    model code is untouched; they are removed on exit. Yields the number of SSMs silenced."""
+    ssm_modules = [module.ssm for module in model.modules() if isinstance(getattr(module, "ssm", None), torch.nn.Module)]
+    handles = [
+        ssm.register_forward_hook(lambda module, inputs, output: torch.zeros_like(output)) for ssm in ssm_modules
+    ]
+    try:
+        yield len(ssm_modules)
+    finally:
+        for handle in handles:
+            handle.remove()

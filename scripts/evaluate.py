@@ -26,7 +26,6 @@ Writes Markdown tables to stdout, `perplexity_vs_length.json`, `perplexity_vs_le
 """
 
 import argparse
-import contextlib
 import json
 import math
 import os
@@ -34,12 +33,11 @@ import time
 
 import numpy as np
 import torch
-from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import modeling_bst  # noqa: F401  (registers model_type "bst" with the Auto classes; `pip install -e .`)
 from bst_tools.data import DataArguments, load_raw_datasets
-from bst_tools.evaluation import loss_by_slot, summarise_slots
+from bst_tools.evaluation import loss_by_slot, ssm_zeroed, summarise_slots
 
 
 def parse_args(argv=None):
@@ -130,22 +128,6 @@ def select_chunks(stream, chunk_length, max_tokens):
     count = max(1, min(available, max_tokens // chunk_length))
     starts = np.linspace(0, available - 1, count).round().astype(int) * chunk_length
     return np.stack([stream[start : start + chunk_length] for start in starts])
-
-
-@contextlib.contextmanager
-def ssm_zeroed(model):
-    """Inside the block, every SSM sublayer (a module attribute named `ssm`, as BST decoder layers have) outputs zeros:
-    its context states then carry nothing, neither from earlier blocks nor from the block itself. Forward hooks, so
-    the model code is untouched; they are removed on exit."""
-    ssm_modules = [module.ssm for module in model.modules() if isinstance(getattr(module, "ssm", None), nn.Module)]
-    handles = [
-        ssm.register_forward_hook(lambda module, inputs, output: torch.zeros_like(output)) for ssm in ssm_modules
-    ]
-    try:
-        yield len(ssm_modules)
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 def format_slot_table(row, block_size):

@@ -15,7 +15,9 @@ Models:
   inside that cache (0, 1, ... as if the kept tokens were a sequence); chunks of `--streaming_chunk` tokens are
   recomputed from scratch, so a token sees between W and W + chunk - 1 earlier tokens besides the sinks, and memory
   does not grow with the length (`streaming_llm_losses`);
-- each BST of `--bst` (folders), whose loss by slot inside a block is reported at every length.
+- each BST of `--bst` (folders), whose loss by slot inside a block is reported at every length; with
+  `--ssm_ablation`, each one that has SSM layers also with its SSM outputs replaced by zeros (what its context states
+  carry).
 
 Passkey retrieval (`--passkey_distances`): a 5-digit passkey is stated inside filler text, followed by that many
 tokens of filler and the question; the greedy answer (6 new tokens) must contain the passkey. Accuracy over
@@ -44,7 +46,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import modeling_bst  # noqa: F401  (registers the "bst" model type)
 from bst_tools import conversion
-from bst_tools.evaluation import summarise_slots
+from bst_tools.evaluation import ssm_zeroed, summarise_slots
 
 
 # Positions whose logits are computed at once: a 32k-token window times a 49k vocabulary would be 6 GB of fp32 logits.
@@ -315,6 +317,12 @@ def parse_args(argv=None):
     add("--block_size", type=int, default=None, help="W of the loss by slot for the source (default: the first BST's).")
     add("--passkey_distances", default="", help="Passkey distances in tokens, e.g. 1024,4096 (default: none).")
     add("--passkey_trials", type=int, default=5)
+    add(
+        "--ssm_ablation",
+        action="store_true",
+        help="Also score each BST that has SSM layers with every SSM output replaced by zeros: what its context "
+        "states carry (perplexity, loss by slot and passkeys with and without them).",
+    )
     add("--device", default="cpu", help="Where the models run (fp32), e.g. cuda; the losses are gathered on the CPU.")
     add("--output_dir", required=True)
     return parser.parse_args(argv)
@@ -369,6 +377,10 @@ def main(argv=None):
     for path, model in bsts.items():
         evaluate(f"BST {Path(path).name}", lambda ids, model=model: next_token_losses(model, ids),
                  model.config.block_size, greedy_answer(model))
+        if args.ssm_ablation and model.config.bst_layers:
+            with ssm_zeroed(model):
+                evaluate(f"BST {Path(path).name}, SSM outputs zeroed", lambda ids, model=model: next_token_losses(
+                    model, ids), model.config.block_size, greedy_answer(model))
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "length_evaluation.json").write_text(json.dumps(results, indent=1))

@@ -7,7 +7,7 @@ import re
 import pytest
 from conftest import load_script
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from bst_tools import conversion, evaluation
 
@@ -198,3 +198,34 @@ def test_streaming_llm_answers_passkeys_with_its_generation_window(tmp_path, mon
     evaluate_length.main([*options, "--output_dir", str(tmp_path / "b")])
     assert windows == [32, 16]
 
+
+
+def test_ssm_ablation_scores_each_bst_with_ssm_layers_again_with_its_ssm_silenced(tmp_path):
+    """--ssm_ablation: a BST with SSM layers is scored a second time with its SSM outputs zeroed, which is the same
+    model with the cross-attention half of its o_proj zeroed (zero context states give zero cross-attention values);
+    a BST without SSM layers gets no such row."""
+    tokenizer = character_tokenizer()
+    tiny_llama().save_pretrained(tmp_path / "llama")
+    tokenizer.save_pretrained(tmp_path / "llama")
+    for name, bst_layers in (("with_ssm", [1]), ("block_only", [])):
+        conversion.convert_to_bst(str(tmp_path / "llama"), str(tmp_path / name), block_size=8, bst_layers=bst_layers,
+                                  verify_remote_code=False)
+    bst = AutoModelForCausalLM.from_pretrained(tmp_path / "with_ssm")
+    with torch.no_grad():  # the conversion starts the cross-attention half of o_proj at zero: give the context a say
+        torch.nn.init.normal_(bst.model.layers[1].attention.o_proj.weight, std=0.5, generator=torch.Generator().manual_seed(0))
+    bst.save_pretrained(tmp_path / "with_ssm")
+    results = evaluate_length.main([
+        "--bst", str(tmp_path / "with_ssm"), str(tmp_path / "block_only"), "--ssm_ablation", "--lengths", "32",
+        "--total_tokens", "64", "--passkey_distances", "8", "--passkey_trials", "1", "--output_dir", str(tmp_path / "out"),
+    ])
+    assert list(results["models"]) == ["BST with_ssm", "BST with_ssm, SSM outputs zeroed", "BST block_only"]
+    real, zeroed = (results["models"][name]["perplexity"][0] for name in ("BST with_ssm", "BST with_ssm, SSM outputs zeroed"))
+    assert zeroed["perplexity"] != pytest.approx(real["perplexity"], rel=1e-3)
+    assert set(results["models"]["BST with_ssm, SSM outputs zeroed"]["passkey"]) == {8}
+    inner_size = bst.config.num_attention_heads * bst.config.head_dim
+    with torch.no_grad():
+        bst.model.layers[1].attention.o_proj.weight[:, inner_size:] = 0
+    stream = evaluate_length.token_stream(evaluate_length.stdlib_docstring_documents(), tokenizer, 64)
+    reference = evaluate_length.score(lambda w: evaluate_length.next_token_losses(bst.eval(), w), stream, 32, 8)
+    assert zeroed["perplexity"] == pytest.approx(reference["perplexity"], rel=1e-5)
+    assert real["perplexity"] != pytest.approx(reference["perplexity"], rel=1e-3)

@@ -1,19 +1,15 @@
-"""The loss-by-slot diagnostic (bst_tools/evaluation.py) and scripts/evaluate.py's SSM ablation hooks: counts and
+"""The loss-by-slot diagnostic (bst_tools/evaluation.py) and its SSM ablation hooks: counts and
 values. Tiny random models."""
-
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import load_script, tiny_config
+from conftest import tiny_config
 
-from bst_tools.evaluation import loss_by_slot, slot_groups, summarise_slots
+from bst_tools.evaluation import loss_by_slot, slot_groups, ssm_zeroed, summarise_slots
 from modeling_bst import BSTForCausalLM
 
 CPU = torch.device("cpu")
-
-
-evaluate = load_script("evaluate")
 
 
 def random_windows(num_windows, length, vocab_size=97, seed=0):
@@ -90,7 +86,7 @@ def test_ssm_ablation_changes_nothing_without_bst_layers():
     model = BSTForCausalLM(tiny_config(bst_layers=[])).eval()
     windows = random_windows(2, 32)
     stats = loss_by_slot(model, windows, 8, 2, CPU)
-    with evaluate.ssm_zeroed(model) as hooked:
+    with ssm_zeroed(model) as hooked:
         ablated = loss_by_slot(model, windows, 8, 2, CPU)
     assert hooked == 0
     assert torch.equal(ablated["nll"], stats["nll"]) and ablated["total_nll"] == stats["total_nll"]
@@ -105,7 +101,7 @@ def test_ssm_ablation_changes_a_model_whose_ssm_matters(variant):
     windows = random_windows(2, 32)
     stats = loss_by_slot(model, windows, 8, 2, CPU)
     seen = []
-    with evaluate.ssm_zeroed(model) as hooked:
+    with ssm_zeroed(model) as hooked:
         # A hook registered after the ablation's sees the output that the layer goes on with.
         recorder = model.model.layers[0].ssm.register_forward_hook(lambda module, inputs, output: seen.append(output))
         ablated = loss_by_slot(model, windows, 8, 2, CPU)

@@ -77,7 +77,7 @@ from transformers import (
 from transformers.models.recurrent_gemma.modeling_recurrent_gemma import RecurrentGemmaRglru
 from transformers.utils import logging as hf_logging
 
-from bst_tools.evaluation import loss_by_slot
+from bst_tools.evaluation import loss_by_slot, ssm_zeroed
 from bst_tools.tokenizer import EOS_TOKEN, train_bpe_tokenizer
 from bst_tools.training import SSM_LEARNING_RATE_SCALE, optimizer_parameter_groups
 from modeling_bst import BSTConfig, BSTForCausalLM
@@ -652,21 +652,13 @@ def slot_losses(model, spans, args):
 def ssm_ablation(model, spans, args):
     """Test perplexity and loss by slot at the training length with every SSM output replaced by zeros (context
     states, and the residual SSM branch when there is one): what the model's real context states are worth."""
-    hooks = [
-        layer.ssm.register_forward_hook(lambda module, inputs, output: torch.zeros_like(output))
-        for layer in model.model.layers
-        if layer.ssm is not None
-    ]
-    try:
+    with ssm_zeroed(model):
         slots = slot_losses(model, spans, args)
         return {
             "test_perplexity": perplexity(model, spans, args.train_length, args),
             "early_slot_loss": slots["early_slot_loss"],
             "late_slot_loss": slots["late_slot_loss"],
         }
-    finally:
-        for hook in hooks:
-            hook.remove()
 
 
 # ----------------------------------------------------------------------------------------------------------------
