@@ -415,6 +415,8 @@ NEW_PART_FIELDS = (
     "bst_variant",
     "ssm_kernel",
     "ssm_state_size",
+    "ssm_dt_min",
+    "ssm_dt_max",
     "attend_previous_block",
     "num_sink_tokens",
     "ssm_gate",
@@ -430,6 +432,15 @@ def add_new_part_arguments(parser) -> None:
     add("--bst_variant", default="sh", choices=("sh", "mh", "mf"), help="How SSM outputs become context states.")
     add("--ssm_kernel", default="s4", choices=("s4", "unstructured"), help="SSM kernel family.")
     add("--ssm_state_size", type=int, default=64, help="State size N of an 's4' filter.")
+    add(
+        "--ssm_dt_min",
+        type=float,
+        default=modeling_bst.BSTConfig.ssm_dt_min,
+        help="Smallest initial S4 step size; a mode's time scale is about 2 / dt tokens. The default range (1-200 "
+        "tokens) reaches across a block boundary; with --attend_previous_block the window already sees 2W tokens, so "
+        "an SSM that is to carry anything beyond it needs time scales past 2W (e.g. 2 / (16 W)).",
+    )
+    add("--ssm_dt_max", type=float, default=modeling_bst.BSTConfig.ssm_dt_max, help="Largest initial S4 step size.")
     add(
         "--attend_previous_block",
         action="store_true",

@@ -58,6 +58,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer
 
 from bst_tools import conversion, corpus
+from modeling_bst import BSTConfig
 from modeling_bst.modeling_bst import SSM_AND_CONTEXT_KEYS
 
 
@@ -399,6 +400,8 @@ def upcycle(args) -> dict:
     attention += f", {args.num_sink_tokens} attention sinks" if args.num_sink_tokens else ""
     ssm_options = [f"{name}={getattr(args, name)}" for name in ("ssm_gate", "ssm_conv_size", "ssm_residual")
                    if getattr(args, name)]
+    ssm_options += [f"{name}={getattr(args, name):g}" for name in ("ssm_dt_min", "ssm_dt_max")
+                    if getattr(args, name) != getattr(BSTConfig, name)]
     attention += f", SSM options {', '.join(ssm_options)}" if ssm_options else ""
     description = (
         f"Upcycled from `{args.gguf_file or args.model_name_or_path}` by `scripts/upcycle.py` of bst-transformers: "

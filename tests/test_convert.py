@@ -96,15 +96,22 @@ def test_blocks_equal_source_on_each_block(model_type):
 
 
 def test_ssm_options_convert_exactly():
-    """The SSM options (gate, short convolution, residual branch) on the new layers leave the conversion exact: the
-    residual branch's output projection starts at zero like the cross half of o_proj. The command line sets them."""
+    """The SSM options (gate, short convolution, residual branch, the S4 step-size range) on the new layers leave the
+    conversion exact: the residual branch's output projection starts at zero like the cross half of o_proj. The
+    command line sets them; without them the config's defaults hold."""
     source = random_source("llama")
+    defaults = conversion.new_part_fields(convert_to_bst.parse_args(["--block_size", "8", "--bst_layers", "none", "--output_dir", "x"]))
+    assert (defaults["ssm_dt_min"], defaults["ssm_dt_max"]) == (BSTConfig().ssm_dt_min, BSTConfig().ssm_dt_max)
     args = convert_to_bst.parse_args(["--block_size", "8", "--bst_layers", "0,2", "--output_dir", "x", "--ssm_gate",
-                                      "--ssm_conv_size", "4", "--ssm_residual"])
+                                      "--ssm_conv_size", "4", "--ssm_residual", "--ssm_dt_min", "1e-4",
+                                      "--ssm_dt_max", "2e-3"])
     fields = conversion.new_part_fields(args)
     assert (fields["ssm_gate"], fields["ssm_conv_size"], fields["ssm_residual"]) == (True, 4, True)
     model = conversion.convert_model(source, block_size=8, bst_layers=[0, 2], **fields)
     assert model.config.ssm_residual and model.model.layers[2].residual_out_proj.weight.abs().max() == 0
+    step_sizes = model.model.layers[2].ssm.kernel_generator.log_dt.exp()
+    assert (model.config.ssm_dt_min, model.config.ssm_dt_max) == (1e-4, 2e-3)
+    assert step_sizes.min() >= 1e-4 * (1 - 1e-6) and step_sizes.max() <= 2e-3 * (1 + 1e-6)
     ids = input_ids(21)
     with torch.no_grad():
         logits = model(input_ids=ids).logits

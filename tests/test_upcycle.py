@@ -125,12 +125,14 @@ def test_sinks_and_previous_block_conversion_is_the_starting_point(llama_folder,
 
 
 def test_ssm_options_train_from_the_exact_conversion(llama_folder, tmp_path):
-    """--ssm_gate --ssm_conv_size 3 --ssm_residual: the saved config has them, the option's parameters are among what
-    trains (they are new parts), and nothing outside the new parts and the BST layer's o_proj moves."""
+    """--ssm_gate --ssm_conv_size 3 --ssm_residual --ssm_dt_min/max: the saved config has them, the option's
+    parameters are among what trains (they are new parts), and nothing outside the new parts and the BST layer's
+    o_proj moves."""
     result = run(llama_folder, tmp_path, "--bst_layers", "1", "--ssm_gate", "--ssm_conv_size", "3", "--ssm_residual",
-                 "--learning_rate", "1e-2")
+                 "--ssm_dt_min", "5e-4", "--ssm_dt_max", "8e-3", "--learning_rate", "1e-2")
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert (config["ssm_gate"], config["ssm_conv_size"], config["ssm_residual"]) == (True, 3, True)
+    assert (config["ssm_dt_min"], config["ssm_dt_max"]) == (5e-4, 8e-3)
     converted = conversion.convert_model(tiny_llama(), 8, [1], ssm_gate=True, ssm_conv_size=3, ssm_residual=True)
     before, after = converted.state_dict(), result["model"].state_dict()
     moved = {name for name in before if not torch.equal(before[name], after[name])}
@@ -138,7 +140,8 @@ def test_ssm_options_train_from_the_exact_conversion(llama_folder, tmp_path):
             "model.layers.1.ssm.conv_weight"} <= moved
     assert all(upcycle.SSM_AND_CONTEXT_KEYS.search(name) or name.endswith("layers.1.attention.o_proj.weight")
                for name in moved)
-    assert "SSM options ssm_gate=True, ssm_conv_size=3, ssm_residual=True" in (tmp_path / "out" / "README.md").read_text()
+    assert ("SSM options ssm_gate=True, ssm_conv_size=3, ssm_residual=True, ssm_dt_min=0.0005, ssm_dt_max=0.008"
+            in (tmp_path / "out" / "README.md").read_text())
 
 
 def test_distillation_is_zero_where_the_student_is_the_teacher(llama_folder, tmp_path):

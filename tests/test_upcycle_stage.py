@@ -61,14 +61,15 @@ def test_stage_runs_end_to_end_and_always_writes_its_summary(tiny_inputs, tmp_pa
     config = summary["training"]["upcycled"]["config"]
     assert (config["bst_layers"], config["num_sink_tokens"], config["attend_previous_block"]) == ([1], 2, True)
     assert (config["ssm_gate"], config["ssm_residual"], config["ssm_conv_size"]) == (True, True, 0)
+    assert (config["ssm_dt_min"], config["ssm_dt_max"]) == (1.2e-4, 2e-3)  # the stage's step sizes, past the window
     control = summary["training"]["control"]["config"]
     assert control["bst_layers"] == [] and control["num_sink_tokens"] == 2
     assert (tmp_path / "models" / "converted" / "config.json").is_file()
     assert all((tmp_path / "stage" / f"{run}_trained_weights.safetensors").is_file() for run in ("upcycled", "control"))
     assert not (tmp_path / "stage" / "upcycled").exists()
     names = sorted(summary["evaluation"])
-    assert names == ["BST control", "BST converted", "BST upcycled", "StreamingLLM (2 sinks + 8 window, chunks of 8; passkeys with 16)",
-                     "source (full attention)"]
+    assert names == ["BST control", "BST converted", "BST upcycled", "BST upcycled, SSM outputs zeroed",
+                     "StreamingLLM (2 sinks + 8 window, chunks of 8; passkeys with 16)", "source (full attention)"]
     for results in summary["evaluation"].values():
         assert [row["length"] for row in results["perplexity"]] == [32, 64]
         assert all(row["predictions"] == 128 - 128 // row["length"] for row in results["perplexity"])

@@ -8,7 +8,8 @@
 # 1. upcycled:  scripts/upcycle.py: the conversion with W = 1,024, previous-block attention and 4 attention sinks, an
 #               SSM + cross-attention in UPCYCLE_BST_LAYERS, trained with --train new+o_proj (the new parts at
 #               UPCYCLE_LR, the o_proj of those layers at UPCYCLE_PRETRAINED_LR) on the token file, with the SSM
-#               options UPCYCLE_SSM_OPTIONS (default: gate, short convolution of 4, residual branch).
+#               options UPCYCLE_SSM_OPTIONS (default: gate, short convolution of 4, residual branch) and the initial
+#               step sizes UPCYCLE_SSM_STEP_SIZES (default: time scales of ~1,000-16,000 tokens, past the window).
 # 2. control:   the same recipe with --bst_layers none --tuned_layers UPCYCLE_BST_LAYERS: the same data, steps, seed
 #               and the same pretrained weights tuned at the same rate; only the SSM and cross-attention are missing,
 #               so the difference between the two is what the SSM brings. Both stop at UPCYCLE_STEPS or
@@ -37,6 +38,10 @@ BST_LAYERS=${UPCYCLE_BST_LAYERS:-10,20}
 # Options of the upcycled run's SSM branch (scripts/upcycle.py); "" for the paper's branch. From scratch on the CPU
 # (docs/quality.md), all three together beat the plain branch in every seed on books and code.
 read -r -a SSM_OPTIONS <<< "${UPCYCLE_SSM_OPTIONS---ssm_gate --ssm_conv_size 4 --ssm_residual}"
+# Initial S4 step sizes: time scales of ~1,000-16,000 tokens. The window already sees the last 1,024-2,047 tokens;
+# the default range (time scales up to ~200 tokens) puts 0.0% of the SSM's filters beyond 2,048 tokens, this one 55%
+# (scripts/experiments/ssm_reach.py).
+read -r -a SSM_STEP_SIZES <<< "${UPCYCLE_SSM_STEP_SIZES---ssm_dt_min 1.2e-4 --ssm_dt_max 2e-3}"
 # 600 x 2 x 8,192 = 9.8M of the 11.9M tokens, if the time limit allows. Batches of 2 keep the activations of the 20
 # layers above the first trained one at a few tens of GB: an out-of-memory error would cost the whole run.
 STEPS=${UPCYCLE_STEPS:-600}
@@ -90,7 +95,7 @@ else
         --bst_layers none --attend_previous_block --num_sink_tokens "$SINKS" --skip_verify \
         --output_dir "$MODELS_DIR/converted" &
     part upcycled "$RUN_SECONDS" python scripts/upcycle.py "${RECIPE[@]}" --bst_layers "$BST_LAYERS" \
-        "${SSM_OPTIONS[@]}" --output_dir "$MODELS_DIR/upcycled"
+        "${SSM_OPTIONS[@]}" "${SSM_STEP_SIZES[@]}" --output_dir "$MODELS_DIR/upcycled"
     part control "$RUN_SECONDS" python scripts/upcycle.py "${RECIPE[@]}" --bst_layers none --tuned_layers "$BST_LAYERS" \
         --output_dir "$MODELS_DIR/control"
     wait
@@ -110,7 +115,7 @@ else
     for model in upcycled control converted; do
         [ -f "$MODELS_DIR/$model/config.json" ] || continue
         part "eval-$model" "$EVAL_SECONDS" python scripts/evaluate_length.py --bst "$MODELS_DIR/$model" \
-            "${EVALUATION[@]}" --output_dir "$OUTPUT_DIR/eval-$model" &
+            "${EVALUATION[@]}" --ssm_ablation --output_dir "$OUTPUT_DIR/eval-$model" &
     done
     wait
 fi
