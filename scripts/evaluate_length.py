@@ -186,12 +186,26 @@ def score(loss_function, stream: torch.Tensor, length: int, block_size: int | No
         "perplexity": math.exp(nll.double().mean().item()),
         "loss": nll.double().mean().item(),
         "last_quarter_perplexity": last_quarter_perplexity(nll, length),
+        "loss_by_position": loss_by_position(nll, length),
         "predictions": nll.numel(),
         "seconds": round(time.time() - started, 1),
     }
     if block_size and length > block_size:
         result["loss_by_slot"] = summarise_slots(slot_statistics(nll, hits, length, block_size))
     return result
+
+
+def loss_by_position(nll: torch.Tensor, length: int, first_bound: int = 256) -> list[dict]:
+    """Mean loss of the predictions at positions [0, 256), [256, 512), [512, 1,024), ... (doubling) of each window:
+    how a model's loss changes as more text lies before it, e.g. whether a BST gains past its attention span."""
+    per_window = nll.view(-1, length - 1)
+    bounds = [0]
+    while bounds[-1] < length - 1:
+        bounds.append(min(max(first_bound, 2 * bounds[-1]), length - 1))
+    return [
+        {"positions": f"{first}-{end - 1}", "loss": per_window[:, first:end].double().mean().item()}
+        for first, end in zip(bounds[:-1], bounds[1:])
+    ]
 
 
 def last_quarter_perplexity(nll: torch.Tensor, length: int) -> float:
@@ -274,6 +288,16 @@ def markdown_tables(results: dict) -> str:
         for row in rows:
             cells = [f"{group['loss']:.3f}" for group in row["loss_by_slot"]["groups"]]
             lines.append(f"| {row['length']:,} | " + " | ".join(cells) + " |")
+    for length in lengths:
+        rows = {name: row for name, r in results["models"].items() for row in r["perplexity"]
+                if row["length"] == length and "loss_by_position" in row}
+        if not rows:
+            continue
+        groups = [group["positions"] for group in next(iter(rows.values()))["loss_by_position"]]
+        lines += ["", f"Loss by position in windows of {length:,} tokens (nats)", "",
+                  "| model | " + " | ".join(groups) + " |", "|---|" + "---|" * len(groups)]
+        for name, row in rows.items():
+            lines.append(f"| {name} | " + " | ".join(f"{group['loss']:.3f}" for group in row["loss_by_position"]) + " |")
     passkeys = {name: r["passkey"] for name, r in results["models"].items() if r.get("passkey")}
     if passkeys:
         distances = sorted({distance for accuracy in passkeys.values() for distance in accuracy})

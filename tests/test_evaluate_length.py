@@ -229,3 +229,21 @@ def test_ssm_ablation_scores_each_bst_with_ssm_layers_again_with_its_ssm_silence
     reference = evaluate_length.score(lambda w: evaluate_length.next_token_losses(bst.eval(), w), stream, 32, 8)
     assert zeroed["perplexity"] == pytest.approx(reference["perplexity"], rel=1e-5)
     assert real["perplexity"] != pytest.approx(reference["perplexity"], rel=1e-3)
+
+
+def test_loss_by_position_groups_each_window_by_doubling_positions():
+    """Two windows of 1,024 tokens (1,023 predictions each), the loss of a prediction its position plus 1,000 x its
+    window: groups 0-255, 256-511, 512-1,022, each the mean over both windows; a window shorter than 256 is one group."""
+    positions = torch.arange(1023, dtype=torch.float)
+    nll = torch.cat([positions, positions + 1000])
+    groups = evaluate_length.loss_by_position(nll, 1024)
+    assert [group["positions"] for group in groups] == ["0-255", "256-511", "512-1022"]
+    assert [group["loss"] for group in groups] == [pytest.approx(127.5 + 500), pytest.approx(383.5 + 500),
+                                                  pytest.approx(767 + 500)]
+    assert evaluate_length.loss_by_position(torch.ones(3 * 31), 32) == [{"positions": "0-30", "loss": 1.0}]
+    table = evaluate_length.markdown_tables({
+        "total_tokens": 2046, "text": "t", "lengths": [1024], "passkey_trials": 1,
+        "models": {"m": {"perplexity": [{"length": 1024, "perplexity": 2.0, "last_quarter_perplexity": 2.0,
+                                         "loss_by_position": groups}], "passkey": {}}},
+    })
+    assert "Loss by position in windows of 1,024 tokens" in table and "| m | 627.500 | 883.500 | 1267.000 |" in table
