@@ -403,8 +403,9 @@ def main(argv=None):
                  model.config.block_size, greedy_answer(model))
         if args.ssm_ablation and model.config.bst_layers:
             with ssm_zeroed(model):
-                evaluate(f"BST {Path(path).name}, SSM outputs zeroed", lambda ids, model=model: next_token_losses(
-                    model, ids), model.config.block_size, greedy_answer(model))
+                evaluate(f"BST {Path(path).name}, SSM outputs zeroed",
+                         lambda ids, model=model: next_token_losses(model, ids),
+                         model.config.block_size, greedy_answer(model))
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "length_evaluation.json").write_text(json.dumps(results, indent=1))
