@@ -1,5 +1,5 @@
 """Next-token loss by slot inside a block: the diagnostic of scripts/evaluate.py, which other evaluations (the quality
-experiment in scripts/experiments/) report too; and the SSM ablation, which scores a BST with its SSM silenced."""
+experiment in scripts/experiments/) report too; and two SSM ablations: the SSM silenced, and its reach cut."""
 
 from contextlib import contextmanager
 
@@ -101,6 +101,42 @@ def ssm_zeroed(model):
     handles = [
         ssm.register_forward_hook(lambda module, inputs, output: torch.zeros_like(output)) for ssm in ssm_modules
     ]
+    try:
+        yield len(ssm_modules)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextmanager
+def ssm_reach_limited(model, max_distance: int):
+    """Inside the block, every SSM filter is cut after `max_distance` taps (K[l] = 0 for l >= max_distance), so a
+    context state at position t reads the SSM inputs at t - max_distance + 1 .. t only.
+
+    This separates what the SSM carries from beyond the attention span from what it adds as capacity: cut at the
+    span (2W with previous-block attention), the SSM keeps every use it can make of text that attention sees too, and
+    the loss that rises is what it brought from further back. Forward hooks on the kernels, removed on exit; the full
+    forward only (scoring, `use_cache=False`): a cached forward runs the recurrence, not the kernel, and is refused,
+    as is "mf" with "s4" kernels, which scans its blocks without forming a kernel. Yields the number of SSMs cut."""
+    if max_distance < 1:
+        raise ValueError(f"max_distance must be at least 1 (the current input's tap), got {max_distance}.")
+    config = getattr(model, "config", None)
+    if getattr(config, "bst_variant", None) == "mf" and getattr(config, "ssm_kernel", None) == "s4":
+        raise ValueError('The SSM reach cannot be cut for bst_variant="mf" with "s4" kernels: they form no kernel.')
+    ssm_modules = [module.ssm for module in model.modules() if isinstance(getattr(module, "ssm", None), torch.nn.Module)]
+
+    def cut(module, inputs, taps):  # taps (H, length)
+        taps = taps.clone()
+        taps[..., max_distance:] = 0
+        return taps
+
+    def refuse_cache(module, args, kwargs):
+        layer_cache = args[2] if len(args) > 2 else kwargs.get("layer_cache")
+        if layer_cache is not None:
+            raise ValueError("ssm_reach_limited cuts the kernel of the full forward; call the model with use_cache=False.")
+
+    handles = [ssm.kernel_generator.register_forward_hook(cut) for ssm in ssm_modules]
+    handles += [ssm.register_forward_pre_hook(refuse_cache, with_kwargs=True) for ssm in ssm_modules]
     try:
         yield len(ssm_modules)
     finally:

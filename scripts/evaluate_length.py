@@ -17,7 +17,8 @@ Models:
   does not grow with the length (`streaming_llm_losses`);
 - each BST of `--bst` (folders), whose loss by slot inside a block is reported at every length; with
   `--ssm_ablation`, each one that has SSM layers also with its SSM outputs replaced by zeros (what its context states
-  carry).
+  carry); with `--ssm_reach_limit N`, also with its SSM filters cut after N taps (perplexity only; at N = the
+  attention span, what the SSM brings from beyond it).
 
 Passkey retrieval (`--passkey_distances`): a 5-digit passkey is stated inside filler text, followed by that many
 tokens of filler and the question; the greedy answer (6 new tokens) must contain the passkey. Accuracy over
@@ -46,7 +47,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import modeling_bst  # noqa: F401  (registers the "bst" model type)
 from bst_tools import conversion
-from bst_tools.evaluation import ssm_zeroed, summarise_slots
+from bst_tools.evaluation import ssm_reach_limited, ssm_zeroed, summarise_slots
 
 
 # Positions whose logits are computed at once: a 32k-token window times a 49k vocabulary would be 6 GB of fp32 logits.
@@ -347,6 +348,15 @@ def parse_args(argv=None):
         help="Also score each BST that has SSM layers with every SSM output replaced by zeros: what its context "
         "states carry (perplexity, loss by slot and passkeys with and without them).",
     )
+    add(
+        "--ssm_reach_limit",
+        type=int,
+        default=None,
+        help="Also score each BST that has SSM layers with its SSM filters cut after this many taps (a context state "
+        "then reads the last N SSM inputs only). Set to the attention span (2W with previous-block attention): the "
+        "loss that rises is what the SSM brings from beyond it, the rest of its gain is capacity. Perplexity only: "
+        "passkey answers decode with the cache, which runs the uncut recurrence.",
+    )
     add("--device", default="cpu", help="Where the models run (fp32), e.g. cuda; the losses are gathered on the CPU.")
     add("--output_dir", required=True)
     return parser.parse_args(argv)
@@ -374,14 +384,14 @@ def main(argv=None):
         "models": {},
     }
 
-    def evaluate(name, loss_function, model_block_size, generate_answer, max_length=None):
+    def evaluate(name, loss_function, model_block_size, generate_answer, max_length=None, passkeys=True):
         print(f"Evaluating {name}", flush=True)
         rows = [score(loss_function, stream, length, model_block_size) for length in lengths
                 if max_length is None or length <= max_length]
         for row in rows:
             print(f"  {row['length']:>6,} tokens: perplexity {row['perplexity']:.3f} ({row['seconds']} s)", flush=True)
         # A model skipped above `max_length` is also not asked for passkeys further away than that.
-        model_distances = [distance for distance in distances if max_length is None or distance <= max_length]
+        model_distances = [distance for distance in distances if passkeys and (max_length is None or distance <= max_length)]
         passkey = passkey_accuracy(generate_answer, tokenizer, model_distances, args.passkey_trials)
         results["models"][name] = {"perplexity": rows, "passkey": passkey}
 
@@ -406,6 +416,11 @@ def main(argv=None):
                 evaluate(f"BST {Path(path).name}, SSM outputs zeroed",
                          lambda ids, model=model: next_token_losses(model, ids),
                          model.config.block_size, greedy_answer(model))
+        if args.ssm_reach_limit and model.config.bst_layers:
+            with ssm_reach_limited(model, args.ssm_reach_limit):
+                evaluate(f"BST {Path(path).name}, SSM reach cut at {args.ssm_reach_limit:,} tokens",
+                         lambda ids, model=model: next_token_losses(model, ids),
+                         model.config.block_size, None, passkeys=False)
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "length_evaluation.json").write_text(json.dumps(results, indent=1))

@@ -203,7 +203,8 @@ def test_streaming_llm_answers_passkeys_with_its_generation_window(tmp_path, mon
 def test_ssm_ablation_scores_each_bst_with_ssm_layers_again_with_its_ssm_silenced(tmp_path):
     """--ssm_ablation: a BST with SSM layers is scored a second time with its SSM outputs zeroed, which is the same
     model with the cross-attention half of its o_proj zeroed (zero context states give zero cross-attention values);
-    a BST without SSM layers gets no such row."""
+    with --ssm_reach_limit, a third time with its SSM filters cut (perplexity only, no passkeys). A BST without SSM
+    layers gets no such rows."""
     tokenizer = character_tokenizer()
     tiny_llama().save_pretrained(tmp_path / "llama")
     tokenizer.save_pretrained(tmp_path / "llama")
@@ -215,17 +216,24 @@ def test_ssm_ablation_scores_each_bst_with_ssm_layers_again_with_its_ssm_silence
         torch.nn.init.normal_(bst.model.layers[1].attention.o_proj.weight, std=0.5, generator=torch.Generator().manual_seed(0))
     bst.save_pretrained(tmp_path / "with_ssm")
     results = evaluate_length.main([
-        "--bst", str(tmp_path / "with_ssm"), str(tmp_path / "block_only"), "--ssm_ablation", "--lengths", "32",
-        "--total_tokens", "64", "--passkey_distances", "8", "--passkey_trials", "1", "--output_dir", str(tmp_path / "out"),
+        "--bst", str(tmp_path / "with_ssm"), str(tmp_path / "block_only"), "--ssm_ablation", "--ssm_reach_limit", "8",
+        "--lengths", "32", "--total_tokens", "64", "--passkey_distances", "8", "--passkey_trials", "1", "--output_dir", str(tmp_path / "out"),
     ])
-    assert list(results["models"]) == ["BST with_ssm", "BST with_ssm, SSM outputs zeroed", "BST block_only"]
+    assert list(results["models"]) == ["BST with_ssm", "BST with_ssm, SSM outputs zeroed",
+                                       "BST with_ssm, SSM reach cut at 8 tokens", "BST block_only"]
+    cut = results["models"]["BST with_ssm, SSM reach cut at 8 tokens"]
+    assert cut["passkey"] == {}
+    stream = evaluate_length.token_stream(evaluate_length.stdlib_docstring_documents(), tokenizer, 64)
+    with evaluation.ssm_reach_limited(bst.eval(), 8):
+        cut_reference = evaluate_length.score(lambda w: evaluate_length.next_token_losses(bst, w), stream, 32, 8)
+    assert cut["perplexity"][0]["perplexity"] == pytest.approx(cut_reference["perplexity"], rel=1e-6)
     real, zeroed = (results["models"][name]["perplexity"][0] for name in ("BST with_ssm", "BST with_ssm, SSM outputs zeroed"))
     assert zeroed["perplexity"] != pytest.approx(real["perplexity"], rel=1e-3)
+    assert cut["perplexity"][0]["perplexity"] != pytest.approx(real["perplexity"], rel=1e-4)
     assert set(results["models"]["BST with_ssm, SSM outputs zeroed"]["passkey"]) == {8}
     inner_size = bst.config.num_attention_heads * bst.config.head_dim
     with torch.no_grad():
         bst.model.layers[1].attention.o_proj.weight[:, inner_size:] = 0
-    stream = evaluate_length.token_stream(evaluate_length.stdlib_docstring_documents(), tokenizer, 64)
     reference = evaluate_length.score(lambda w: evaluate_length.next_token_losses(bst.eval(), w), stream, 32, 8)
     assert zeroed["perplexity"] == pytest.approx(reference["perplexity"], rel=1e-5)
     assert real["perplexity"] != pytest.approx(reference["perplexity"], rel=1e-3)

@@ -6,8 +6,9 @@ import torch
 import torch.nn.functional as F
 from conftest import tiny_config
 
-from bst_tools.evaluation import loss_by_slot, slot_groups, ssm_zeroed, summarise_slots
+from bst_tools.evaluation import loss_by_slot, slot_groups, ssm_reach_limited, ssm_zeroed, summarise_slots
 from modeling_bst import BSTForCausalLM
+from modeling_bst.modeling_bst import BlockLayout
 
 CPU = torch.device("cpu")
 
@@ -115,3 +116,62 @@ def test_ssm_ablation_changes_a_model_whose_ssm_matters(variant):
     again = loss_by_slot(model, windows, 8, 2, CPU)
     torch.testing.assert_close(again["nll"], stats["nll"], rtol=0, atol=0)
 
+
+
+@pytest.mark.parametrize("kernel", ["s4", "unstructured"])
+def test_ssm_reach_limit_is_the_convolution_with_the_filter_cut(kernel):
+    """Float64: with the reach cut at 5 taps, the SSM's output at t is sum_{l<5} K[l] u[t-l] + skip u[t], K the
+    module's own filter; outside the block the SSM reads all of u[0..t] again."""
+    config = tiny_config(ssm_kernel=kernel)
+    model = BSTForCausalLM(config).double().eval()
+    ssm = model.model.layers[0].ssm
+    torch.nn.init.normal_(ssm.skip)  # the initialisation starts it at zero, which would hide the skip term
+    inputs = torch.randn(2, 24, config.hidden_size, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    layout = BlockLayout.build(torch.ones(2, 24, dtype=torch.bool), torch.zeros(2, dtype=torch.long), 8, False, False)
+    with torch.no_grad():
+        taps = ssm.kernel(24)[:, 0]  # (D, L): one filter per channel ("sh")
+        skip = ssm.skip[:, 0]
+        uncut = ssm(inputs, layout, None)[..., 0]
+        with ssm_reach_limited(model, 5) as cut_count:
+            cut = ssm(inputs, layout, None)[..., 0]
+        again = ssm(inputs, layout, None)[..., 0]
+
+    def reference(reach):  # direct time-domain sums, (B, T, D)
+        return torch.stack([
+            sum(taps[:, lag] * inputs[:, t - lag] for lag in range(min(reach, t + 1))) + skip * inputs[:, t]
+            for t in range(24)
+        ], dim=1)
+
+    assert cut_count == 2
+    torch.testing.assert_close(cut, reference(5), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(uncut, reference(24), rtol=1e-10, atol=1e-10)
+    assert torch.equal(again, uncut)
+
+
+def test_ssm_reach_limit_changes_only_positions_past_it():
+    """Logits of the whole model: a cut at the window's length changes nothing, a cut at 8 tokens changes no position
+    before 8 (no SSM input further back exists there) and every position from 8 on."""
+    model = BSTForCausalLM(tiny_config()).eval()
+    with torch.no_grad():  # a freshly initialised cross-attention half of o_proj is zero: give the context a say
+        for layer in model.model.layers:
+            torch.nn.init.normal_(layer.attention.o_proj.weight, std=0.5, generator=torch.Generator().manual_seed(0))
+        windows = random_windows(2, 32)
+        logits = model(input_ids=windows, use_cache=False).logits
+        with ssm_reach_limited(model, 32):
+            same = model(input_ids=windows, use_cache=False).logits
+        with ssm_reach_limited(model, 8):
+            cut = model(input_ids=windows, use_cache=False).logits
+    assert torch.equal(same, logits)
+    torch.testing.assert_close(cut[:, :8], logits[:, :8], rtol=0, atol=1e-5)  # equal up to the FFT's rounding
+    assert (cut[:, 8:] - logits[:, 8:]).abs().amax(-1).min() > 1e-4
+
+
+def test_ssm_reach_limit_refuses_what_it_cannot_cut():
+    model = BSTForCausalLM(tiny_config()).eval()
+    windows = random_windows(1, 16)
+    with pytest.raises(ValueError, match="use_cache=False"), ssm_reach_limited(model, 8), torch.no_grad():
+        model(input_ids=windows, use_cache=True)
+    with pytest.raises(ValueError, match="at least 1"), ssm_reach_limited(model, 0):
+        pass
+    with pytest.raises(ValueError, match='"mf" with "s4"'), ssm_reach_limited(BSTForCausalLM(tiny_config(bst_variant="mf")), 8):
+        pass

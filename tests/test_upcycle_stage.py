@@ -69,11 +69,12 @@ def test_stage_runs_end_to_end_and_always_writes_its_summary(tiny_inputs, tmp_pa
     assert not (tmp_path / "stage" / "upcycled").exists()
     names = sorted(summary["evaluation"])
     assert names == ["BST control", "BST converted", "BST upcycled", "BST upcycled, SSM outputs zeroed",
+                     "BST upcycled, SSM reach cut at 16 tokens",  # 2W: what the SSM brings from beyond the window
                      "StreamingLLM (2 sinks + 8 window, chunks of 8; passkeys with 16)", "source (full attention)"]
-    for results in summary["evaluation"].values():
+    for name, results in summary["evaluation"].items():
         assert [row["length"] for row in results["perplexity"]] == [32, 64]
         assert all(row["predictions"] == 128 - 128 // row["length"] for row in results["perplexity"])
-        assert list(results["passkey"]) == ["16"]
+        assert list(results["passkey"]) == ([] if "reach cut" in name else ["16"])  # the cut scores, never decodes
 
     # A model file that is not the pinned one stops the stage before any run, and the summary says why.
     summary, _ = run_stage(tmp_path / "refused", gguf, tokens, SMOLLM2_SHA256="0" * 64)

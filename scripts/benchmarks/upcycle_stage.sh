@@ -18,7 +18,9 @@
 # 3. converted: scripts/convert_to_bst.py, the same conversion without training (the starting point of both).
 # 4. evaluation: scripts/evaluate_length.py, the source and StreamingLLM (4 sinks + W recent tokens, chunks of W: the
 #               same span as the BST's previous block + own block) in one process, each BST in its own, at
-#               EVAL_LENGTHS on the same EVAL_TOKENS tokens, passkeys at EVAL_PASSKEYS.
+#               EVAL_LENGTHS on the same EVAL_TOKENS tokens, passkeys at EVAL_PASSKEYS; each BST with SSM layers also
+#               with its SSM zeroed and with its SSM's reach cut at the attention span 2W (what it brings from
+#               beyond the window, apart from capacity).
 # 5. OUTPUT_DIR/upcycle_summary.json: every part's exit code and seconds, both training logs and configs, the data
 #               manifest, and every evaluation that finished. The models go to UPCYCLE_MODELS_DIR (default OUTPUT_DIR).
 # Each part runs under `timeout`, so a part that runs out costs only its own results and the summary is always
@@ -42,6 +44,9 @@ read -r -a SSM_OPTIONS <<< "${UPCYCLE_SSM_OPTIONS---ssm_gate --ssm_conv_size 4 -
 # the default range (time scales up to ~200 tokens) puts 0.0% of the SSM's filters beyond 2,048 tokens, this one 55%
 # (scripts/experiments/ssm_reach.py).
 read -r -a SSM_STEP_SIZES <<< "${UPCYCLE_SSM_STEP_SIZES---ssm_dt_min 1.2e-4 --ssm_dt_max 2e-3}"
+# Distillation from the source with full attention (scripts/upcycle.py --distill_slots), e.g. "--distill_slots 1024":
+# every position past the first block; "" trains on the next-token loss alone. Both runs get it.
+read -r -a DISTILL <<< "${UPCYCLE_DISTILL-}"
 # 600 x 2 x 8,192 = 9.8M of the 11.9M tokens, if the time limit allows. Batches of 2 keep the activations of the 20
 # layers above the first trained one at a few tens of GB: an out-of-memory error would cost the whole run.
 STEPS=${UPCYCLE_STEPS:-600}
@@ -88,7 +93,7 @@ else
     RECIPE=(--gguf_file "$GGUF" --training_tokens "$TOKENS" --device "$DEVICE" --block_size "$BLOCK_SIZE"
             --attend_previous_block --num_sink_tokens "$SINKS" --train new+o_proj --learning_rate "$LEARNING_RATE"
             --pretrained_learning_rate "$PRETRAINED_LEARNING_RATE" --max_steps "$STEPS" --batch_size "$BATCH_SIZE"
-            --sequence_length "$SEQUENCE_LENGTH" --max_seconds "$TRAIN_SECONDS" --log_every 10 --seed 0)
+            --sequence_length "$SEQUENCE_LENGTH" --max_seconds "$TRAIN_SECONDS" --log_every 10 --seed 0 "${DISTILL[@]}")
     # The conversion runs on the CPU beside the training; the two training runs have the GPU to themselves, one
     # after the other.
     part converted "$CONVERT_SECONDS" python scripts/convert_to_bst.py --gguf_file "$GGUF" --block_size "$BLOCK_SIZE" \
@@ -115,7 +120,8 @@ else
     for model in upcycled control converted; do
         [ -f "$MODELS_DIR/$model/config.json" ] || continue
         part "eval-$model" "$EVAL_SECONDS" python scripts/evaluate_length.py --bst "$MODELS_DIR/$model" \
-            "${EVALUATION[@]}" --ssm_ablation --output_dir "$OUTPUT_DIR/eval-$model" &
+            "${EVALUATION[@]}" --ssm_ablation --ssm_reach_limit "$(( 2 * BLOCK_SIZE ))" \
+            --output_dir "$OUTPUT_DIR/eval-$model" &
     done
     wait
 fi
