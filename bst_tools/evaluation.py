@@ -91,13 +91,18 @@ def summarise_slots(stats):
     }
 
 
+def ssm_sublayers(model) -> list[torch.nn.Module]:
+    """The SSM sublayers of `model`: module attributes named `ssm`, as BST decoder layers have (None in the others)."""
+    return [module.ssm for module in model.modules() if isinstance(getattr(module, "ssm", None), torch.nn.Module)]
+
+
 @contextmanager
 def ssm_zeroed(model):
     """Inside the block, every SSM sublayer (a module attribute named `ssm`, as BST decoder layers have) outputs zeros,
     in the full forward and in cached decoding alike: its context states then carry nothing, neither from earlier
     blocks nor from the block itself (nor does the residual SSM branch, where there is one). Forward hooks, so the
     model code is untouched; they are removed on exit. Yields the number of SSMs silenced."""
-    ssm_modules = [module.ssm for module in model.modules() if isinstance(getattr(module, "ssm", None), torch.nn.Module)]
+    ssm_modules = ssm_sublayers(model)
     handles = [
         ssm.register_forward_hook(lambda module, inputs, output: torch.zeros_like(output)) for ssm in ssm_modules
     ]
@@ -123,7 +128,7 @@ def ssm_reach_limited(model, max_distance: int):
     config = getattr(model, "config", None)
     if getattr(config, "bst_variant", None) == "mf" and getattr(config, "ssm_kernel", None) == "s4":
         raise ValueError('The SSM reach cannot be cut for bst_variant="mf" with "s4" kernels: they form no kernel.')
-    ssm_modules = [module.ssm for module in model.modules() if isinstance(getattr(module, "ssm", None), torch.nn.Module)]
+    ssm_modules = ssm_sublayers(model)
 
     def cut(module, inputs, taps):  # taps (H, length)
         taps = taps.clone()

@@ -384,14 +384,16 @@ def main(argv=None):
         "models": {},
     }
 
-    def evaluate(name, loss_function, model_block_size, generate_answer, max_length=None, passkeys=True):
+    def evaluate(name, loss_function, model_block_size, generate_answer, max_length=None):
         print(f"Evaluating {name}", flush=True)
         rows = [score(loss_function, stream, length, model_block_size) for length in lengths
                 if max_length is None or length <= max_length]
         for row in rows:
             print(f"  {row['length']:>6,} tokens: perplexity {row['perplexity']:.3f} ({row['seconds']} s)", flush=True)
-        # A model skipped above `max_length` is also not asked for passkeys further away than that.
-        model_distances = [distance for distance in distances if passkeys and (max_length is None or distance <= max_length)]
+        # A model skipped above `max_length` is also not asked for passkeys further away than that; one that cannot
+        # decode (generate_answer None) for none.
+        model_distances = [distance for distance in distances
+                           if generate_answer is not None and (max_length is None or distance <= max_length)]
         passkey = passkey_accuracy(generate_answer, tokenizer, model_distances, args.passkey_trials)
         results["models"][name] = {"perplexity": rows, "passkey": passkey}
 
@@ -420,7 +422,7 @@ def main(argv=None):
             with ssm_reach_limited(model, args.ssm_reach_limit):
                 evaluate(f"BST {Path(path).name}, SSM reach cut at {args.ssm_reach_limit:,} tokens",
                          lambda ids, model=model: next_token_losses(model, ids),
-                         model.config.block_size, None, passkeys=False)
+                         model.config.block_size, None)
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "length_evaluation.json").write_text(json.dumps(results, indent=1))

@@ -34,7 +34,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import modeling_bst  # noqa: F401  (registers the "bst" model type)
 from bst_tools import conversion
-from bst_tools.evaluation import ssm_zeroed
+from bst_tools.evaluation import ssm_sublayers, ssm_zeroed
 
 
 SCRIPTS = Path(__file__).resolve().parents[1]
@@ -53,7 +53,7 @@ def ssm_delayed(model, delay: int):
     hook on each kernel, and the skip term (lag 0) held at zero and frozen. Full forward only (no cache)."""
     if delay < 1:
         raise ValueError(f"--delay must be at least 1, got {delay}.")
-    ssm_modules = [module.ssm for module in model.modules() if isinstance(getattr(module, "ssm", None), torch.nn.Module)]
+    ssm_modules = ssm_sublayers(model)
 
     def delay_taps(module, inputs, taps):  # taps (H, length)
         taps = taps.clone()
