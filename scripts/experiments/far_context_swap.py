@@ -80,14 +80,11 @@ def paired(difference: torch.Tensor) -> dict:
     return {"mean": difference.mean().item(), "standard_error": error, "windows": count}
 
 
-def swap_effects(model, texts: dict[str, torch.Tensor], span: tuple[int, int], batch_size: int = 1) -> dict:
+def swap_effects(model, texts: dict[str, torch.Tensor], span: tuple[int, int]) -> dict:
     """Loss at `span` for each variant of the windows ({"original": (N, L), "same kind": ..., ...}), and the paired
-    change of each swap against the original."""
-
-    def losses(windows):
-        return torch.cat([span_losses(model, windows[i : i + batch_size], span) for i in range(0, len(windows), batch_size)])
-
-    per_window = {name: losses(windows) for name, windows in texts.items()}
+    change of each swap against the original. One window per forward: memory of one sequence."""
+    per_window = {name: torch.cat([span_losses(model, window[None], span) for window in windows])
+                  for name, windows in texts.items()}
     return {
         "loss": {name: values.mean().item() for name, values in per_window.items()},
         "swap_minus_original": {
