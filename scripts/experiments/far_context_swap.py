@@ -45,6 +45,10 @@ def load_script(name):
     return module
 
 
+evaluate_length = load_script("evaluate_length")
+delayed_ssm = load_script("experiments/delayed_ssm")
+
+
 def scored_span(swap_end: int, block_size: int, window: int) -> tuple[int, int]:
     """Positions whose next-token losses are compared: the block that starts one block after `swap_end` (its
     previous block starts at `swap_end`, so the first layer's attention never sees swapped text)."""
@@ -63,16 +67,6 @@ def swapped(windows: torch.Tensor, far_text: torch.Tensor, sinks: int, swap_end:
     return result
 
 
-@torch.no_grad()
-def span_losses(model, windows: torch.Tensor, span: tuple[int, int]) -> torch.Tensor:
-    """(N,) mean next-token loss of each window over positions span[0] .. span[1] - 1."""
-    start, end = span
-    hidden = model.model(input_ids=windows, use_cache=False).last_hidden_state[:, start:end]
-    logits = model.lm_head(hidden).float()
-    targets = windows[:, start + 1 : end + 1]
-    return torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none").mean(-1)
-
-
 def paired(difference: torch.Tensor) -> dict:
     """Mean of per-window differences and its standard error."""
     count = len(difference)
@@ -82,9 +76,13 @@ def paired(difference: torch.Tensor) -> dict:
 
 def swap_effects(model, texts: dict[str, torch.Tensor], span: tuple[int, int]) -> dict:
     """Loss at `span` for each variant of the windows ({"original": (N, L), "same kind": ..., ...}), and the paired
-    change of each swap against the original. One window per forward: memory of one sequence."""
-    per_window = {name: torch.cat([span_losses(model, window[None], span) for window in windows])
-                  for name, windows in texts.items()}
+    change of each swap against the original (evaluate_length.next_token_losses, one window per forward)."""
+    start, end = span
+    per_window = {
+        name: torch.stack([evaluate_length.next_token_losses(model, window[None])[0][start:end].mean()
+                           for window in windows])
+        for name, windows in texts.items()
+    }
     return {
         "loss": {name: values.mean().item() for name, values in per_window.items()},
         "swap_minus_original": {
@@ -96,11 +94,12 @@ def swap_effects(model, texts: dict[str, torch.Tensor], span: tuple[int, int]) -
 
 def evaluate_model(model, texts, span, delay: int | None) -> dict:
     """The swap effects with the SSM path as trained and zeroed, and their difference: the SSM path's part."""
+    has_ssm = bool(ssm_sublayers(model))
     with ExitStack() as stack:
-        if delay and ssm_sublayers(model):
-            stack.enter_context(load_script("experiments/delayed_ssm").ssm_delayed(model, delay))
+        if delay and has_ssm:
+            stack.enter_context(delayed_ssm.ssm_delayed(model, delay))
         result = {"as trained": swap_effects(model, texts, span)}
-        if ssm_sublayers(model):
+        if has_ssm:
             with ssm_zeroed(model):
                 result["SSM outputs zeroed"] = swap_effects(model, texts, span)
             result["SSM part of the swap effect"] = {
@@ -130,7 +129,6 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    evaluate_length = load_script("evaluate_length")
     upcycle = load_script("upcycle")
     models = {folder: AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval() for folder in args.bst}
     block_sizes = {model.config.block_size for model in models.values()}
