@@ -90,8 +90,8 @@ def parse_args(argv=None):
     add("--warmup_steps", type=int, default=None, help="Linear warmup (default: 10%% of --max_steps), then cosine to 10%%.")
     add("--max_steps", type=int, help="Training steps (required).")
     add("--max_seconds", type=float, default=None,
-        help="Stop training after this many seconds even before --max_steps (a time limit's safety net; the steps "
-        "done are in training_log.json and data_manifest.json).")
+        help="Stop training after this many seconds even before --max_steps; the cosine decay then follows the "
+        "clock where it is ahead of the steps (the steps done are in training_log.json and data_manifest.json).")
     add("--batch_size", type=int, default=1, help="Sequences per step.")
     add("--sequence_length", type=int, default=1024, help="Tokens per training sequence (several blocks).")
     add("--distill_slots", type=int, default=0, help="Distil the source's predictions at slots < K of each block.")
@@ -281,11 +281,12 @@ def load_initial_weights(model, path: Path) -> list[str]:
     return sorted(tensors)
 
 
-def learning_rate_factor(step: int, max_steps: int, warmup_steps: int) -> float:
-    """Linear warmup to 1, then cosine decay to 0.1 at the last step."""
+def learning_rate_factor(step: int, max_steps: int, warmup_steps: int, time_fraction: float = 0.0) -> float:
+    """Linear warmup to 1, then cosine decay to 0.1 at the last step, or at the time limit when `time_fraction`
+    (elapsed / --max_seconds) gets there first: a run that the clock stops still ends with a decayed rate."""
     if step < warmup_steps:
         return (step + 1) / warmup_steps
-    progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
+    progress = max((step - warmup_steps) / max(1, max_steps - warmup_steps), time_fraction)
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
@@ -374,15 +375,17 @@ def upcycle(args) -> dict:
             stopped_by_time = True
             print(f"--max_seconds {args.max_seconds:g} reached: stopping after {step} of {args.max_steps} steps.")
             break
+        time_fraction = (time.time() - started) / args.max_seconds if args.max_seconds else 0.0
         for group, peak in zip(optimizer.param_groups, peak_rates):
-            group["lr"] = peak * learning_rate_factor(step, args.max_steps, warmup_steps)
+            group["lr"] = peak * learning_rate_factor(step, args.max_steps, warmup_steps, time_fraction)
         batch = sequences[step * args.batch_size : (step + 1) * args.batch_size].to(device)
         loss, next_token, kl = upcycling_loss(model, teacher, batch, distill_mask, args.distill_weight, autocast_dtype)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for group in groups for p in group["params"]], 1.0)
         optimizer.step()
-        entry = {"step": step + 1, "loss": next_token.item(), "seconds": round(time.time() - started, 1)}
+        entry = {"step": step + 1, "loss": next_token.item(), "seconds": round(time.time() - started, 1),
+                 "learning_rate": optimizer.param_groups[0]["lr"]}
         if kl is not None:
             entry["distill_kl"] = kl.item()
         log.append(entry)

@@ -197,6 +197,17 @@ def test_token_file_trains_like_its_sources(llama_folder, tmp_path):
         upcycle.parse_args(["--sources", "kjv", "--block_size", "8"])
 
 
+def test_the_cosine_decay_follows_the_clock_when_it_is_ahead_of_the_steps():
+    """Warmup by steps; then the decay's progress is the larger of the steps' and the time limit's fractions, so a
+    run stopped by --max_seconds ends near the floor of 0.1 instead of at a high rate."""
+    factor = upcycle.learning_rate_factor
+    assert factor(4, 100, 10) == 0.5 and factor(4, 100, 10, time_fraction=0.9) == 0.5  # warmup ignores the clock
+    assert factor(10, 100, 10) == 1.0 and factor(100, 100, 10) == pytest.approx(0.1)
+    assert factor(10, 100, 10, time_fraction=0.5) == pytest.approx(0.55)  # half the time: half way down the cosine
+    assert factor(10, 100, 10, time_fraction=1.0) == pytest.approx(0.1)
+    assert factor(55, 100, 10, time_fraction=0.1) == factor(55, 100, 10)  # the steps are ahead: the clock is ignored
+
+
 def test_too_little_text_is_an_error():
     stream, _ = upcycle.tokenize_sources([({"source": "t"}, ["short text"])], character_tokenizer())
     with pytest.raises(ValueError, match="11 tokens: 1 sequences of 8, fewer than the 10 that --max_steps x"):

@@ -19,7 +19,7 @@ TEXT = "The quick brown fox jumps over the lazy dog, and the dog sleeps on in th
 TINY_SETTINGS = {
     "DEVICE": "cpu", "SMOLLM2_SHA256": "skip", "UPCYCLE_BLOCK_SIZE": "8", "UPCYCLE_SINKS": "2",
     "UPCYCLE_BST_LAYERS": "1", "UPCYCLE_STEPS": "2", "UPCYCLE_BATCH_SIZE": "2", "UPCYCLE_SEQUENCE_LENGTH": "32",
-    "EVAL_LENGTHS": "32,64", "EVAL_TOKENS": "128", "EVAL_PASSKEYS": "16", "EVAL_PASSKEY_TRIALS": "1",
+    "EVAL_LENGTHS": "32,64", "EVAL_TOKENS": "128", "EVAL_SWAP_TOKENS": "128", "EVAL_PASSKEYS": "16", "EVAL_PASSKEY_TRIALS": "1",
     # A shared 2-core machine runs the seven processes many times slower than a GPU machine's 16 cores.
     "UPCYCLE_RUN_SECONDS": "500", "UPCYCLE_CONVERT_SECONDS": "500", "EVAL_SECONDS": "500",
 }
@@ -52,7 +52,7 @@ def test_stage_runs_end_to_end_and_always_writes_its_summary(tiny_inputs, tmp_pa
                                 UPCYCLE_SSM_OPTIONS="--ssm_gate --ssm_residual")
     parts = {part["part"]: part["exit"] for part in summary["parts"]}
     assert parts == {"converted": 0, "upcycled": 0, "control": 0, "eval-source": 0, "eval-upcycled": 0,
-                     "eval-control": 0, "eval-converted": 0}, stdout
+                     "eval-control": 0, "eval-converted": 0, "far-context-swap": 0}, stdout
     for run in ("upcycled", "control"):
         training = summary["training"][run]
         assert (training["steps"], training["tokens_trained"], training["stopped_by_max_seconds"]) == (2, 128, False)
@@ -76,7 +76,14 @@ def test_stage_runs_end_to_end_and_always_writes_its_summary(tiny_inputs, tmp_pa
         assert all(row["predictions"] == 128 - 128 // row["length"] for row in results["perplexity"])
         assert list(results["passkey"]) == ([] if "reach cut" in name else ["16"])  # the cut scores, never decodes
 
+    swap = summary["far_context_swap"]
+    assert (swap["window"], swap["swap_end"], swap["sinks"], swap["total_tokens"]) == (32, 16, 2, 128)
+    assert sorted(swap["models"]) == ["control", "upcycled"]
+    assert set(swap["models"]["upcycled"]["SSM part of the swap effect"]) == {"same kind", "other kind"}
+    assert swap["models"]["upcycled"]["SSM part of the swap effect"]["other kind"]["windows"] == 4
+    assert "far-context swap, upcycled, SSM part of the swap effect: same kind" in stdout
+
     # A model file that is not the pinned one stops the stage before any run, and the summary says why.
     summary, _ = run_stage(tmp_path / "refused", gguf, tokens, SMOLLM2_SHA256="0" * 64)
     assert [part["exit"] for part in summary["parts"]] == [1] and "sha256 check" in summary["parts"][0]["part"]
-    assert summary["training"] == {} and summary["evaluation"] == {}
+    assert summary["training"] == {} and summary["evaluation"] == {} and summary["far_context_swap"] is None

@@ -12,15 +12,19 @@
 #               step sizes UPCYCLE_SSM_STEP_SIZES (default: time scales of ~1,000-16,000 tokens, past the window).
 # 2. control:   the same recipe with --bst_layers none --tuned_layers UPCYCLE_BST_LAYERS: the same data, steps, seed
 #               and the same pretrained weights tuned at the same rate; only the SSM and cross-attention are missing,
-#               so the difference between the two is what the SSM brings. Both stop at UPCYCLE_STEPS or
-#               UPCYCLE_TRAIN_SECONDS; the control's steps are cheaper, so if time stops the BST first, the control
-#               has trained more (the summary says `same_steps`): a comparison that favours the control.
+#               so the difference between the two is what the SSM brings. The two train at the same time on the GPU
+#               (a 135M model leaves it idle between launches) and both stop at UPCYCLE_STEPS or
+#               UPCYCLE_TRAIN_SECONDS, their cosine decay following the clock; the control's steps are cheaper, so if
+#               time stops them, the control has trained more (the summary says `same_steps`): a comparison that
+#               favours the control.
 # 3. converted: scripts/convert_to_bst.py, the same conversion without training (the starting point of both).
 # 4. evaluation: scripts/evaluate_length.py, the source and StreamingLLM (4 sinks + W recent tokens, chunks of W: the
 #               same span as the BST's previous block + own block) in one process, each BST in its own, at
 #               EVAL_LENGTHS on the same EVAL_TOKENS tokens, passkeys at EVAL_PASSKEYS; each BST with SSM layers also
 #               with its SSM zeroed and with its SSM's reach cut at the attention span 2W (what it brings from
-#               beyond the window, apart from capacity).
+#               beyond the window, apart from capacity); beside them scripts/experiments/far_context_swap.py on the
+#               upcycled BST and the control: windows of 4W scored at their last block with the text before 2W
+#               swapped (other docstrings; the training file's Shakespeare): does the SSM carry that text's content?
 # 5. OUTPUT_DIR/upcycle_summary.json: every part's exit code and seconds, both training logs and configs, the data
 #               manifest, and every evaluation that finished. The models go to UPCYCLE_MODELS_DIR (default OUTPUT_DIR).
 # Each part runs under `timeout`, so a part that runs out costs only its own results and the summary is always
@@ -54,14 +58,15 @@ BATCH_SIZE=${UPCYCLE_BATCH_SIZE:-2}
 SEQUENCE_LENGTH=${UPCYCLE_SEQUENCE_LENGTH:-8192}
 LEARNING_RATE=${UPCYCLE_LR:-1e-3}
 PRETRAINED_LEARNING_RATE=${UPCYCLE_PRETRAINED_LR:-1e-4}
-TRAIN_SECONDS=${UPCYCLE_TRAIN_SECONDS:-100}  # the training loop's own limit (--max_seconds): the model is still saved
-RUN_SECONDS=${UPCYCLE_RUN_SECONDS:-170}      # the whole upcycle.py process: loading, training, saving
+TRAIN_SECONDS=${UPCYCLE_TRAIN_SECONDS:-240}  # the training loop's own limit (--max_seconds): the model is still saved
+RUN_SECONDS=${UPCYCLE_RUN_SECONDS:-330}      # the whole upcycle.py process: loading, training, saving
 CONVERT_SECONDS=${UPCYCLE_CONVERT_SECONDS:-120}
 EVAL_LENGTHS=${EVAL_LENGTHS:-2048,4096,8192,16384,32768}
 EVAL_TOKENS=${EVAL_TOKENS:-65536}
 EVAL_PASSKEYS=${EVAL_PASSKEYS:-1024,2048,4096,8192,16384,32768}
 EVAL_PASSKEY_TRIALS=${EVAL_PASSKEY_TRIALS:-5}
-EVAL_SECONDS=${EVAL_SECONDS:-120}            # each evaluate_length.py process (the four run at once)
+EVAL_SECONDS=${EVAL_SECONDS:-150}            # each evaluation process (the five run at once)
+SWAP_TOKENS=${EVAL_SWAP_TOKENS:-131072}      # far_context_swap.py: windows of 4W held-out tokens (32 at W = 1,024)
 # The three model folders (0.5 GB each); elsewhere than OUTPUT_DIR when only the results should travel back.
 MODELS_DIR=${UPCYCLE_MODELS_DIR:-$OUTPUT_DIR}
 mkdir -p "$OUTPUT_DIR/logs" "$MODELS_DIR"
@@ -94,15 +99,14 @@ else
             --attend_previous_block --num_sink_tokens "$SINKS" --train new+o_proj --learning_rate "$LEARNING_RATE"
             --pretrained_learning_rate "$PRETRAINED_LEARNING_RATE" --max_steps "$STEPS" --batch_size "$BATCH_SIZE"
             --sequence_length "$SEQUENCE_LENGTH" --max_seconds "$TRAIN_SECONDS" --log_every 10 --seed 0 "${DISTILL[@]}")
-    # The conversion runs on the CPU beside the training; the two training runs have the GPU to themselves, one
-    # after the other.
+    # The conversion runs on the CPU beside the training; the two training runs share the GPU.
     part converted "$CONVERT_SECONDS" python scripts/convert_to_bst.py --gguf_file "$GGUF" --block_size "$BLOCK_SIZE" \
         --bst_layers none --attend_previous_block --num_sink_tokens "$SINKS" --skip_verify \
         --output_dir "$MODELS_DIR/converted" &
     part upcycled "$RUN_SECONDS" python scripts/upcycle.py "${RECIPE[@]}" --bst_layers "$BST_LAYERS" \
-        "${SSM_OPTIONS[@]}" "${SSM_STEP_SIZES[@]}" --output_dir "$MODELS_DIR/upcycled"
+        "${SSM_OPTIONS[@]}" "${SSM_STEP_SIZES[@]}" --output_dir "$MODELS_DIR/upcycled" &
     part control "$RUN_SECONDS" python scripts/upcycle.py "${RECIPE[@]}" --bst_layers none --tuned_layers "$BST_LAYERS" \
-        --output_dir "$MODELS_DIR/control"
+        --output_dir "$MODELS_DIR/control" &
     wait
     # What trained, alone (a few MB; the models are 0.5 GB): `upcycle.py --initial_weights F --max_steps 0` rebuilds
     # each model from the source elsewhere.
@@ -112,7 +116,12 @@ else
     done
     EVALUATION=(--lengths "$EVAL_LENGTHS" --total_tokens "$EVAL_TOKENS" --passkey_distances "$EVAL_PASSKEYS"
                 --passkey_trials "$EVAL_PASSKEY_TRIALS" --device "$DEVICE" --block_size "$BLOCK_SIZE")
-    # Four processes at once on the GPU (a 135M model uses a fraction of it): the stage waits for the slowest only.
+    # Five processes at once on the GPU (a 135M model uses a fraction of it): the stage waits for the slowest only.
+    [ -f "$MODELS_DIR/upcycled/config.json" ] && [ -f "$MODELS_DIR/control/config.json" ] \
+        && part far-context-swap "$EVAL_SECONDS" python scripts/experiments/far_context_swap.py --device "$DEVICE" \
+            --bst "$MODELS_DIR/upcycled" "$MODELS_DIR/control" --foreign_tokens "$TOKENS" --sinks "$SINKS" \
+            --window "$(( 4 * BLOCK_SIZE ))" --swap_end "$(( 2 * BLOCK_SIZE ))" --total_tokens "$SWAP_TOKENS" \
+            --output "$OUTPUT_DIR/far_context_swap.json" &
     part eval-source "$EVAL_SECONDS" python scripts/evaluate_length.py --source_gguf "$GGUF" "${EVALUATION[@]}" \
         --streaming_window "$BLOCK_SIZE" --streaming_chunk "$BLOCK_SIZE" --sinks "$SINKS" \
         --streaming_generation_window "$(( 2 * BLOCK_SIZE ))" \
@@ -162,12 +171,19 @@ for folder in sorted(output_dir.glob("eval-*")):
     if results:
         summary["evaluation"].update(results.pop("models"))
         summary.setdefault("evaluation_text", results)
+summary["far_context_swap"] = read(output_dir / "far_context_swap.json")
 steps = {run: training["steps"] for run, training in summary["training"].items()}
 summary["same_steps"] = len(set(steps.values())) == 1 and len(steps) == 2
 (output_dir / "upcycle_summary.json").write_text(json.dumps(summary, indent=1))
 
 print(json.dumps({"parts": summary["parts"], "training": summary["training"], "same_steps": summary["same_steps"]},
                  indent=1))
+for model, result in (summary["far_context_swap"] or {}).get("models", {}).items():
+    for variant in ("as trained", "SSM part of the swap effect"):
+        effects = result.get(variant, {})
+        effects = effects.get("swap_minus_original", effects)
+        cells = ", ".join(f"{name} {e['mean']:+.4f} ± {e['standard_error']:.4f}" for name, e in effects.items())
+        print(f"far-context swap, {model}, {variant}: {cells}")
 for name, results in summary["evaluation"].items():
     cells = ", ".join(f"{row['length']}: {row['perplexity']:.3f}" for row in results["perplexity"])
     print(f"{name}: perplexity {cells}; passkey {results.get('passkey')}")

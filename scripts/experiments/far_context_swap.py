@@ -79,8 +79,8 @@ def swap_effects(model, texts: dict[str, torch.Tensor], span: tuple[int, int]) -
     change of each swap against the original (evaluate_length.next_token_losses, one window per forward)."""
     start, end = span
     per_window = {
-        name: torch.stack([evaluate_length.next_token_losses(model, window[None])[0][start:end].mean()
-                           for window in windows])
+        name: torch.stack([evaluate_length.next_token_losses(model, window[None].to(model.device))[0][start:end]
+                           .mean().cpu() for window in windows])
         for name, windows in texts.items()
     }
     return {
@@ -123,6 +123,7 @@ def parse_args(argv=None):
     parser.add_argument("--sinks", type=int, default=4, help="Leading tokens kept (the attention sinks).")
     parser.add_argument("--total_tokens", type=int, default=32768, help="Held-out tokens (a multiple of --window).")
     parser.add_argument("--delay", type=int, default=None, help="Score each BST's SSM delayed by this many tokens.")
+    parser.add_argument("--device", default="cpu", help="Where the models run (fp32), e.g. cuda.")
     parser.add_argument("--output", required=True, help="JSON file to write.")
     return parser.parse_args(argv)
 
@@ -130,7 +131,8 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     upcycle = load_script("upcycle")
-    models = {folder: AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval() for folder in args.bst}
+    models = {folder: AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(args.device).eval()
+              for folder in args.bst}
     block_sizes = {model.config.block_size for model in models.values()}
     if len(block_sizes) != 1:
         raise ValueError(f"The BSTs have different block sizes {sorted(block_sizes)}: compare one W at a time.")
