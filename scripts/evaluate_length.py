@@ -2,8 +2,8 @@
 """Evaluation by length of a source Llama and BSTs made from it: perplexity, loss by slot, passkey retrieval.
 
 Every model scores the SAME tokens: a held-out stream of real English technical text (the docstrings of the CPython
-standard library that runs this script, one document per module, in sorted file order, each ended by the
-end-of-sequence token) is cut to `--total_tokens` tokens, and each evaluation length L splits those tokens into
+standard library that runs this script, or of `--docstrings_python`'s; one document per module, in sorted file order,
+each ended by the end-of-sequence token) is cut to `--total_tokens` tokens, and each evaluation length L splits those tokens into
 non-overlapping windows of L tokens, each scored as a fresh sequence. Differences between lengths then come only from
 how much context a model is given.
 
@@ -32,12 +32,10 @@ Writes `length_evaluation.json` and `length_evaluation.md` (the tables) to `--ou
 """
 
 import argparse
-import ast
+import hashlib
 import json
 import math
 import random
-import sys
-import sysconfig
 import time
 from pathlib import Path
 
@@ -47,6 +45,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import modeling_bst  # noqa: F401  (registers the "bst" model type)
 from bst_tools import conversion
+from bst_tools.docstrings import documents_of
 from bst_tools.evaluation import ssm_reach_limited, ssm_zeroed, summarise_slots
 
 
@@ -62,26 +61,6 @@ PASSKEY_NEW_TOKENS = 6
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def stdlib_docstring_documents():
-    """One document per module of the running Python's standard library (test suites, IDLE and site-packages left out,
-    files in sorted order): its module, class and function docstrings in source order. Real English technical prose,
-    available offline on every machine, and disjoint from the books scripts/upcycle.py trains on."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    skipped = ("site-packages", "test", "tests", "idlelib", "lib2to3", "__pycache__")
-    for path in sorted(root.rglob("*.py")):
-        if any(part in skipped for part in path.relative_to(root).parts):
-            continue
-        try:
-            tree = ast.parse(path.read_text(encoding="utf-8"))
-        except (SyntaxError, UnicodeDecodeError, ValueError):
-            continue
-        nodes = [tree] + [node for node in ast.walk(tree) if isinstance(node, ast.ClassDef | ast.FunctionDef)]
-        docstrings = [ast.get_docstring(node) for node in nodes]
-        text = "\n\n".join(docstring for docstring in docstrings if docstring)
-        if len(text) >= 200:
-            yield text
-
-
 def token_stream(documents, tokenizer, total_tokens: int) -> torch.Tensor:
     """The first `total_tokens` tokens of the documents, each ended by the end-of-sequence token: (total_tokens,)."""
     ids = []
@@ -90,6 +69,11 @@ def token_stream(documents, tokenizer, total_tokens: int) -> torch.Tensor:
         if len(ids) >= total_tokens:
             return torch.tensor(ids[:total_tokens])
     raise ValueError(f"The held-out text has {len(ids)} tokens, fewer than --total_tokens {total_tokens}.")
+
+
+def stream_fingerprint(stream: torch.Tensor) -> str:
+    """SHA-256 of the token ids (int64, little-endian): equal fingerprints, equal text, whichever machine scored it."""
+    return hashlib.sha256(stream.to(device="cpu", dtype=torch.int64).numpy().astype("<i8").tobytes()).hexdigest()
 
 
 def windows(stream: torch.Tensor, length: int) -> torch.Tensor:
@@ -358,6 +342,9 @@ def parse_args(argv=None):
         "passkey answers decode with the cache, which runs the uncut recurrence.",
     )
     add("--device", default="cpu", help="Where the models run (fp32), e.g. cuda; the losses are gathered on the CPU.")
+    add("--docstrings_python", default=None,
+        help="Score the docstrings of this interpreter's standard library (e.g. python3.12) instead of the running "
+        "one's: the same tokens as a run on a machine with that Python.")
     add("--output_dir", required=True)
     return parser.parse_args(argv)
 
@@ -375,27 +362,41 @@ def main(argv=None):
     if tokenizer is None:
         tokenizer = AutoTokenizer.from_pretrained(args.bst[0])
     block_size = args.block_size or next((model.config.block_size for model in bsts.values()), None)
-    stream = token_stream(stdlib_docstring_documents(), tokenizer, args.total_tokens).to(args.device)
+    documents, python_version = documents_of(args.docstrings_python)
+    stream = token_stream(documents, tokenizer, args.total_tokens).to(args.device)
     results = {
-        "text": f"CPython {sys.version.split()[0]} standard-library docstrings",
+        "text": f"CPython {python_version} standard-library docstrings",
+        "token_ids_sha256": stream_fingerprint(stream),
         "total_tokens": args.total_tokens,
         "lengths": lengths,
         "passkey_trials": args.passkey_trials,
         "models": {},
     }
 
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+
+    def save():
+        # After every model and length: a run that a time limit stops keeps what it measured.
+        (output_dir / "length_evaluation.json").write_text(json.dumps(results, indent=1))
+
     def evaluate(name, loss_function, model_block_size, generate_answer, max_length=None):
         print(f"Evaluating {name}", flush=True)
-        rows = [score(loss_function, stream, length, model_block_size) for length in lengths
-                if max_length is None or length <= max_length]
-        for row in rows:
-            print(f"  {row['length']:>6,} tokens: perplexity {row['perplexity']:.3f} ({row['seconds']} s)", flush=True)
+        results["models"][name] = {"perplexity": [], "passkey": {}}
+        for length in lengths:
+            if max_length is None or length <= max_length:
+                row = score(loss_function, stream, length, model_block_size)
+                print(f"  {row['length']:>6,} tokens: perplexity {row['perplexity']:.3f} ({row['seconds']} s)",
+                      flush=True)
+                results["models"][name]["perplexity"].append(row)
+                save()
         # A model skipped above `max_length` is also not asked for passkeys further away than that; one that cannot
         # decode (generate_answer None) for none.
         model_distances = [distance for distance in distances
                            if generate_answer is not None and (max_length is None or distance <= max_length)]
-        passkey = passkey_accuracy(generate_answer, tokenizer, model_distances, args.passkey_trials)
-        results["models"][name] = {"perplexity": rows, "passkey": passkey}
+        results["models"][name]["passkey"] = passkey_accuracy(generate_answer, tokenizer, model_distances,
+                                                              args.passkey_trials)
+        save()
 
     if source is not None:
         evaluate("source (full attention)", lambda ids: next_token_losses(source, ids), block_size,
@@ -423,9 +424,7 @@ def main(argv=None):
                 evaluate(f"BST {Path(path).name}, SSM reach cut at {args.ssm_reach_limit:,} tokens",
                          lambda ids, model=model: next_token_losses(model, ids),
                          model.config.block_size, None)
-    output_dir = Path(args.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "length_evaluation.json").write_text(json.dumps(results, indent=1))
+    save()
     tables = markdown_tables(results)
     (output_dir / "length_evaluation.md").write_text(tables)
     print(tables)

@@ -9,6 +9,7 @@ from conftest import load_script
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from bst_tools.docstrings import documents_of, stdlib_docstring_documents
 from bst_tools import conversion, evaluation
 
 evaluate_length = load_script("evaluate_length")
@@ -223,7 +224,9 @@ def test_ssm_ablation_scores_each_bst_with_ssm_layers_again_with_its_ssm_silence
                                        "BST with_ssm, SSM reach cut at 8 tokens", "BST block_only"]
     cut = results["models"]["BST with_ssm, SSM reach cut at 8 tokens"]
     assert cut["passkey"] == {}
-    stream = evaluate_length.token_stream(evaluate_length.stdlib_docstring_documents(), tokenizer, 64)
+    stream = evaluate_length.token_stream(stdlib_docstring_documents(), tokenizer, 64)
+    assert results["token_ids_sha256"] == evaluate_length.stream_fingerprint(stream)
+    assert results["token_ids_sha256"] != evaluate_length.stream_fingerprint(stream.roll(1))
     with evaluation.ssm_reach_limited(bst.eval(), 8):
         cut_reference = evaluate_length.score(lambda w: evaluate_length.next_token_losses(bst, w), stream, 32, 8)
     assert cut["perplexity"][0]["perplexity"] == pytest.approx(cut_reference["perplexity"], rel=1e-6)
@@ -255,3 +258,40 @@ def test_loss_by_position_groups_each_window_by_doubling_positions():
                                          "loss_by_position": groups}], "passkey": {}}},
     })
     assert "Loss by position in windows of 1,024 tokens" in table and "| m | 627.500 | 883.500 | 1267.000 |" in table
+
+
+def test_another_interpreter_lists_its_own_docstrings(tmp_path):
+    """--docstrings_python: the documents come from that interpreter, which parses its own library (here the same
+    Python, so the same documents and version); an interpreter that is missing or fails is a clear error."""
+    import platform
+    import sys
+
+    documents, version = documents_of(sys.executable)
+    assert version == platform.python_version() and documents == list(stdlib_docstring_documents())
+    assert len(documents) > 100 and all(len(document) >= 200 for document in documents)
+    with pytest.raises(ValueError, match="no such interpreter"):
+        documents_of(str(tmp_path / "python-missing"))
+    failing = tmp_path / "python-failing"
+    failing.write_text("#!/bin/sh\necho broken >&2\nexit 3\n")
+    failing.chmod(0o755)
+    with pytest.raises(ValueError, match="could not list its docstrings: broken"):
+        documents_of(str(failing))
+
+
+def test_each_length_is_saved_as_it_is_scored(tmp_path, monkeypatch):
+    """length_evaluation.json is rewritten after every length and model: a process that a time limit stops keeps the
+    rows it finished (here the passkeys of the source fail after both of its lengths were scored)."""
+    tiny_llama().save_pretrained(tmp_path / "llama")
+    character_tokenizer().save_pretrained(tmp_path / "llama")
+
+    def stopped(*args, **kwargs):
+        raise TimeoutError("stopped by the time limit")
+
+    monkeypatch.setattr(evaluate_length, "passkey_accuracy", stopped)
+    with pytest.raises(TimeoutError):
+        evaluate_length.main(["--source", str(tmp_path / "llama"), "--lengths", "16,32", "--total_tokens", "32",
+                              "--streaming_window", "8", "--streaming_chunk", "8", "--output_dir", str(tmp_path / "out")])
+    saved = json.loads((tmp_path / "out" / "length_evaluation.json").read_text())
+    assert list(saved["models"]) == ["source (full attention)"]
+    assert [row["length"] for row in saved["models"]["source (full attention)"]["perplexity"]] == [16, 32]
+    assert saved["models"]["source (full attention)"]["passkey"] == {}

@@ -34,6 +34,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import modeling_bst  # noqa: F401  (registers the "bst" model type)
 from bst_tools import conversion
+from bst_tools.docstrings import stdlib_docstring_documents
 from bst_tools.evaluation import ssm_sublayers, ssm_zeroed
 
 
@@ -77,7 +78,7 @@ def evaluate(folder: Path, delay: int, lengths: list[int], total_tokens: int) ->
     evaluate_length = load_script("evaluate_length")
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    stream = evaluate_length.token_stream(evaluate_length.stdlib_docstring_documents(), tokenizer, total_tokens)
+    stream = evaluate_length.token_stream(stdlib_docstring_documents(), tokenizer, total_tokens)
     block_size = model.config.block_size
 
     def rows():

@@ -32,6 +32,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import modeling_bst  # noqa: F401  (registers the "bst" model type)
+from bst_tools.docstrings import stdlib_docstring_documents
 from bst_tools.evaluation import ssm_sublayers, ssm_zeroed
 
 
@@ -138,7 +139,7 @@ def main(argv=None):
         raise ValueError(f"The BSTs have different block sizes {sorted(block_sizes)}: compare one W at a time.")
     span = scored_span(args.swap_end, block_sizes.pop(), args.window)
     tokenizer = AutoTokenizer.from_pretrained(args.bst[0])
-    stream = evaluate_length.token_stream(evaluate_length.stdlib_docstring_documents(), tokenizer, args.total_tokens)
+    stream = evaluate_length.token_stream(stdlib_docstring_documents(), tokenizer, args.total_tokens)
     original = evaluate_length.windows(stream, args.window)  # (N, L)
     texts = {"original": original, "same kind": swapped(original, original.roll(-1, dims=0), args.sinks, args.swap_end)}
     if args.foreign_tokens:
