@@ -65,3 +65,30 @@ def test_the_report_keeps_every_cited_number_and_drops_the_bulk(tmp_path):
 def test_printed_perplexities_read_a_log_and_skip_models_without_rows():
     assert upcycle_report.printed_perplexities(SOURCE_LOG) == {"source (full attention)": {2048: 9.916, 32768: 295.632}}
     assert upcycle_report.printed_perplexities("no evaluation here") == {}
+
+
+def test_evaluations_of_the_same_tokens_merge_and_others_are_refused(tmp_path):
+    def evaluation(name, lengths, fingerprint="abc"):
+        rows = [{"length": length, "perplexity": 9.0, "last_quarter_perplexity": 9.0, "loss_by_position": [],
+                 "loss_by_slot": slot_summary()} for length in lengths]
+        return {"text": "CPython 3.12.1 standard-library docstrings", "token_ids_sha256": fingerprint,
+                "total_tokens": 32, "lengths": lengths, "passkey_trials": 1,
+                "models": {name: {"perplexity": rows, "passkey": {}}}}
+
+    paths = [tmp_path / f"{index}.json" for index in range(4)]
+    paths[0].write_text(json.dumps(evaluation("StreamingLLM", [8, 32])))
+    paths[1].write_text(json.dumps(evaluation("BST upcycled", [8, 16, 32])))
+    paths[2].write_text(json.dumps(evaluation("BST other text", [8], fingerprint="def")))
+    paths[3].write_text(json.dumps(evaluation("StreamingLLM", [16])))
+    merged = upcycle_report.merged_evaluations(paths[:2])
+    assert merged["lengths"] == [8, 16, 32] and list(merged["models"]) == ["StreamingLLM", "BST upcycled"]
+    with pytest.raises(ValueError, match="did not score the same tokens"):
+        upcycle_report.merged_evaluations(paths[:3])
+    with pytest.raises(ValueError, match="already has"):
+        upcycle_report.merged_evaluations([paths[0], paths[3]])
+    (tmp_path / "summary.json").write_text(json.dumps(summary()))
+    upcycle_report.main([str(tmp_path / "summary.json"), "--output", str(tmp_path / "report.json"),
+                         "--length_evaluations", *map(str, paths[:2]), "--merged_output", str(tmp_path / "m.json")])
+    written = json.loads((tmp_path / "m.json").read_text())
+    assert written["models"]["BST upcycled"]["perplexity"][0]["loss_by_slot"]["groups"][0]["loss"] == 2.12346
+    assert "loss" not in written["models"]["BST upcycled"]["perplexity"][0]["loss_by_slot"]

@@ -65,7 +65,10 @@ EVAL_LENGTHS=${EVAL_LENGTHS:-2048,4096,8192,16384,32768}
 EVAL_TOKENS=${EVAL_TOKENS:-65536}
 EVAL_PASSKEYS=${EVAL_PASSKEYS:-1024,2048,4096,8192,16384,32768}
 EVAL_PASSKEY_TRIALS=${EVAL_PASSKEY_TRIALS:-5}
-EVAL_SECONDS=${EVAL_SECONDS:-150}            # each evaluation process (the five run at once)
+EVAL_SECONDS=${EVAL_SECONDS:-150}            # each evaluation process (the five run at once)...
+# ...but the source's, which also de-quantises the GGUF and scores StreamingLLM in recomputed chunks: in 0.6.6's run
+# 150 s ended it during StreamingLLM. Every process saves its JSON after each length, so a limit keeps what it scored.
+EVAL_SOURCE_SECONDS=${EVAL_SOURCE_SECONDS:-240}
 SWAP_TOKENS=${EVAL_SWAP_TOKENS:-131072}      # far_context_swap.py: windows of 4W held-out tokens (32 at W = 1,024)
 # The three model folders (0.5 GB each); elsewhere than OUTPUT_DIR when only the results should travel back.
 MODELS_DIR=${UPCYCLE_MODELS_DIR:-$OUTPUT_DIR}
@@ -122,7 +125,7 @@ else
             --bst "$MODELS_DIR/upcycled" "$MODELS_DIR/control" --foreign_tokens "$TOKENS" --sinks "$SINKS" \
             --window "$(( 4 * BLOCK_SIZE ))" --swap_end "$(( 2 * BLOCK_SIZE ))" --total_tokens "$SWAP_TOKENS" \
             --output "$OUTPUT_DIR/far_context_swap.json" &
-    part eval-source "$EVAL_SECONDS" python scripts/evaluate_length.py --source_gguf "$GGUF" "${EVALUATION[@]}" \
+    part eval-source "$EVAL_SOURCE_SECONDS" python scripts/evaluate_length.py --source_gguf "$GGUF" "${EVALUATION[@]}" \
         --streaming_window "$BLOCK_SIZE" --streaming_chunk "$BLOCK_SIZE" --sinks "$SINKS" \
         --streaming_generation_window "$(( 2 * BLOCK_SIZE ))" \
         --output_dir "$OUTPUT_DIR/eval-source" &

@@ -11,7 +11,9 @@ perplexity P` under `Evaluating NAME` in its log, from the stage's logs archive)
     PYTHONPATH=$PWD python scripts/experiments/upcycle_report.py runs/gpu_results/upcycle_summary.json \\
         --logs runs/gpu_results/logs2/upcycle/logs --output docs/results/smollm2_w1024_gpu_upcycle.json
 
-Prints the stage's tables (evaluate_length.markdown_tables) and the far-context swap.
+Prints the stage's tables (evaluate_length.markdown_tables) and the far-context swap. `--length_evaluations` merges
+evaluate_length.py results of the same tokens run as separate processes (checked by `token_ids_sha256`) into
+`--merged_output`, trimmed alike.
 """
 
 import argparse
@@ -60,6 +62,26 @@ def printed_perplexities(log: str) -> dict[str, dict[int, float]]:
     return {name: values for name, values in found.items() if values}
 
 
+def merged_evaluations(paths: list[Path]) -> dict:
+    """Several length_evaluation.json files of the same tokens (equal `token_ids_sha256`) as one: the union of their
+    lengths and models, for evaluations run as separate processes (e.g. StreamingLLM apart from the BSTs)."""
+    evaluations = [json.loads(path.read_text()) for path in paths]
+    fingerprints = {evaluation.get("token_ids_sha256") for evaluation in evaluations}
+    if len(fingerprints) != 1 or None in fingerprints:
+        raise ValueError(f"{[str(path) for path in paths]} did not score the same tokens (token_ids_sha256 "
+                         f"{sorted(map(str, fingerprints))}).")
+    merged = {**evaluations[0], "models": {}}
+    merged["lengths"] = sorted({length for evaluation in evaluations for length in evaluation["lengths"]})
+    for path, evaluation in zip(paths, evaluations):
+        for name, results in evaluation["models"].items():
+            if not results["perplexity"] and not results["passkey"]:
+                continue  # a model that file skipped (e.g. the source under --source_max_length 0)
+            if name in merged["models"]:
+                raise ValueError(f"{path} has {name!r}, which an earlier file already has.")
+            merged["models"][name] = results
+    return merged
+
+
 def report(summary: dict, logs: Path | None) -> dict:
     timed_out = [part["part"] for part in summary["parts"] if part["timed_out"]]
     partial = {}
@@ -92,7 +114,19 @@ def main(argv=None):
     parser.add_argument("summary", type=Path, help="The stage's upcycle_summary.json.")
     parser.add_argument("--logs", type=Path, default=None, help="The stage's logs/ folder (for timed-out parts).")
     parser.add_argument("--output", type=Path, required=True)
+    parser.add_argument("--length_evaluations", type=Path, nargs="*", default=[],
+                        help="length_evaluation.json files of one text (other machines' runs: e.g. the CPU's "
+                        "StreamingLLM beside the rebuilt models), merged into --merged_output.")
+    parser.add_argument("--merged_output", type=Path, default=None)
     args = parser.parse_args(argv)
+    if args.length_evaluations:
+        if args.merged_output is None:
+            parser.error("--length_evaluations needs --merged_output.")
+        merged = merged_evaluations(args.length_evaluations)
+        args.merged_output.parent.mkdir(parents=True, exist_ok=True)
+        args.merged_output.write_text(json.dumps(rounded({**merged, "models": without_slot_arrays(merged["models"])}),
+                                                 indent=1) + "\n")
+        print(evaluate_length.markdown_tables(merged))
     result = report(json.loads(args.summary.read_text()), args.logs)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(result, indent=1) + "\n")
