@@ -93,6 +93,11 @@ def swap_effects(model, texts: dict[str, torch.Tensor], span: tuple[int, int]) -
     }
 
 
+def effect_cells(effects: dict) -> str:
+    """"name +mean ± standard error, ..." of a {name: paired(...)} dict."""
+    return ", ".join(f"{name} {e['mean']:+.4f} ± {e['standard_error']:.4f}" for name, e in effects.items())
+
+
 def evaluate_model(model, texts, span, delay: int | None) -> dict:
     """The swap effects with the SSM path as trained and zeroed, and their difference: the SSM path's part."""
     has_ssm = bool(ssm_sublayers(model))
@@ -155,11 +160,10 @@ def main(argv=None):
         results["models"][Path(folder).name] = result = evaluate_model(model, texts, span, args.delay)
         for variant, effects in result.items():
             if variant == "SSM part of the swap effect":
-                line = ", ".join(f"{name} {e['mean']:+.4f} ± {e['standard_error']:.4f}" for name, e in effects.items())
+                line = effect_cells(effects)
             else:
                 line = ", ".join(f"{name} {effects['loss'][name]:.4f}" for name in texts) + "; swap - original: " + \
-                    ", ".join(f"{n} {e['mean']:+.4f} ± {e['standard_error']:.4f}"
-                              for n, e in effects["swap_minus_original"].items())
+                    effect_cells(effects["swap_minus_original"])
             print(f"{Path(folder).name}, {variant}: {line}", flush=True)
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(results, indent=1))

@@ -23,9 +23,10 @@ import re
 from pathlib import Path
 
 SCRIPTS = Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("bst_scripts_evaluate_length", SCRIPTS / "evaluate_length.py")
-evaluate_length = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(evaluate_length)
+spec = importlib.util.spec_from_file_location("bst_scripts_far_context_swap", SCRIPTS / "experiments/far_context_swap.py")
+far_context_swap = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(far_context_swap)
+evaluate_length = far_context_swap.evaluate_length  # loaded once, by far_context_swap
 
 
 def rounded(value, digits: int = 5):
@@ -95,17 +96,19 @@ def report(summary: dict, logs: Path | None) -> dict:
               "log_every_10th_step": run_training["log"][9::10] + run_training["log"][-1:]}
         for run, run_training in summary["training"].items()
     }
+    swap = summary.get("far_context_swap") or {}
+    swap_models = {  # the per-window losses dropped, their means and paired effects kept
+        model: {variant: {key: value for key, value in effects.items() if key != "per_window"}
+                for variant, effects in result.items()}
+        for model, result in swap.get("models", {}).items()
+    }
     return rounded({
         "settings": summary["settings"], "parts": summary["parts"], "same_steps": summary["same_steps"],
         "data": summary.get("data"), "training": training,
         "evaluation_text": summary.get("evaluation_text"), "evaluation": without_slot_arrays(summary["evaluation"]),
         "timed_out_evaluations_printed": {"note": "printed before the process ran out of time (partial)",
                                           "perplexity": partial} if partial else None,
-        "far_context_swap": {key: value for key, value in (summary.get("far_context_swap") or {}).items()
-                             if key != "models"} | {"models": {
-            model: {variant: {key: value for key, value in effects.items() if key != "per_window"}
-                    for variant, effects in result.items()}
-            for model, result in (summary.get("far_context_swap") or {}).get("models", {}).items()}},
+        "far_context_swap": {**swap, "models": swap_models},
     })
 
 
@@ -136,9 +139,8 @@ def main(argv=None):
         print("Printed before a timeout:", json.dumps(result["timed_out_evaluations_printed"]["perplexity"]))
     for model, variants in result["far_context_swap"].get("models", {}).items():
         for variant, effects in variants.items():
-            effects = effects.get("swap_minus_original", effects)
             print(f"far-context swap, {model}, {variant}: "
-                  + ", ".join(f"{name} {e['mean']:+.4f} ± {e['standard_error']:.4f}" for name, e in effects.items()))
+                  + far_context_swap.effect_cells(effects.get("swap_minus_original", effects)))
     return result
 
 
