@@ -17,6 +17,7 @@ ROPE_PAIRINGS = ("interleaved", "rotate_half")
 # log-likelihoods into windows of it); BST has no absolute positions, so it gets a bound no input comes near.
 NO_MAXIMUM_LENGTH = 2**20
 SSM_KERNELS = ("s4", "unstructured")
+INITIALIZER_SCHEMES = ("normal", "fan_in")
 
 
 @strict
@@ -102,7 +103,17 @@ class BSTConfig(PreTrainedConfig):
             Configs written before `training_length` existed used this field for the training length: when
             `training_length` is missing, a `max_position_embeddings` other than 2**20 is read as the training length
             and `max_position_embeddings` becomes 2**20.
-        initializer_range (`float`, defaults to 0.02): standard deviation of the normal weight initialisation.
+        initializer_range (`float`, defaults to 0.02): standard deviation of the normal weight initialisation (with
+            `initializer_scheme="fan_in"`, of the embeddings only).
+        initializer_scheme (`str`, defaults to `"normal"`): `"normal"` draws every matrix from N(0,
+            `initializer_range`^2), as Llama does; `"fan_in"` scales each by its width, as Griffin (RecurrentGemma)
+            does: N(0, 1/fan_in) for the projections that read the residual stream and N(0, 2/(num_hidden_layers *
+            fan_in)) for those that write to it (attention `o_proj`, MLP `down_proj`), so the residual stream keeps
+            its scale with depth and width. Zero-initialised parts (the cross-attention half of `o_proj`, the
+            residual SSM branch's output) start at zero in both.
+        embedding_multiplier (`float`, defaults to 1.0): the token embeddings are multiplied by this before the first
+            layer (the tied LM head is not). Gemma and RecurrentGemma use sqrt(`hidden_size`): with small embedding
+            weights, the token's identity then weighs as much in the residual stream as the layers' outputs.
         use_cache (`bool`, defaults to `True`): whether forward returns a `BSTCache` for generation.
         tie_word_embeddings (`bool`, defaults to `True`): share the input embedding and the LM head; `False` gives the
             LM head weights of its own (as most Llama checkpoints have).
@@ -148,6 +159,8 @@ class BSTConfig(PreTrainedConfig):
     training_length: int | None = None
     max_position_embeddings: int = NO_MAXIMUM_LENGTH
     initializer_range: float = 0.02
+    initializer_scheme: str = "normal"
+    embedding_multiplier: float = 1.0
     use_cache: bool = True
     pad_token_id: int | None = None
     bos_token_id: int | None = None
@@ -210,7 +223,8 @@ class BSTConfig(PreTrainedConfig):
             value = getattr(self, name)
             if value is None or value <= 0:
                 raise ValueError(f"`{name}` must be a positive integer, got {value}.")
-        for name in ("ssm_dt_min", "ssm_dt_max", "rope_theta", "rms_norm_eps"):
+        finite_positive = ("ssm_dt_min", "ssm_dt_max", "rope_theta", "rms_norm_eps")
+        for name in finite_positive + ("initializer_range", "embedding_multiplier"):
             # inf or a negative value is accepted by the arithmetic and turns into NaN outputs later.
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
@@ -235,6 +249,10 @@ class BSTConfig(PreTrainedConfig):
             raise ValueError(f"`head_dim` must be even for rotary embeddings, got {self.head_dim}.")
         if self.bst_variant not in BST_VARIANTS:
             raise ValueError(f"`bst_variant` must be one of {BST_VARIANTS}, got {self.bst_variant!r}.")
+        if self.initializer_scheme not in INITIALIZER_SCHEMES:
+            raise ValueError(
+                f"`initializer_scheme` must be one of {INITIALIZER_SCHEMES}, got {self.initializer_scheme!r}."
+            )
         if self.ssm_kernel not in SSM_KERNELS:
             raise ValueError(f"`ssm_kernel` must be one of {SSM_KERNELS}, got {self.ssm_kernel!r}.")
         if self.ssm_state_size % 2 != 0:

@@ -107,6 +107,14 @@ def apply_rotary(states: torch.Tensor, rotations: torch.Tensor, pairing: str = "
     return torch.view_as_real(pairs * rotations.unsqueeze(2)).flatten(-2).to(states.dtype)
 
 
+class BSTDownProjection(nn.Linear):
+    """`down_proj` of the MLP: a plain linear map; its own class only so that `initializer_scheme="fan_in"` can give
+    it the scale of a projection that writes to the residual stream."""
+
+    def __init__(self, intermediate_size: int, hidden_size: int):
+        super().__init__(intermediate_size, hidden_size, bias=False)
+
+
 class BSTMLP(nn.Module):
     """down(act(up(x))), or with `config.gated_mlp` Llama's gated form down(act(gate(x)) * up(x))."""
 
@@ -116,7 +124,7 @@ class BSTMLP(nn.Module):
         if self.gated:
             self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.down_proj = BSTDownProjection(config.intermediate_size, config.hidden_size)
         self.act_fn = ACT2FN[config.hidden_act]
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -372,11 +380,14 @@ def rms_normed_projection(
 
 
 class BSTOutputProjection(nn.Linear):
-    """`o_proj` of a BST layer: the self-attention heads, then the cross-attention heads, mixed into the model width.
-    A plain linear map; its own class only so that initialisation can start the cross-attention half at zero."""
+    """`o_proj`: the self-attention heads (then, in a BST layer, the cross-attention heads) mixed into the model width.
+    A plain linear map; its own class only so that initialisation can start the cross-attention half at zero and
+    give it the scale of a projection that writes to the residual stream (`initializer_scheme="fan_in"`)."""
 
-    def __init__(self, inner_size: int, hidden_size: int):
-        super().__init__(2 * inner_size, hidden_size, bias=False)
+    def __init__(self, inner_size: int, hidden_size: int, cross_attention: bool):
+        super().__init__((2 if cross_attention else 1) * inner_size, hidden_size, bias=False)
+        self.cross_attention = cross_attention
+        self.self_attention_size = inner_size
 
 
 class BSTAttention(nn.Module):
@@ -413,10 +424,7 @@ class BSTAttention(nn.Module):
             if config.bst_variant == "mf":
                 self.initial_context = nn.Parameter(torch.empty(config.num_context_states, config.hidden_size))
                 self.context_ids = nn.Parameter(torch.empty(config.num_context_states, config.hidden_size))
-        if is_bst_layer:
-            self.o_proj = BSTOutputProjection(inner_size, config.hidden_size)
-        else:
-            self.o_proj = nn.Linear(inner_size, config.hidden_size, bias=False)
+        self.o_proj = BSTOutputProjection(inner_size, config.hidden_size, cross_attention=is_bst_layer)
 
     def _attend(self, query, key, value, attention_mask=None, is_causal=False) -> torch.Tensor:
         """query (B, N, Q, H, d), key/value (B, N, K, H or H_kv, d) -> (B, N, Q, H*d): one attention call over all
@@ -1147,6 +1155,15 @@ class BSTPreTrainedModel(PreTrainedModel):
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
         std = self.config.initializer_range
+        if self.config.initializer_scheme == "fan_in":
+            # Griffin's scheme (BSTConfig.initializer_scheme): readers N(0, 1/fan_in), writers N(0, 2/(L fan_in)).
+            writer_variance = 2.0 / self.config.num_hidden_layers
+            if isinstance(module, BSTOutputProjection):  # its fan-in: the self-attention heads (the cross half is 0)
+                init.normal_(module.weight, std=(writer_variance / module.self_attention_size) ** 0.5)
+            elif isinstance(module, BSTDownProjection):
+                init.normal_(module.weight, std=(writer_variance / module.in_features) ** 0.5)
+            elif isinstance(module, nn.Linear):
+                init.normal_(module.weight, std=module.in_features**-0.5)
         if isinstance(module, (BSTS4DKernel, BSTImplicitKernel)):
             module.reset_parameters()
         elif isinstance(module, BSTStateSpace):
@@ -1160,10 +1177,10 @@ class BSTPreTrainedModel(PreTrainedModel):
             init.normal_(module.context_ids, std=std)
         elif isinstance(module, BSTRotaryEmbedding):
             init.copy_(module.inv_freq, module.compute_inv_freq(module.config))
-        if isinstance(module, BSTOutputProjection):  # after the plain-Linear initialisation of the parent class
+        if isinstance(module, BSTOutputProjection) and module.cross_attention:  # after the plain-Linear init above
             # The cross-attention half starts at zero: a BST layer starts as the same layer without its SSM, and the
             # context path grows only as far as it helps (docs/quality.md, "Recipe").
-            cross_columns = torch.arange(module.in_features, device=module.weight.device) >= module.in_features // 2
+            cross_columns = torch.arange(module.in_features, device=module.weight.device) >= module.self_attention_size
             init.copy_(module.weight, module.weight.masked_fill(cross_columns, 0.0))
         if isinstance(module, BSTSSMResidualProjection):
             # The residual SSM branch starts at zero: a new layer, or a converted model's layer, computes what it
@@ -1255,6 +1272,8 @@ class BSTModel(BSTPreTrainedModel):
                 use_cache = False
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
+        if self.config.embedding_multiplier != 1.0:
+            inputs_embeds = inputs_embeds * self.config.embedding_multiplier
         if use_cache and past_key_values is None:
             past_key_values = BSTCache(self.config)
         # A cache that is passed in is continued and advanced whatever `use_cache` says (as in Llama): dropping it would

@@ -347,6 +347,8 @@ def test_training_baselines_match_the_bst_shapes(training):
                 model = (transformers.LlamaForCausalLM if name == "llama" else transformers.MistralForCausalLM)(config)
             assert abs(sum(p.numel() for p in model.parameters()) / bst_parameters - 1) < 0.01, (shape, name)
         assert configs["mistral"].sliding_window == window
+    flex, _ = training.baseline_configs(shape, bst, quick=False, max_length=4096, attention="flex_attention")
+    assert flex["mistral"]._attn_implementation == "flex_attention"  # gpu_checks.sh's fallback after an SDPA crash
     assert training.bst_training_config("base", "mf", quick=False, max_length=4096).num_context_states == 32
     assert training.bst_training_config("smollm2", "mh", quick=False, max_length=4096).num_context_states == 9
 

@@ -295,11 +295,22 @@ def test_a_checkpoint_loaded_with_the_option_flipped_fails_clearly(option, value
 
 
 @pytest.mark.parametrize(
-    "name", ["bst-sh-s4-modern.json", "bst-sh-s4-modern-ssm-options.json", "slide-modern.json"]
+    "name",
+    [
+        "bst-sh-s4-modern.json",
+        "bst-sh-s4-modern-ssm-options.json",
+        "slide-modern.json",
+        "bst-sh-s4-modern-scaled.json",
+        "slide-modern-scaled.json",
+    ],
 )
 def test_modern_backbone_presets_build(name):
     config = BSTConfig.from_json_file(f"configuration/{name}")
     assert config.gated_mlp and config.hidden_act == "silu"  # Llama's and Mistral's SwiGLU MLP
+    scaled = name.endswith("-scaled.json")  # RecurrentGemma's scales (docs/design.md)
+    assert config.initializer_scheme == ("fan_in" if scaled else "normal")
+    assert config.embedding_multiplier == (config.hidden_size**0.5 if scaled else 1.0)
+    assert config.initializer_range == (0.05 if scaled else 0.02)  # with "fan_in", the embeddings' std
     assert (config.num_hidden_layers, config.hidden_size, config.block_size) == (12, 1024, 512)
     with torch.device("meta"):
         parameters = sum(p.numel() for p in BSTForCausalLM(config).parameters())

@@ -120,6 +120,15 @@ if wanted train; then
         --output "$OUTPUT_DIR/benchmark_train_gpu_mistral.json" > "$OUTPUT_DIR/logs/train_mistral.log" 2>&1 \
         || echo "train, Mistral: exit $?"
     grep -A30 "^Training tokens/s" "$OUTPUT_DIR/logs/train_mistral.log"
+    if grep -q "CUDA error\|illegal memory access" "$OUTPUT_DIR/logs/train_mistral.log"; then
+        # SDPA's kernel for a boolean sliding-window mask crashed again: Mistral's window block-sparse instead.
+        timeout -k 20 "$((TRAIN_SECONDS / 2 + 40))" python scripts/benchmarks/train_benchmark.py --device "$DEVICE" \
+            --models bst-sh mistral --budget-seconds "$((TRAIN_SECONDS / 2))" --baseline-attention flex_attention \
+            --note "one GPU, alone; gpu_checks.sh train (Mistral apart, flex_attention after SDPA crashed)" \
+            --no-plots --output "$OUTPUT_DIR/benchmark_train_gpu_mistral_flex.json" \
+            > "$OUTPUT_DIR/logs/train_mistral_flex.log" 2>&1 || echo "train, Mistral (flex_attention): exit $?"
+        grep -A30 "^Training tokens/s" "$OUTPUT_DIR/logs/train_mistral_flex.log"
+    fi
     elapsed "profile of one layer"
     timeout -k 10 "$PROFILE_SECONDS" python scripts/benchmarks/benchmark.py --device "$DEVICE" --dtypes bfloat16 \
         --sections profile --profile-layers bst-sh-s4 bst-mh-s4 bst-mf-s4 llama --profile-lengths 4k 16k \

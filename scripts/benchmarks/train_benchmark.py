@@ -108,6 +108,8 @@ def parse_args(argv=None):
     parser.add_argument("--figures-dir", type=Path, default=REPO_ROOT / "docs" / "figures",
                         help="where benchmark_train_<shape>.png go")
     parser.add_argument("--no-plots", action="store_true", help="do not write the PNG plots")
+    parser.add_argument("--baseline-attention", default="sdpa", choices=["sdpa", "flex_attention", "eager"],
+                        help="Llama's and Mistral's attn_implementation (flex_attention: Mistral's window block-sparse)")
     parser.add_argument("--note", default="", help="free text stored in the JSON")
     if parser.parse_args(argv).quick:
         parser.set_defaults(**QUICK_DEFAULTS)  # defaults only: flags given explicitly still win

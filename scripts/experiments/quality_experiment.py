@@ -21,7 +21,8 @@ Models (`--models`; the default is bst-sh-s4, slide, mistral-swa, recurrentgemma
 A BST name may carry options of the SSM branch, joined by "+": `gate` (`ssm_gate`), `conv<k>` (`ssm_conv_size=k`),
 `residual` (`ssm_residual`), e.g. `bst-sh-s4+gate+conv4+residual`. Llama and Mistral have SwiGLU MLPs (gated, SiLU)
 and RecurrentGemma a gated GeLU MLP; BST and Slide have the paper's plain GeLU MLP unless `--gated_mlp` gives them
-Llama's, so that BST, Slide, Mistral-SWA and Llama share one backbone.
+Llama's, so that BST, Slide, Mistral-SWA and Llama share one backbone. `--scaled_backbone` gives all four
+RecurrentGemma's scales as well (Griffin's fan-in initialisation, embeddings times sqrt(hidden_size)).
 
 Every trained BST model is also scored at 1x with its SSM outputs replaced by zeros (the SSM ablation: no context
 states, no residual SSM branch): whether its real context states lower its perplexity.
@@ -162,6 +163,19 @@ def parse_args(argv=None):
         "--gated_mlp",
         action="store_true",
         help="BST and Slide get Llama's and Mistral's SwiGLU MLP (gated_mlp, silu) instead of the paper's GeLU MLP.",
+    )
+    model.add_argument(
+        "--scaled_backbone",
+        action="store_true",
+        help="RecurrentGemma's scales for BST, Slide, Mistral and Llama alike: Griffin's initialisation "
+        "(initializer_scheme='fan_in') and token embeddings multiplied by sqrt(hidden_size) (embedding_multiplier).",
+    )
+    model.add_argument(
+        "--initializer_range",
+        type=float,
+        default=0.02,
+        help="initializer_range of BST, Slide, Mistral and Llama: the std of every matrix, or with --scaled_backbone "
+        "of the embeddings only (RecurrentGemma's embeddings: 0.05). RecurrentGemma keeps its own.",
     )
 
     train = parser.add_argument_group("training (identical for every model)")
@@ -434,6 +448,8 @@ def bst_fields(args, model_name, overrides=None):
     overrides = {k: v for k, v in (overrides or {}).items() if k not in ("old_recipe", "ffn_of")}
     # Llama's and Mistral's MLP, for the same backbone (--gated_mlp).
     backbone = dict(gated_mlp=True, hidden_act="silu") if args.gated_mlp else {}
+    if args.scaled_backbone:
+        backbone.update(initializer_scheme="fan_in", embedding_multiplier=args.hidden_size**0.5)
     if model_name == "slide":
         return dict(block_size=args.block_size, bst_layers=[], **backbone, **overrides)
     variant, kernel = model_name.split("+")[0].split("-")[1:3]
@@ -467,14 +483,18 @@ def build_model(args, model_name, vocab_size, intermediate_size, overrides=None)
         bos_token_id=1,
         eos_token_id=1,
     )
+    if model_name != "recurrentgemma":
+        common["initializer_range"] = args.initializer_range
     if model_name == "llama":
         # max_position_embeddings is the training length; the default RoPE computes its angles from the position
         # ids, so longer inputs run unchanged (tests/test_quality_experiment.py checks nothing is truncated).
-        return LlamaForCausalLM(LlamaConfig(**common, num_key_value_heads=args.num_heads))
+        model = LlamaForCausalLM(LlamaConfig(**common, num_key_value_heads=args.num_heads))
+        return scale_backbone(model) if args.scaled_backbone else model
     if model_name == "mistral-swa":
-        return MistralForCausalLM(
+        model = MistralForCausalLM(
             MistralConfig(**common, num_key_value_heads=args.num_heads, sliding_window=args.block_size)
         )
+        return scale_backbone(model) if args.scaled_backbone else model
     if model_name == "recurrentgemma":
         # Transformers' Griffin: RG-LRU recurrent blocks and local attention (window = block_size) in the ratio 2:1.
         model = RecurrentGemmaForCausalLM(
@@ -498,6 +518,21 @@ def build_model(args, model_name, vocab_size, intermediate_size, overrides=None)
                 if layer.is_bst_layer:
                     layer.ssm.skip.fill_(1.0)
                     torch.nn.init.normal_(layer.attention.o_proj.weight, std=model.config.initializer_range)
+    return model
+
+
+@torch.no_grad()
+def scale_backbone(model):
+    """--scaled_backbone for Transformers' Llama and Mistral: what BSTConfig's initializer_scheme="fan_in" and
+    embedding_multiplier=sqrt(hidden_size) do in BST, applied from outside (their configs have no such fields).
+    Readers N(0, 1/fan_in), writers (o_proj, down_proj) N(0, 2/(layers * fan_in)); embeddings unchanged."""
+    writer_variance = 2.0 / model.config.num_hidden_layers
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and name != "lm_head":
+            writes = name.endswith(("o_proj", "down_proj"))
+            module.weight.normal_(0.0, ((writer_variance if writes else 1.0) / module.in_features) ** 0.5)
+    multiplier = model.config.hidden_size**0.5
+    model.get_input_embeddings().register_forward_hook(lambda module, inputs, output: output * multiplier)
     return model
 
 
@@ -1102,8 +1137,10 @@ def main(argv=None):
         if key
         not in ("command", "resume", "report_only", "output_json", "figure_dir", "markdown", "work_dir", "threads")
     }
-    if not args.gated_mlp:  # absent from the settings of results written before the flag, which resume unchanged
-        del settings["gated_mlp"]
+    defaults = {"gated_mlp": False, "scaled_backbone": False, "initializer_range": 0.02}
+    for name, default in defaults.items():  # absent from the settings of results written before these arguments,
+        if settings[name] == default:  # which resume unchanged
+            del settings[name]
     settings["machine"] = (
         f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, {args.threads} threads"
     )

@@ -75,9 +75,9 @@ def bst_training_config(shape, variant, quick, max_length):
     return import_bst().BSTConfig(bst_variant=variant, max_position_embeddings=max(max_length, 2**20), **fields)
 
 
-def baseline_configs(shape, bst_config, quick, max_length):
+def baseline_configs(shape, bst_config, quick, max_length, attention="sdpa"):
     """Llama and Mistral (sliding window = W) of the BST model's width, depth, heads, vocabulary, activation and RoPE
-    base, with SDPA attention; their SwiGLU FFN width is solved (to a multiple of 64, 8 in --quick) so that their
+    base, with `attention` (Transformers' attn_implementation); their SwiGLU FFN width is solved (to a multiple of 64, 8 in --quick) so that their
     parameter count matches the BST-SH model's. Returns ({name: config}, the BST-SH parameter count)."""
     from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig
 
@@ -94,7 +94,7 @@ def baseline_configs(shape, bst_config, quick, max_length):
         rms_norm_eps=bst_config.rms_norm_eps,
         max_position_embeddings=max_length,
         tie_word_embeddings=bst_config.tie_word_embeddings,
-        attn_implementation="sdpa",
+        attn_implementation=attention,
     )
 
     def parameters(ffn_width):
@@ -118,7 +118,7 @@ def build_training_models(shape, args):
 
     max_length = max(args.lengths)
     configs = {name: bst_training_config(shape, name.split("-")[1], args.quick, max_length) for name in BST_VARIANTS}
-    baselines, _ = baseline_configs(shape, configs["bst-sh"], args.quick, max_length)
+    baselines, _ = baseline_configs(shape, configs["bst-sh"], args.quick, max_length, args.baseline_attention)
     configs.update(baselines)
     classes = {"llama": LlamaForCausalLM, "mistral": MistralForCausalLM}
     models = {}
