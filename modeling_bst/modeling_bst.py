@@ -107,6 +107,12 @@ def apply_rotary(states: torch.Tensor, rotations: torch.Tensor, pairing: str = "
     return torch.view_as_real(pairs * rotations.unsqueeze(2)).flatten(-2).to(states.dtype)
 
 
+def fan_in_std(fan_in: int, num_layers: int, writes_residual: bool) -> float:
+    """Griffin's initialisation (`initializer_scheme="fan_in"`): a projection that reads the residual stream
+    N(0, 1/fan_in), one that writes to it N(0, 2/(num_layers fan_in)), so the stream keeps its scale with depth."""
+    return ((2.0 / num_layers if writes_residual else 1.0) / fan_in) ** 0.5
+
+
 class BSTDownProjection(nn.Linear):
     """`down_proj` of the MLP: a plain linear map; its own class only so that `initializer_scheme="fan_in"` can give
     it the scale of a projection that writes to the residual stream."""
@@ -387,7 +393,11 @@ class BSTOutputProjection(nn.Linear):
     def __init__(self, inner_size: int, hidden_size: int, cross_attention: bool):
         super().__init__((2 if cross_attention else 1) * inner_size, hidden_size, bias=False)
         self.cross_attention = cross_attention
-        self.self_attention_size = inner_size
+
+    @property
+    def self_attention_size(self) -> int:
+        """The input columns of the self-attention heads (the first half when there are cross-attention heads)."""
+        return self.in_features // 2 if self.cross_attention else self.in_features
 
 
 class BSTAttention(nn.Module):
@@ -1156,14 +1166,13 @@ class BSTPreTrainedModel(PreTrainedModel):
         super()._init_weights(module)
         std = self.config.initializer_range
         if self.config.initializer_scheme == "fan_in":
-            # Griffin's scheme (BSTConfig.initializer_scheme): readers N(0, 1/fan_in), writers N(0, 2/(L fan_in)).
-            writer_variance = 2.0 / self.config.num_hidden_layers
+            layers = self.config.num_hidden_layers
             if isinstance(module, BSTOutputProjection):  # its fan-in: the self-attention heads (the cross half is 0)
-                init.normal_(module.weight, std=(writer_variance / module.self_attention_size) ** 0.5)
+                init.normal_(module.weight, std=fan_in_std(module.self_attention_size, layers, writes_residual=True))
             elif isinstance(module, BSTDownProjection):
-                init.normal_(module.weight, std=(writer_variance / module.in_features) ** 0.5)
+                init.normal_(module.weight, std=fan_in_std(module.in_features, layers, writes_residual=True))
             elif isinstance(module, nn.Linear):
-                init.normal_(module.weight, std=module.in_features**-0.5)
+                init.normal_(module.weight, std=fan_in_std(module.in_features, layers, writes_residual=False))
         if isinstance(module, (BSTS4DKernel, BSTImplicitKernel)):
             module.reset_parameters()
         elif isinstance(module, BSTStateSpace):

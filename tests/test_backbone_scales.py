@@ -113,9 +113,8 @@ def test_scaled_backbone_gives_bst_slide_llama_and_mistral_the_same_scales():
         ids = torch.randint(2, 300, (1, 17))
         embeddings = model.get_input_embeddings().weight[ids]
         hooked = model(input_ids=ids).logits
-        with torch.no_grad():
-            model.get_input_embeddings()._forward_hooks.clear()
-            assert torch.allclose(model(inputs_embeds=multiplier * embeddings).logits, hooked, atol=1e-5), name
+        model.get_input_embeddings()._forward_hooks.clear()
+        assert torch.allclose(model(inputs_embeds=multiplier * embeddings).logits, hooked, atol=1e-5), name
     plain = quality_experiment.parse_args(common + ["--gated_mlp"])
     assert quality_experiment.build_model(plain, "slide", 300, 40).config.embedding_multiplier == 1.0
     wide = quality_experiment.parse_args(common + ["--scaled_backbone", "--initializer_range", "0.05"])

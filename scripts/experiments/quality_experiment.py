@@ -82,6 +82,7 @@ from bst_tools.evaluation import loss_by_slot, ssm_zeroed
 from bst_tools.tokenizer import EOS_TOKEN, train_bpe_tokenizer
 from bst_tools.training import SSM_LEARNING_RATE_SCALE, optimizer_parameter_groups
 from modeling_bst import BSTConfig, BSTForCausalLM
+from modeling_bst.modeling_bst import fan_in_std
 
 
 # The base models; BST names may add SSM options ("bst-sh-s4+gate+conv4", SSM_OPTIONS).
@@ -525,12 +526,11 @@ def build_model(args, model_name, vocab_size, intermediate_size, overrides=None)
 def scale_backbone(model):
     """--scaled_backbone for Transformers' Llama and Mistral: what BSTConfig's initializer_scheme="fan_in" and
     embedding_multiplier=sqrt(hidden_size) do in BST, applied from outside (their configs have no such fields).
-    Readers N(0, 1/fan_in), writers (o_proj, down_proj) N(0, 2/(layers * fan_in)); embeddings unchanged."""
-    writer_variance = 2.0 / model.config.num_hidden_layers
+    The same rule (`fan_in_std`; o_proj and down_proj write to the residual stream); embeddings unchanged."""
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear) and name != "lm_head":
             writes = name.endswith(("o_proj", "down_proj"))
-            module.weight.normal_(0.0, ((writer_variance if writes else 1.0) / module.in_features) ** 0.5)
+            module.weight.normal_(0.0, fan_in_std(module.in_features, model.config.num_hidden_layers, writes))
     multiplier = model.config.hidden_size**0.5
     model.get_input_embeddings().register_forward_hook(lambda module, inputs, output: output * multiplier)
     return model

@@ -77,8 +77,9 @@ def bst_training_config(shape, variant, quick, max_length):
 
 def baseline_configs(shape, bst_config, quick, max_length, attention="sdpa"):
     """Llama and Mistral (sliding window = W) of the BST model's width, depth, heads, vocabulary, activation and RoPE
-    base, with `attention` (Transformers' attn_implementation); their SwiGLU FFN width is solved (to a multiple of 64, 8 in --quick) so that their
-    parameter count matches the BST-SH model's. Returns ({name: config}, the BST-SH parameter count)."""
+    base, with `attention` (Transformers' attn_implementation); their SwiGLU FFN width is solved (to a multiple of
+    64, 8 in --quick) so that their parameter count matches the BST-SH model's. Returns ({name: config}, the BST-SH
+    parameter count)."""
     from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig
 
     with torch.device("meta"):
