@@ -418,6 +418,7 @@ NEW_PART_FIELDS = (
     "ssm_dt_min",
     "ssm_dt_max",
     "attend_previous_block",
+    "sliding_window_attention",
     "num_sink_tokens",
     "ssm_gate",
     "ssm_conv_size",
@@ -445,6 +446,12 @@ def add_new_part_arguments(parser) -> None:
         "--attend_previous_block",
         action="store_true",
         help="Self-attention also sees the whole previous block (W to 2W tokens; the cache holds 2W slots).",
+    )
+    add(
+        "--sliding_window_attention",
+        action="store_true",
+        help="With --attend_previous_block: a token sees exactly the last W tokens, as Mistral's sliding_window=W "
+        "(a Mistral converted with --block_size equal to its window then computes what it computes at every position).",
     )
     add(
         "--num_sink_tokens",

@@ -20,6 +20,7 @@ CACHE_SIGNATURE_FIELDS = (
     "head_dim",
     "block_size",
     "attend_previous_block",
+    "sliding_window_attention",
     "num_sink_tokens",
     "rope_pairing",
     "bst_variant",

@@ -53,6 +53,9 @@ class BSTConfig(PreTrainedConfig):
             block (the Block-Recurrent Transformer's sliding window: a token at slot i sees W + i + 1 tokens, and the
             generation cache holds 2W key/value slots) instead of only the earlier tokens of its own block (the
             paper's pseudocode, block-local). Cross-attention to the context states stays inside the block.
+        sliding_window_attention (`bool`, defaults to `False`): with `attend_previous_block`, a token sees exactly the
+            last W tokens (itself included), as Mistral's `sliding_window=W`: the previous block's slots up to the
+            token's own slot are masked. The cache is unchanged (2W slots).
         num_sink_tokens (`int`, defaults to 0): attention sinks (StreamingLLM, Xiao et al. 2023): self-attention in
             every block past the first window also sees the keys/values of the sequence's first `num_sink_tokens`
             tokens, placed just before the window (RoPE). Pretrained Transformers put much of their attention on the
@@ -139,6 +142,7 @@ class BSTConfig(PreTrainedConfig):
     qkv_bias: bool = False
     block_size: int = 512
     attend_previous_block: bool = False
+    sliding_window_attention: bool = False
     num_sink_tokens: int = 0
     bst_variant: str = "sh"
     ssm_kernel: str = "s4"
@@ -295,6 +299,16 @@ class BSTConfig(PreTrainedConfig):
             raise ValueError(
                 f"`num_sink_tokens` must lie in [0, block_size = {self.block_size}] (the sinks are the first block's "
                 f"first tokens), got {self.num_sink_tokens}."
+            )
+        if self.sliding_window_attention and not self.attend_previous_block:
+            raise ValueError(
+                "`sliding_window_attention` masks part of the previous block, which self-attention sees only with "
+                "`attend_previous_block=True`."
+            )
+        if self.sliding_window_attention and self.num_sink_tokens:
+            raise ValueError(
+                "`sliding_window_attention` and `num_sink_tokens` cannot be combined: the sinks sit just before a "
+                "whole-block window, and a sliding window starts at every token."
             )
         if not 0.0 <= self.attention_dropout < 1.0:
             raise ValueError(f"`attention_dropout` must lie in [0, 1), got {self.attention_dropout}.")

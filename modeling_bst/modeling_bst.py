@@ -272,20 +272,18 @@ class BlockLayout:
         index = self.current_block_index().view(-1, 1, *([1] * (blocks_with_previous.dim() - 2)))
         return blocks_with_previous.gather(1, index.expand(-1, 1, *blocks_with_previous.shape[2:])).squeeze(1)
 
-    def previous_block_mask(self) -> torch.Tensor:
-        """(B * num_blocks, 1, W, 2W) keys each query may see when the previous block joins its own: all W slots of the
-        previous block (when the sequence has one), then the slots of its own block up to itself."""
+    def previous_block_mask(self, sliding_window: bool) -> torch.Tensor:
+        """(B * num_blocks, 1, W, 2W) keys each query may see when the previous block joins its own: the W slots of the
+        previous block (when the sequence has one; with `sliding_window` only the slots j > i of a query at slot i,
+        so that it sees exactly the last W tokens), then the slots of its own block up to itself."""
         block_size, device = self.block_size, self.offsets.device
         first_block = self.seen_tokens // block_size  # absolute index of the chunk's first block
         has_previous = (first_block[:, None] + torch.arange(self.num_blocks, device=device)) >= 1  # (B, N)
         own = torch.ones(block_size, block_size, dtype=torch.bool, device=device).tril()
-        mask = torch.cat(
-            [
-                has_previous[:, :, None, None].expand(-1, -1, block_size, block_size),
-                own.expand(*has_previous.shape, -1, -1),
-            ],
-            dim=-1,
-        )  # (B, N, W, 2W)
+        previous = has_previous[:, :, None, None].expand(-1, -1, block_size, block_size)
+        if sliding_window:
+            previous = previous & ~own  # query slot i, previous-block slot j: (N + i) - j < W  <=>  j > i
+        mask = torch.cat([previous, own.expand(*has_previous.shape, -1, -1)], dim=-1)  # (B, N, W, 2W)
         return mask.flatten(0, 1).unsqueeze(1)
 
     def sinks_visible(self, first_visible_block: int) -> torch.Tensor:
@@ -296,12 +294,15 @@ class BlockLayout:
             return first_block >= first_visible_block
         return (first_block[:, None] + torch.arange(self.num_blocks, device=first_block.device)) >= first_visible_block
 
-    def step_key_mask(self, num_sinks: int, with_previous_block: bool) -> torch.Tensor | None:
+    def step_key_mask(
+        self, num_sinks: int, with_previous_block: bool, sliding_window: bool = False
+    ) -> torch.Tensor | None:
         """(B, 1, 1, K) keys a decoding step on a cache may see, laid out as `BSTAttention` joins them: the `num_sinks`
         attention sinks (once the row's window no longer holds them), the W slots of the previous block (when the row
-        has one), then the first `step_span` slots of its own block up to itself. None when every row sees every key.
-        Every layer asks for the same mask: it is made once per forward."""
-        key = (num_sinks, with_previous_block)
+        has one; with `sliding_window` only the slots after the step's own), then the first `step_span` slots of its
+        own block up to itself. None when every row sees every key. Every layer asks for the same mask: it is made
+        once per forward."""
+        key = (num_sinks, with_previous_block, sliding_window)
         if key not in self.step_key_masks:
             batch = self.seen_tokens.shape[0]
             current_block = self.seen_tokens // self.block_size
@@ -310,7 +311,11 @@ class BlockLayout:
                 sinks_visible = current_block >= (2 if with_previous_block else 1)
                 parts.append(sinks_visible[:, None].expand(-1, num_sinks))
             if with_previous_block:
-                parts.append((current_block >= 1)[:, None].expand(-1, self.block_size))
+                previous = (current_block >= 1)[:, None].expand(-1, self.block_size)
+                if sliding_window:
+                    slots = torch.arange(self.block_size, device=self.seen_tokens.device)
+                    previous = previous & (slots[None, :] > self.offsets[:, None])
+                parts.append(previous)
             mask = self.step_mask
             if parts:
                 if self.step_mask is None:  # every row sees all `step_span` slots of its block
@@ -567,7 +572,8 @@ class BSTAttention(nn.Module):
                 key_parts, value_parts = [sinks[0], *key_parts], [sinks[1], *value_parts]
             keys = torch.cat(key_parts, dim=1)  # (B, k + W + span, H_kv, d)
             values = torch.cat(value_parts, dim=1)
-            mask = layout.step_key_mask(self.config.num_sink_tokens, True)  # self-attention: the sinks are in `keys`
+            # Self-attention: the sinks are in `keys`.
+            mask = layout.step_key_mask(self.config.num_sink_tokens, True, self.config.sliding_window_attention)
             # A real token at slot W - 1 completes its block, which becomes the previous block of the row's next token
             # (in place; a compiled step or one on an accelerator always copies, which needs no host sync; an eager CPU
             # step only when some row completes a block).
@@ -600,7 +606,7 @@ class BSTAttention(nn.Module):
             )
         key_parts = [previous_key_blocks[:, :-1], key_blocks]
         value_parts = [previous_value_blocks[:, :-1], value_blocks]
-        mask = layout.previous_block_mask()
+        mask = layout.previous_block_mask(self.config.sliding_window_attention)
         if sinks is not None:
             keys, values, mask = self._with_sinks(sinks, layout, key_parts, value_parts, mask)
         else:

@@ -82,6 +82,22 @@ def run_in_chunks(model, input_ids, chunk_sizes, attention_mask=None):
     return torch.cat(logits, dim=1), cache
 
 
+@torch.no_grad()
+def assert_left_padded_decoding_equals_the_full_forward(model):
+    """Rows of 8, 13 and 21 real tokens, left-padded: prefill, then one token at a time, and uneven chunks, equal the
+    full forward pass as logits; so does each row alone."""
+    ids = torch.randint(2, 97, (3, 21))
+    mask = torch.ones_like(ids)
+    mask[0, :13], mask[1, :8] = 0, 0
+    full = model(input_ids=ids, attention_mask=mask).logits * mask[..., None]
+    for chunks in ([2] + [1] * 19, [11] + [1] * 10, [5, 9, 7]):
+        chunked, _ = run_in_chunks(model, ids, chunks, attention_mask=mask)
+        torch.testing.assert_close(chunked * mask[..., None], full, rtol=0, atol=1e-5, msg=str(chunks))
+    for row in range(3):
+        alone = model(input_ids=ids[row : row + 1, mask[row].bool()]).logits[0]
+        torch.testing.assert_close(full[row, mask[row].bool()], alone, rtol=0, atol=1e-5)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

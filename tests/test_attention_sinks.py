@@ -3,7 +3,12 @@ tokens, placed just before its window, as StreamingLLM runs a pretrained model i
 
 import pytest
 import torch
-from conftest import VARIANTS_AND_KERNELS, open_context_path, run_in_chunks, tiny_config
+from conftest import (
+    VARIANTS_AND_KERNELS,
+    assert_left_padded_decoding_equals_the_full_forward,
+    open_context_path,
+    tiny_config,
+)
 from huggingface_hub.errors import StrictDataclassClassValidationError
 from test_convert import convert_to_bst, input_ids, random_source
 
@@ -50,16 +55,7 @@ def test_cached_and_chunked_decoding_equal_the_full_forward_with_left_padding(va
         num_key_value_heads=2,
     )
     model = open_context_path(BSTForCausalLM(config)).eval()
-    ids = torch.randint(2, 97, (3, 21))
-    mask = torch.ones_like(ids)
-    mask[0, :13], mask[1, :8] = 0, 0
-    full = model(input_ids=ids, attention_mask=mask).logits * mask[..., None]
-    for chunks in ([2] + [1] * 19, [11] + [1] * 10, [5, 9, 7]):
-        chunked, cache = run_in_chunks(model, ids, chunks, attention_mask=mask)
-        torch.testing.assert_close(chunked * mask[..., None], full, rtol=0, atol=1e-5, msg=str(chunks))
-    for row in range(3):  # and each row alone
-        alone = model(input_ids=ids[row : row + 1, mask[row].bool()]).logits[0]
-        torch.testing.assert_close(full[row, mask[row].bool()], alone, rtol=0, atol=1e-5)
+    assert_left_padded_decoding_equals_the_full_forward(model)
 
 
 @pytest.mark.parametrize("attend_previous_block", [False, True])

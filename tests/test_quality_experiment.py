@@ -296,3 +296,59 @@ def test_ablation_table_has_every_corpus():
     assert "| slide (default) | 0 | 106.87 | 106.87 |" in books and f"| {ablation} | 0 | 111.25 |" in books
     assert "| slide (default) | 0 | 145.70 |" in code and "| 160.50 | 5.000 | 4.000 | 0.900M | 341 |" in code
     assert "106.87" not in code
+
+
+def test_previous_block_attention_in_model_names_and_its_own_slide():
+    """`+apb` sets attend_previous_block on BST and Slide (only there), `+swa` the sliding window too; a best BST with
+    either is also judged against Slide with the same option, the model that sees the same exact context without an
+    SSM."""
+    common = ["--quick", "--data_dir", os.path.dirname(__file__), "--corpora", ""]
+    args = quality_experiment.parse_args(common + ["--models", "bst-sh-s4+gate+apb,slide+apb"])
+    assert quality_experiment.bst_fields(args, "slide+apb")["attend_previous_block"] is True
+    assert quality_experiment.bst_fields(args, "slide+apb")["bst_layers"] == []
+    fields = quality_experiment.bst_fields(args, "bst-sh-s4+gate+apb")
+    assert fields["attend_previous_block"] is True and fields["ssm_gate"] is True
+    assert quality_experiment.build_model(args, "slide+apb", 300, 40).config.attend_previous_block
+    assert not quality_experiment.build_model(args, "slide", 300, 40).config.attend_previous_block
+    swa = quality_experiment.bst_fields(args, "slide+swa")
+    assert swa["attend_previous_block"] is True and swa["sliding_window_attention"] is True
+    assert quality_experiment.build_model(args, "bst-sh-s4+gate+swa", 300, 40).config.sliding_window_attention
+    for bad in ("mistral-swa+apb", "llama+apb", "slide+apb+gate", "llama+swa"):
+        with pytest.raises(SystemExit):
+            quality_experiment.parse_args(common + ["--models", bad])
+
+    def run(name, seed, perplexity_value, early):
+        return {
+            "corpus": "books", "name": name, "seed": seed, "ablation": False, "validation_perplexity": perplexity_value,
+            "test_perplexity": {"32": perplexity_value}, "early_slot_loss": early, "validation_curve": [],
+        }
+
+    settings = {"corpora": ["books"], "seeds": [0, 1], "train_length": 32, "eval_multipliers": [1], "warmup_steps": 1}
+    runs = [run("bst-sh-s4+apb", 0, 90.0, 4.0), run("bst-sh-s4+apb", 1, 96.0, 4.2),
+            run("slide+apb", 0, 100.0, 4.2), run("slide+apb", 1, 98.0, 4.25), run("slide", 0, 110.0, 4.6)]
+    rows = quality_experiment.evaluate_targets({"settings": settings, "runs": runs})["books"]["targets"]
+    same_attention = rows["perplexity at 1x <= 0.97x slide+apb's (the same attention)"]
+    assert same_attention["per_seed"] == {"0": "90.0 vs 100.0 (-10.0%)", "1": "96.0 vs 98.0 (-2.0%)"}
+    assert same_attention["met"] is True and same_attention["every_seed"] is False  # mean 93 vs 99, seed 1 -2%
+    early = rows["early-slot loss (slots 0-3) >= 0.1 nats below slide+apb's (the same attention)"]
+    assert early["met"] is True and early["every_seed"] is False
+    assert rows["perplexity at 1x <= 0.97x Slide's"]["per_seed"] == {"0": "90.0 vs 110.0 (-18.2%)"}
+
+
+def test_paired_table_compares_each_seed_with_the_same_seed():
+    def run(name, seed, perplexity_value):
+        return {
+            "corpus": "code", "name": name, "seed": seed, "ablation": False, "test_perplexity": {"512": perplexity_value},
+        }
+
+    results = {"settings": {"eval_multipliers": [1, 4], "train_length": 512}, "runs": [
+        run("slide", 0, 100.0), run("slide", 1, 80.0), run("mistral-swa", 0, 90.0),
+        run("bst-sh-s4+residual", 0, 95.0), run("bst-sh-s4+residual", 1, 84.0), run("books-only", 0, 1.0),
+    ]}
+    results["runs"][-1]["corpus"] = "books"
+    lines = quality_experiment.format_paired(results, "code").splitlines()
+    assert lines[0] == "| model | test ppl @ 512 by seed | vs slide, same seed | vs mistral-swa, same seed |"
+    assert "| slide | s0 100.00, s1 80.00 | - | s0 +11.1% |" in lines
+    assert "| mistral-swa | s0 90.00 | s0 -10.0% | - |" in lines
+    assert "| bst-sh-s4+residual | s0 95.00, s1 84.00 | s0 -5.0%, s1 +5.0% | s0 +5.6% |" in lines
+    assert not any("books-only" in line for line in lines)

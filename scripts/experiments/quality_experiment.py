@@ -19,10 +19,12 @@ Models (`--models`; the default is bst-sh-s4, slide, mistral-swa, recurrentgemma
 * `llama`: Transformers' `LlamaForCausalLM`, full attention, its RoPE used as is beyond the training length.
 
 A BST name may carry options of the SSM branch, joined by "+": `gate` (`ssm_gate`), `conv<k>` (`ssm_conv_size=k`),
-`residual` (`ssm_residual`), e.g. `bst-sh-s4+gate+conv4+residual`. Llama and Mistral have SwiGLU MLPs (gated, SiLU)
-and RecurrentGemma a gated GeLU MLP; BST and Slide have the paper's plain GeLU MLP unless `--gated_mlp` gives them
-Llama's, so that BST, Slide, Mistral-SWA and Llama share one backbone. `--scaled_backbone` gives all four
-RecurrentGemma's scales as well (Griffin's fan-in initialisation, embeddings times sqrt(hidden_size)).
+`residual` (`ssm_residual`), e.g. `bst-sh-s4+gate+conv4+residual`; a BST or Slide name may carry `apb`
+(`attend_previous_block`: self-attention sees the previous block too) or `swa` (`sliding_window_attention` as well: a
+token sees exactly the last `block_size` tokens, as in `mistral-swa`), e.g. `slide+apb`. Llama and Mistral have
+SwiGLU MLPs (gated, SiLU) and RecurrentGemma a gated GeLU MLP; BST and Slide have the paper's plain GeLU MLP unless
+`--gated_mlp` gives them Llama's, so that BST, Slide, Mistral-SWA and Llama share one backbone. `--scaled_backbone`
+gives all four RecurrentGemma's scales as well (Griffin's fan-in initialisation, embeddings times sqrt(hidden_size)).
 
 Every trained BST model is also scored at 1x with its SSM outputs replaced by zeros (the SSM ablation: no context
 states, no residual SSM branch): whether its real context states lower its perplexity.
@@ -85,7 +87,7 @@ from modeling_bst import BSTConfig, BSTForCausalLM
 from modeling_bst.modeling_bst import fan_in_std
 
 
-# The base models; BST names may add SSM options ("bst-sh-s4+gate+conv4", SSM_OPTIONS).
+# The base models; BST names may add SSM options ("bst-sh-s4+gate+conv4", SSM_OPTIONS), BST and Slide names "apb".
 ALL_MODELS = (
     "bst-sh-s4",
     "bst-mh-s4",
@@ -100,6 +102,12 @@ ALL_MODELS = (
 DEFAULT_MODELS = ("bst-sh-s4", "slide", "mistral-swa", "recurrentgemma", "llama")
 BASELINES = ("slide", "mistral-swa", "recurrentgemma", "llama")
 SSM_OPTIONS = {"gate": "ssm_gate", "residual": "ssm_residual"}  # and "conv<taps>": ssm_conv_size
+# BST and Slide: "apb" self-attention sees the previous block whole; "swa" sees exactly the last block_size tokens
+# (Mistral's sliding window, computed over the own and previous block).
+BLOCK_OPTIONS = {
+    "apb": {"attend_previous_block": True},
+    "swa": {"attend_previous_block": True, "sliding_window_attention": True},
+}
 RECURRENCE_CHUNK = 16  # time steps per chunk of chunked_rnn_scan
 EARLY_SLOTS = 4  # "early-slot loss": the first 4 slots of a block, where block attention has almost no context
 PARAMETER_TOLERANCE = 0.05
@@ -282,7 +290,7 @@ def check_args(parser, args):
         parser.error(f"--models: unknown {unknown}; choose from {list(ALL_MODELS)}.")
     for name in [m for m in args.models if "+" in m]:
         try:
-            ssm_option_fields(name)
+            option_fields(name)
         except ValueError as error:
             parser.error(f"--models: {error}")
     for corpus in args.corpora:
@@ -429,20 +437,26 @@ def evaluation_spans(stream, span_length, count):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def ssm_option_fields(model_name):
+def option_fields(model_name):
     """The BST config fields of the "+"-joined options of a model name: "bst-sh-s4+gate+conv4" -> ssm_gate=True,
-    ssm_conv_size=4."""
-    fields = {}
+    ssm_conv_size=4; "slide+apb" -> attend_previous_block=True; "slide+swa" -> sliding_window_attention=True too."""
+    ssm_fields, block_fields = {}, {}
     for option in model_name.split("+")[1:]:
         if option in SSM_OPTIONS:
-            fields[SSM_OPTIONS[option]] = True
+            ssm_fields[SSM_OPTIONS[option]] = True
         elif option.startswith("conv") and option[4:].isdigit():
-            fields["ssm_conv_size"] = int(option[4:])
+            ssm_fields["ssm_conv_size"] = int(option[4:])
+        elif option in BLOCK_OPTIONS:
+            block_fields.update(BLOCK_OPTIONS[option])
         else:
-            raise ValueError(f"{model_name}: unknown option {option!r}; options are gate, residual, conv<taps>.")
-    if fields and not model_name.startswith("bst-"):
+            raise ValueError(
+                f"{model_name}: unknown option {option!r}; options are gate, residual, conv<taps>, apb, swa."
+            )
+    if ssm_fields and not model_name.startswith("bst-"):
         raise ValueError(f"{model_name}: SSM options apply to BST models only.")
-    return fields
+    if block_fields and not model_name.startswith(("bst-", "slide")):
+        raise ValueError(f"{model_name}: apb and swa apply to BST and Slide only.")
+    return {**ssm_fields, **block_fields}
 
 
 def bst_fields(args, model_name, overrides=None):
@@ -451,8 +465,8 @@ def bst_fields(args, model_name, overrides=None):
     backbone = dict(gated_mlp=True, hidden_act="silu") if args.gated_mlp else {}
     if args.scaled_backbone:
         backbone.update(initializer_scheme="fan_in", embedding_multiplier=args.hidden_size**0.5)
-    if model_name == "slide":
-        return dict(block_size=args.block_size, bst_layers=[], **backbone, **overrides)
+    if model_name.split("+")[0] == "slide":
+        return dict(block_size=args.block_size, bst_layers=[], **backbone, **option_fields(model_name), **overrides)
     variant, kernel = model_name.split("+")[0].split("-")[1:3]
     fields = dict(
         bst_variant=variant,
@@ -461,7 +475,7 @@ def bst_fields(args, model_name, overrides=None):
         ssm_state_size=args.ssm_state_size,
         block_size=args.block_size,
         **backbone,
-        **ssm_option_fields(model_name),
+        **option_fields(model_name),
     )
     if variant == "mf":
         fields["num_context_states"] = args.mf_context_states
@@ -812,6 +826,26 @@ def evaluate_targets(results):
         slide, mistral, griffin, llama = (
             runs_of(corpus, name) for name in ("slide", "mistral-swa", "recurrentgemma", "llama")
         )
+
+        def against_slide(other, name, note=""):
+            """The early-slot and perplexity targets against a Slide model (no SSM) called `name`."""
+            return [
+                (
+                    f"early-slot loss (slots 0-3) >= 0.1 nats below {name}'s{note}",
+                    compare(
+                        bst,
+                        other,
+                        lambda r: r["early_slot_loss"],
+                        lambda b, o: o - b >= 0.1,
+                        lambda b, o: f"{b:.3f} vs {o:.3f} ({b - o:+.3f} nats)",
+                    ),
+                ),
+                (
+                    f"perplexity at 1x <= 0.97x {name}'s{note}",
+                    compare(bst, other, lambda r: r["test_perplexity"][short], lambda b, o: b <= 0.97 * o, ratio),
+                ),
+            ]
+
         rows = [
             (
                 "never behind Slide at any validation after warm-up (largest gap)",
@@ -823,20 +857,15 @@ def evaluate_targets(results):
                     worst_gap,
                 ),
             ),
-            (
-                "early-slot loss (slots 0-3) >= 0.1 nats below Slide's",
-                compare(
-                    bst,
-                    slide,
-                    lambda r: r["early_slot_loss"],
-                    lambda b, o: o - b >= 0.1,
-                    lambda b, o: f"{b:.3f} vs {o:.3f} ({b - o:+.3f} nats)",
-                ),
-            ),
-            (
-                "perplexity at 1x <= 0.97x Slide's",
-                compare(bst, slide, lambda r: r["test_perplexity"][short], lambda b, o: b <= 0.97 * o, ratio),
-            ),
+            *against_slide(slide, "Slide"),
+        ]
+        attention = [option for option in best.split("+")[1:] if option in BLOCK_OPTIONS]
+        if attention:
+            # With previous-block or sliding-window attention the BST sees more exact context than Slide; the model
+            # without SSM that sees the same is Slide with the same option.
+            same_attention = f"slide+{attention[0]}"
+            rows += against_slide(runs_of(corpus, same_attention), same_attention, " (the same attention)")
+        rows += [
             (
                 "perplexity at 1x <= 1.0x Mistral-SWA's",
                 compare(bst, mistral, lambda r: r["test_perplexity"][short], lambda b, o: b <= o, ratio),
@@ -914,7 +943,7 @@ def plot_results(results, figure_dir):
             if summary is None:
                 continue
             lengths = [int(n) for n in summary["perplexity"]]
-            style = "--" if name in BASELINES else "-"
+            style = "--" if name.split("+")[0] in BASELINES else "-"
             axis.plot(lengths, list(summary["perplexity"].values()), style, marker="o", label=name)
         axis.set_xscale("log", base=2)
         axis.set_yscale("log")
@@ -960,7 +989,7 @@ def plot_results(results, figure_dir):
                 curves[name] = np.mean(by_seed, axis=0)
         reference = curves.get("slide")
         for name, curve in curves.items():
-            style = "--" if name in BASELINES else "-"
+            style = "--" if name.split("+")[0] in BASELINES else "-"
             values = curve - reference if reference is not None else curve
             axis.plot(range(len(curve)), values, style, color=colors[name], linewidth=1.0, label=name)
         axis.set_xscale("symlog", linthresh=4)
@@ -1000,6 +1029,30 @@ def format_table(results, corpus):
             f"{summary['early_slot_loss']:.3f} | {summary['late_slot_loss']:.3f} | {summary['validation']:.2f} | "
             f"{parameters} | {run['intermediate_size']} | {run['tokens_seen']:,} | {summary['train_seconds']:.0f} |"
         )
+    return "\n".join(lines)
+
+
+def format_paired(results, corpus):
+    """Every model's test perplexity at 1x seed by seed, against Slide's and Mistral-SWA's of the same seed: at this
+    budget only a gap that holds in every pair is evidence."""
+    short = str(results["settings"]["eval_multipliers"][0] * results["settings"]["train_length"])
+    by_seed = {}
+    for run in results["runs"]:
+        if run["corpus"] == corpus and not run["ablation"]:
+            by_seed.setdefault(run["name"], {})[run["seed"]] = run["test_perplexity"][short]
+    references = [name for name in ("slide", "mistral-swa") if name in by_seed]
+    header = f"| model | test ppl @ {short} by seed | " + " | ".join(f"vs {name}, same seed" for name in references)
+    lines = [header + " |", "|" + "---|" * (2 + len(references))]
+    for name in model_names(results):
+        if name not in by_seed:
+            continue
+        seeds = sorted(by_seed[name])
+        cells = [", ".join(f"s{seed} {by_seed[name][seed]:.2f}" for seed in seeds)]
+        for reference in references:
+            pairs = [s for s in seeds if s in by_seed[reference]]
+            ratios = [f"s{s} {100 * (by_seed[name][s] / by_seed[reference][s] - 1):+.1f}%" for s in pairs]
+            cells.append("-" if name == reference or not pairs else ", ".join(ratios))
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -1084,7 +1137,7 @@ def write_markdown(results, path, figures):
     ]
     for corpus in settings["corpora"]:
         if any(r["corpus"] == corpus and not r["ablation"] for r in results["runs"]):
-            section += [f"### `{corpus}`", "", format_table(results, corpus), ""]
+            section += [f"### `{corpus}`", "", format_table(results, corpus), "", format_paired(results, corpus), ""]
     for figure in figures:
         caption = os.path.splitext(os.path.basename(figure))[0].replace("_", " ")
         section += [f"![{caption}]({os.path.relpath(figure, os.path.dirname(os.path.abspath(path)))})", ""]
