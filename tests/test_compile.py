@@ -77,13 +77,18 @@ def test_compiled_decoding_steps_match_eager(options, prompt_length, steps):
 
 
 @pytest.mark.parametrize(
-    "variant, kernel, attend_previous_block",
-    [("sh", "s4", False), ("mf", "unstructured", False), ("mh", "s4", True)],
-    ids=["sh-s4", "mf-unstructured", "mh-s4-previous-block"],
+    "variant, kernel, attention",
+    [
+        ("sh", "s4", {}),
+        ("mf", "unstructured", {}),
+        ("mh", "s4", dict(attend_previous_block=True)),
+        ("sh", "s4", dict(attend_previous_block=True, sliding_window_attention=True)),
+    ],
+    ids=["sh-s4", "mf-unstructured", "mh-s4-previous-block", "sh-s4-sliding-window"],
 )
-def test_a_decoding_step_on_a_static_cache_has_no_graph_break(variant, kernel, attend_previous_block):
+def test_a_decoding_step_on_a_static_cache_has_no_graph_break(variant, kernel, attention):
     """Left-padded rows (at different slots of their blocks) and an attention mask, as batched generate() sends."""
-    config = tiny_config(bst_variant=variant, ssm_kernel=kernel, attend_previous_block=attend_previous_block)
+    config = tiny_config(bst_variant=variant, ssm_kernel=kernel, **attention)
     model = open_context_path(BSTForCausalLM(config)).eval()
     assert model._can_compile_fullgraph
     input_ids = torch.randint(2, model.config.vocab_size, (2, 13))
@@ -159,24 +164,27 @@ def _training_inputs(model, padded: bool):
 
 
 @pytest.mark.parametrize(
-    "variant, kernel, attend_previous_block, num_sink_tokens",
+    "variant, kernel, attend_previous_block, num_sink_tokens, sliding_window_attention",
     [
-        ("sh", "s4", False, 0),
-        ("sh", "unstructured", True, 2),
-        ("mh", "s4", True, 0),
-        ("mh", "unstructured", False, 2),
-        ("mf", "s4", True, 2),
-        ("mf", "unstructured", False, 0),
+        ("sh", "s4", False, 0, False),
+        ("sh", "unstructured", True, 2, False),
+        ("mh", "s4", True, 0, False),
+        ("mh", "unstructured", False, 2, False),
+        ("mf", "s4", True, 2, False),
+        ("mf", "unstructured", False, 0, False),
+        ("sh", "s4", True, 0, True),
     ],
     ids=["sh-s4", "sh-unstructured-previous-block-sinks", "mh-s4-previous-block", "mh-unstructured-sinks",
-         "mf-s4-previous-block-sinks", "mf-unstructured"],
+         "mf-s4-previous-block-sinks", "mf-unstructured", "sh-s4-sliding-window"],
 )  # fmt: skip
-def test_training_forward_has_no_graph_break(variant, kernel, attend_previous_block, num_sink_tokens):
+def test_training_forward_has_no_graph_break(
+    variant, kernel, attend_previous_block, num_sink_tokens, sliding_window_attention
+):
     """Dynamo traces the autograd Functions' backward passes while it traces their forward, so a training forward in
     one graph also gives one backward graph."""
     config = tiny_config(
         bst_variant=variant, ssm_kernel=kernel, attend_previous_block=attend_previous_block,
-        num_sink_tokens=num_sink_tokens, num_hidden_layers=1,
+        num_sink_tokens=num_sink_tokens, sliding_window_attention=sliding_window_attention, num_hidden_layers=1,
     )  # fmt: skip
     model = BSTForCausalLM(config).train()
     explanation = torch._dynamo.explain(model)(**_training_inputs(model, padded=False))
