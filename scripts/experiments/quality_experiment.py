@@ -87,7 +87,8 @@ from modeling_bst import BSTConfig, BSTForCausalLM
 from modeling_bst.modeling_bst import fan_in_std
 
 
-# The base models; BST names may add SSM options ("bst-sh-s4+gate+conv4", SSM_OPTIONS), BST and Slide names "apb".
+# The base models; BST names may add SSM options ("bst-sh-s4+gate+conv4", SSM_OPTIONS), BST and Slide names an
+# attention span (BLOCK_OPTIONS: "slide+swa").
 ALL_MODELS = (
     "bst-sh-s4",
     "bst-mh-s4",
@@ -285,7 +286,7 @@ def check_args(parser, args):
     """Everything that can be checked before any heavy work."""
     args.corpora = [c for c in args.corpora.split(",") if c]
     args.models = [m for m in args.models.split(",") if m]
-    unknown = [m for m in args.models if m.split("+")[0] not in ALL_MODELS]
+    unknown = [m for m in args.models if base_model(m) not in ALL_MODELS]
     if unknown:
         parser.error(f"--models: unknown {unknown}; choose from {list(ALL_MODELS)}.")
     for name in [m for m in args.models if "+" in m]:
@@ -437,6 +438,11 @@ def evaluation_spans(stream, span_length, count):
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def base_model(model_name):
+    """The model a name's "+"-joined options apply to: "bst-sh-s4+gate+swa" -> "bst-sh-s4"."""
+    return model_name.split("+")[0]
+
+
 def option_fields(model_name):
     """The BST config fields of the "+"-joined options of a model name: "bst-sh-s4+gate+conv4" -> ssm_gate=True,
     ssm_conv_size=4; "slide+apb" -> attend_previous_block=True; "slide+swa" -> sliding_window_attention=True too."""
@@ -465,9 +471,9 @@ def bst_fields(args, model_name, overrides=None):
     backbone = dict(gated_mlp=True, hidden_act="silu") if args.gated_mlp else {}
     if args.scaled_backbone:
         backbone.update(initializer_scheme="fan_in", embedding_multiplier=args.hidden_size**0.5)
-    if model_name.split("+")[0] == "slide":
+    if base_model(model_name) == "slide":
         return dict(block_size=args.block_size, bst_layers=[], **backbone, **option_fields(model_name), **overrides)
-    variant, kernel = model_name.split("+")[0].split("-")[1:3]
+    variant, kernel = base_model(model_name).split("-")[1:3]
     fields = dict(
         bst_variant=variant,
         ssm_kernel=kernel,
@@ -943,7 +949,7 @@ def plot_results(results, figure_dir):
             if summary is None:
                 continue
             lengths = [int(n) for n in summary["perplexity"]]
-            style = "--" if name.split("+")[0] in BASELINES else "-"
+            style = "--" if base_model(name) in BASELINES else "-"
             axis.plot(lengths, list(summary["perplexity"].values()), style, marker="o", label=name)
         axis.set_xscale("log", base=2)
         axis.set_yscale("log")
@@ -989,7 +995,7 @@ def plot_results(results, figure_dir):
                 curves[name] = np.mean(by_seed, axis=0)
         reference = curves.get("slide")
         for name, curve in curves.items():
-            style = "--" if name.split("+")[0] in BASELINES else "-"
+            style = "--" if base_model(name) in BASELINES else "-"
             values = curve - reference if reference is not None else curve
             axis.plot(range(len(curve)), values, style, color=colors[name], linewidth=1.0, label=name)
         axis.set_xscale("symlog", linthresh=4)
