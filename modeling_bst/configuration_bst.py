@@ -89,6 +89,11 @@ class BSTConfig(PreTrainedConfig):
             mean over the layer's filters of the SSM outputs (before `ssm_gate`). W_o starts at zero, so a new or
             converted model computes what it computed without the option. Not with `bst_variant="mf"`, whose SSM is
             read at block ends only.
+        ssm_cross_attention (`bool`, defaults to `True`): whether attention reads the SSM outputs as context states
+            through cross-attention, as the paper's BST does. `False` needs `ssm_residual`: the SSM then reaches the
+            model through the residual branch only (Griffin's recurrent block beside block attention), and a BST
+            layer's attention has no cross-attention heads, parameters or cached context keys; the 4 D x D matrices
+            they took are free for the MLP.
         implicit_filter_features (`int`, defaults to 16): number of sine/cosine frequency pairs that describe a
             position to the "unstructured" kernel's filter network.
         implicit_filter_hidden_size (`int`, defaults to 64): width of the "unstructured" kernel's filter network.
@@ -154,6 +159,7 @@ class BSTConfig(PreTrainedConfig):
     ssm_gate: bool = False
     ssm_conv_size: int = 0
     ssm_residual: bool = False
+    ssm_cross_attention: bool = True
     implicit_filter_features: int = 16
     implicit_filter_hidden_size: int = 64
     rope_theta: float = 10000.0
@@ -294,6 +300,16 @@ class BSTConfig(PreTrainedConfig):
             raise ValueError(
                 '`ssm_residual` adds the SSM output at every token to the residual stream; `bst_variant="mf"` reads '
                 "its SSM at block ends only (its training path never forms per-token outputs). Use \"sh\" or \"mh\"."
+            )
+        if not self.ssm_cross_attention and not self.ssm_residual:
+            raise ValueError(
+                "`ssm_cross_attention=False` needs `ssm_residual=True`: without cross-attention the residual branch is "
+                "the SSM's only way into the model."
+            )
+        if not self.ssm_cross_attention and self.ssm_gate:
+            raise ValueError(
+                "`ssm_gate` gates the context states that cross-attention reads; with `ssm_cross_attention=False` "
+                "there are none (the residual branch has its own gate)."
             )
         if not 0 <= self.num_sink_tokens <= self.block_size:
             raise ValueError(

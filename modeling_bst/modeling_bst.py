@@ -406,17 +406,18 @@ class BSTOutputProjection(nn.Linear):
 
 
 class BSTAttention(nn.Module):
-    """Causal self-attention inside each block and, in BST layers, cross-attention to the block's context states.
+    """Causal self-attention inside each block and, in BST layers (unless `ssm_cross_attention=False`),
+    cross-attention to the block's context states.
 
     The self- and cross-attention heads are concatenated and mixed by one output projection (the Block-Recurrent
     Transformer's "vertical" cell without recurrence and without gates).
     """
 
-    def __init__(self, config: BSTConfig, layer_idx: int, is_bst_layer: bool):
+    def __init__(self, config: BSTConfig, layer_idx: int, cross_attention: bool):
         super().__init__()
         self.config = config
         self.layer_idx = layer_idx
-        self.is_bst_layer = is_bst_layer
+        self.cross_attention = cross_attention
         self.num_heads = config.num_attention_heads
         self.num_key_value_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
@@ -431,7 +432,7 @@ class BSTAttention(nn.Module):
         self.q_proj = nn.Linear(config.hidden_size, inner_size, bias=config.qkv_bias)
         self.k_proj = nn.Linear(config.hidden_size, key_value_size, bias=config.qkv_bias)
         self.v_proj = nn.Linear(config.hidden_size, key_value_size, bias=config.qkv_bias)
-        if is_bst_layer:
+        if cross_attention:
             self.context_norm = BSTRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
             self.cross_q_proj = nn.Linear(config.hidden_size, inner_size, bias=False)
             self.context_k_proj = nn.Linear(config.hidden_size, inner_size, bias=False)
@@ -439,7 +440,7 @@ class BSTAttention(nn.Module):
             if config.bst_variant == "mf":
                 self.initial_context = nn.Parameter(torch.empty(config.num_context_states, config.hidden_size))
                 self.context_ids = nn.Parameter(torch.empty(config.num_context_states, config.hidden_size))
-        self.o_proj = BSTOutputProjection(inner_size, config.hidden_size, cross_attention=is_bst_layer)
+        self.o_proj = BSTOutputProjection(inner_size, config.hidden_size, cross_attention=cross_attention)
 
     def _attend(self, query, key, value, attention_mask=None, is_causal=False) -> torch.Tensor:
         """query (B, N, Q, H, d), key/value (B, N, K, H or H_kv, d) -> (B, N, Q, H*d): one attention call over all
@@ -691,7 +692,7 @@ class BSTAttention(nn.Module):
             if layer_cache is not None:
                 cached = (layer_cache.keys, layer_cache.values, layer_cache.store_block)
             output = self._block_attention(query, key, value, layout, *cached, sinks)
-        if not self.is_bst_layer:
+        if not self.cross_attention:
             return self.o_proj(output)
 
         cross_query = self.cross_q_proj(hidden_states).view(hidden_shape)
@@ -1017,7 +1018,8 @@ class BSTSSMResidualProjection(nn.Linear):
 
 class BSTDecoderLayer(GradientCheckpointingLayer):
     """Pre-norm layer: [SSM ->] block attention -> residual -> FFN -> residual. BST layers (`config.bst_layers`) have
-    the SSM and the cross-attention; the others are plain block-attention layers."""
+    the SSM and the cross-attention (or, with `ssm_cross_attention=False`, the residual SSM branch only); the others
+    are plain block-attention layers."""
 
     def __init__(self, config: BSTConfig, layer_idx: int):
         super().__init__()
@@ -1032,7 +1034,7 @@ class BSTDecoderLayer(GradientCheckpointingLayer):
         self.residual_gate_proj = nn.Linear(width, width, bias=False) if self.is_bst_layer and residual else None
         self.residual_out_proj = BSTSSMResidualProjection(width) if self.is_bst_layer and residual else None
         self.act_fn = ACT2FN[config.hidden_act] if self.is_bst_layer and (gated or residual) else None
-        self.attention = BSTAttention(config, layer_idx, self.is_bst_layer)
+        self.attention = BSTAttention(config, layer_idx, self.is_bst_layer and config.ssm_cross_attention)
         self.post_attention_layernorm = BSTRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.mlp = BSTMLP(config)
 
@@ -1070,8 +1072,8 @@ class BSTDecoderLayer(GradientCheckpointingLayer):
 
 
 # Parameters that exist only for a given SSM/context configuration: a checkpoint that lacks them, or has others, was
-# saved for another `ssm_kernel`, `bst_variant`, `bst_layers`, `num_context_states`, `ssm_gate`, `ssm_conv_size` or
-# `ssm_residual`.
+# saved for another `ssm_kernel`, `bst_variant`, `bst_layers`, `num_context_states`, `ssm_gate`, `ssm_conv_size`,
+# `ssm_residual` or `ssm_cross_attention`.
 SSM_AND_CONTEXT_KEYS = re.compile(
     r"(^|\.)(ssm|context_gate_proj|residual_gate_proj|residual_out_proj"
     r"|attention\.(context_norm|cross_q_proj|context_k_proj|context_v_proj|initial_context|context_ids))\."
@@ -1151,7 +1153,19 @@ class BSTPreTrainedModel(PreTrainedModel):
         """`PreTrainedModel.from_pretrained`, plus an error when the checkpoint's SSM or context weights do not fit the
         configuration: freshly initialised SSM layers would load with a warning only and give other outputs."""
         output_loading_info = kwargs.pop("output_loading_info", False)
-        model, loading_info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        try:
+            model, loading_info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        except RuntimeError as error:
+            if "ignore_mismatched_sizes" not in str(error):
+                raise
+            # Transformers' own message only points at its report; say which fields decide these shapes.
+            raise ValueError(
+                "The checkpoint's weights do not have the shapes its configuration gives them (the loading report "
+                "above names them). Besides the sizes, the fields that shape a BST's weights are ssm_kernel, "
+                "bst_variant, bst_layers, num_context_states, ssm_gate, ssm_conv_size, ssm_residual and "
+                "ssm_cross_attention (which doubles the width of o_proj's input). Was config.json edited after the "
+                "weights were saved?"
+            ) from error
         missing = sorted(k for k in loading_info["missing_keys"] if SSM_AND_CONTEXT_KEYS.search(k))
         unexpected = sorted(k for k in loading_info["unexpected_keys"] if SSM_AND_CONTEXT_KEYS.search(k))
         # A checkpoint with no weights at all for this model (an empty state dict) is a deliberate fresh start.
@@ -1162,7 +1176,8 @@ class BSTPreTrainedModel(PreTrainedModel):
                 f"The checkpoint's SSM/context weights do not fit its configuration (ssm_kernel={config.ssm_kernel!r}, "
                 f"bst_variant={config.bst_variant!r}, bst_layers={config.bst_layers}, "
                 f"num_context_states={config.num_context_states}, ssm_gate={config.ssm_gate}, "
-                f"ssm_conv_size={config.ssm_conv_size}, ssm_residual={config.ssm_residual}): "
+                f"ssm_conv_size={config.ssm_conv_size}, ssm_residual={config.ssm_residual}, "
+                f"ssm_cross_attention={config.ssm_cross_attention}): "
                 f"missing {len(missing)} {missing[:6]}, "
                 f"unexpected {len(unexpected)} {unexpected[:6]}. Was config.json edited after the weights were saved?"
             )

@@ -83,8 +83,9 @@ def test_compiled_decoding_steps_match_eager(options, prompt_length, steps):
         ("mf", "unstructured", {}),
         ("mh", "s4", dict(attend_previous_block=True)),
         ("sh", "s4", dict(attend_previous_block=True, sliding_window_attention=True)),
+        ("sh", "s4", dict(ssm_residual=True, ssm_cross_attention=False, ssm_conv_size=4)),
     ],
-    ids=["sh-s4", "mf-unstructured", "mh-s4-previous-block", "sh-s4-sliding-window"],
+    ids=["sh-s4", "mf-unstructured", "mh-s4-previous-block", "sh-s4-sliding-window", "sh-s4-residual-only"],
 )
 def test_a_decoding_step_on_a_static_cache_has_no_graph_break(variant, kernel, attention):
     """Left-padded rows (at different slots of their blocks) and an attention mask, as batched generate() sends."""
@@ -175,16 +176,18 @@ def _training_inputs(model, padded: bool):
         ("sh", "s4", True, 0, True),
     ],
     ids=["sh-s4", "sh-unstructured-previous-block-sinks", "mh-s4-previous-block", "mh-unstructured-sinks",
-         "mf-s4-previous-block-sinks", "mf-unstructured", "sh-s4-sliding-window"],
+         "mf-s4-previous-block-sinks", "mf-unstructured", "sh-s4-sliding-window-residual-only"],
 )  # fmt: skip
 def test_training_forward_has_no_graph_break(
     variant, kernel, attend_previous_block, num_sink_tokens, sliding_window_attention
 ):
     """Dynamo traces the autograd Functions' backward passes while it traces their forward, so a training forward in
-    one graph also gives one backward graph."""
+    one graph also gives one backward graph. The swa case has the SSM options on, the residual-only layer among them."""
+    options = dict(ssm_residual=True, ssm_cross_attention=False, ssm_conv_size=4) if sliding_window_attention else {}
     config = tiny_config(
         bst_variant=variant, ssm_kernel=kernel, attend_previous_block=attend_previous_block,
         num_sink_tokens=num_sink_tokens, sliding_window_attention=sliding_window_attention, num_hidden_layers=1,
+        **options,
     )  # fmt: skip
     model = BSTForCausalLM(config).train()
     explanation = torch._dynamo.explain(model)(**_training_inputs(model, padded=False))

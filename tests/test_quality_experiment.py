@@ -16,17 +16,17 @@ import torch
 pytestmark = pytest.mark.lab
 
 
-def load_quality_experiment():
-    """scripts/experiments/quality_experiment.py, imported by its path (scripts/ is not a package)."""
-    path = Path(__file__).resolve().parent.parent / "scripts" / "experiments" / "quality_experiment.py"
-    spec = importlib.util.spec_from_file_location("quality_experiment", path)
+def load_experiment_script(name):
+    """scripts/experiments/<name>.py, imported by its path (scripts/ is not a package)."""
+    path = Path(__file__).resolve().parent.parent / "scripts" / "experiments" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
-    sys.modules["quality_experiment"] = module
+    sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
 
 
-quality_experiment = load_quality_experiment()
+quality_experiment = load_experiment_script("quality_experiment")
 
 
 WORDS = "the king queen sword crown castle river night day speaks enters exits lord lady good ill fair".split()
@@ -259,7 +259,10 @@ def test_ssm_options_in_model_names_and_the_gated_backbone():
     for model in (bst, slide):
         assert model.config.gated_mlp and model.config.hidden_act == llama.config.hidden_act == "silu"
     assert not quality_experiment.build_model(quality_experiment.parse_args(common), "slide", 300, 40).config.gated_mlp
-    for bad in ("bst-sh-s4+gates", "bst-sh-s4+conv", "bst-mf-s4+residual", "slide+gate"):
+    residual_only = quality_experiment.build_model(args, "bst-sh-s4+residual+nocross", 300, 40)
+    assert not residual_only.config.ssm_cross_attention and residual_only.config.ssm_residual
+    assert not hasattr(residual_only.model.layers[1].attention, "cross_q_proj")
+    for bad in ("bst-sh-s4+gates", "bst-sh-s4+conv", "bst-mf-s4+residual", "slide+gate", "bst-sh-s4+nocross"):
         with pytest.raises(SystemExit):
             quality_experiment.parse_args(common + ["--models", bad])
     layer = bst.model.layers[1]
@@ -352,3 +355,25 @@ def test_paired_table_compares_each_seed_with_the_same_seed():
     assert "| mistral-swa | s0 90.00 | s0 -10.0% | - |" in lines
     assert "| bst-sh-s4+residual | s0 95.00, s1 84.00 | s0 -5.0%, s1 +5.0% | s0 +5.6% |" in lines
     assert not any("books-only" in line for line in lines)
+
+
+def test_training_cost_times_the_experiments_models_round_robin(tmp_path):
+    """scripts/experiments/training_cost.py builds the models as the experiment does (the same parameter target) and
+    reports each one's step time as a ratio to the first model, per round; the reference's own ratio is exactly 1."""
+    training_cost = load_experiment_script("training_cost")
+    output = tmp_path / "cost.json"
+    report = training_cost.main([
+        "--quick", "--gated_mlp", "--models", "bst-sh-s4,bst-sh-s4+residual+nocross+swa,slide", "--rounds", "3",
+        "--warmup_rounds", "1", "--vocab_size", "300", "--output_json", str(output),
+    ])  # fmt: skip
+    assert json.loads(output.read_text()) == report and report["reference"] == "bst-sh-s4"
+    facts = report["models"]
+    assert facts["bst-sh-s4"]["time_ratio_to_reference"] == 1.0 and facts["bst-sh-s4"]["time_ratio_spread"] == [1, 1]
+    counts = [model["non_embedding_parameters"] for model in facts.values()]
+    assert max(counts) / min(counts) < 1.05  # matched as in the experiment
+    # Without cross-attention's four matrices the residual-only BST gets a wider FFN than the plain one.
+    assert facts["bst-sh-s4+residual+nocross+swa"]["intermediate_size"] > facts["bst-sh-s4"]["intermediate_size"]
+    for model in facts.values():
+        assert len(model["step_seconds"]) == 3 and model["median_step_seconds"] > 0
+        ratios = [mine / theirs for mine, theirs in zip(model["step_seconds"], facts["bst-sh-s4"]["step_seconds"])]
+        assert model["time_ratio_to_reference"] == pytest.approx(sorted(ratios)[1], rel=1e-2)  # rounded seconds

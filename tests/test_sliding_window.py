@@ -74,18 +74,43 @@ def test_bad_combinations_are_named():
         )
 
 
-@torch.no_grad()
-def test_the_converter_command_line_converts_a_mistral_window_exactly(tmp_path):
+def convert_a_mistral_with_the_sliding_window(folder, sliding_window):
+    """A random Mistral with `sliding_window`, saved with a tokenizer and converted by the command line at W=BLOCK
+    with --sliding_window_attention. Returns the source."""
     from test_push import make_tokenizer
 
-    source = random_source("mistral", sliding_window=BLOCK)
-    source.save_pretrained(tmp_path / "mistral")
-    make_tokenizer().save_pretrained(tmp_path / "mistral")
+    source = random_source("mistral", sliding_window=sliding_window)
+    source.save_pretrained(folder / "mistral")
+    make_tokenizer().save_pretrained(folder / "mistral")
     convert_to_bst.main([
-        "--model_name_or_path", str(tmp_path / "mistral"), "--output_dir", str(tmp_path / "bst"), "--block_size", "8",
-        "--bst_layers", "none", "--attend_previous_block", "--sliding_window_attention", "--skip_verify",
+        "--model_name_or_path", str(folder / "mistral"), "--output_dir", str(folder / "bst"), "--block_size",
+        str(BLOCK), "--bst_layers", "none", "--attend_previous_block", "--sliding_window_attention", "--skip_verify",
     ])  # fmt: skip
+    return source
+
+
+@torch.no_grad()
+def test_the_converter_command_line_converts_a_mistral_window_exactly(tmp_path, capsys):
+    source = convert_a_mistral_with_the_sliding_window(tmp_path, BLOCK)
+    # Exact at every position, so the self-check runs past the first block, where the window slides.
+    assert f"Self-check: logits on {BLOCK + 128} tokens" in capsys.readouterr().out
     model = BSTForCausalLM.from_pretrained(tmp_path / "bst").eval()
     assert model.config.sliding_window_attention and model.config.attend_previous_block
+    assert f"restricted to the last {BLOCK} tokens (a sliding window)" in (tmp_path / "bst" / "README.md").read_text()
     ids = input_ids(4 * BLOCK + 1)
     torch.testing.assert_close(model(input_ids=ids).logits, source(input_ids=ids).logits, rtol=0, atol=2e-5)
+
+
+@torch.no_grad()
+def test_a_window_narrower_than_the_sources_is_said_not_silent(tmp_path, capsys):
+    """A Mistral with a 2W window converted with a W-token window agrees with its source on the first block only:
+    the converter says so (and which --block_size would be exact); the self-check stays inside that block."""
+    source = convert_a_mistral_with_the_sliding_window(tmp_path, 2 * BLOCK)
+    printed = capsys.readouterr().out
+    assert f"of the source the last {2 * BLOCK} tokens: they agree on the first {BLOCK} tokens only" in printed
+    assert f"--block_size {2 * BLOCK} would make them agree at every position" in printed
+    assert f"Self-check: logits on {BLOCK} tokens" in printed
+    model = BSTForCausalLM.from_pretrained(tmp_path / "bst").eval()
+    ids = input_ids(3 * BLOCK)
+    difference = (model(input_ids=ids).logits - source(input_ids=ids).logits).abs()
+    assert difference[:, :BLOCK].max() < 2e-5 and difference[:, BLOCK:].max() > 1e-3

@@ -21,6 +21,19 @@ BLOCK, TAPS = 8, 4
 OPTION_PARAMETERS = ("conv_weight", "context_gate_proj", "residual_gate_proj", "residual_out_proj")
 
 
+# The SSM through the residual branch only (no cross-attention), with the short convolution's state too.
+RESIDUAL_ONLY = dict(ssm_residual=True, ssm_cross_attention=False, ssm_conv_size=TAPS)
+# Every option set the generation tests run: each variant with all that applies to it, and the residual-only layer.
+GENERATION_CASES = [(v, k, "all") for v, k in VARIANTS_AND_KERNELS] + [
+    ("sh", "s4", "residual only"),
+    ("mh", "unstructured", "residual only"),
+]
+
+
+def options_of(variant: str, options: str) -> dict:
+    return all_options(variant) if options == "all" else RESIDUAL_ONLY
+
+
 def all_options(variant: str) -> dict:
     """Every option that applies to `variant` ("mf" reads its SSM at block ends only: no residual branch)."""
     return dict(ssm_gate=True, ssm_conv_size=TAPS, ssm_residual=variant != "mf")
@@ -72,6 +85,8 @@ def test_options_are_off_by_default_and_add_no_parameters():
         (dict(ssm_residual=True, bst_variant="mf"), "ssm_residual.*mf"),
         (dict(ssm_gate=True, bst_layers=[]), "ssm_gate.*bst_layers"),
         (dict(ssm_conv_size=4, bst_layers=[]), "ssm_conv_size.*bst_layers"),
+        (dict(ssm_cross_attention=False), "ssm_cross_attention=False.*ssm_residual"),
+        (dict(ssm_cross_attention=False, ssm_residual=True, ssm_gate=True), "ssm_gate.*ssm_cross_attention"),
     ],
 )
 def test_bad_option_values_are_rejected_by_name(fields, message):
@@ -151,6 +166,34 @@ def test_the_residual_branch_adds_a_gated_projection_of_the_ssm_output(variant, 
     torch.testing.assert_close(logits, plain(ids).logits, rtol=0, atol=1e-10)
 
 
+@pytest.mark.parametrize("variant, kernel", [(v, k) for v, k in VARIANTS_AND_KERNELS if v != "mf"])
+@torch.no_grad()
+def test_without_cross_attention_a_bst_layer_is_one_whose_cross_attention_outputs_zero(variant, kernel):
+    """`ssm_cross_attention=False`: the same weights in the model with cross-attention, the cross half of o_proj at
+    zero, give the same logits (float64); the layer has no cross-attention parameters and caches no context keys."""
+    model = options_model(torch.float64, bst_variant=variant, ssm_kernel=kernel, **RESIDUAL_ONLY)
+    assert not [name for name, _ in model.named_parameters() if "cross_q_proj" in name or "context_" in name]
+    crossed = BSTForCausalLM(tiny_config(**{**model.config.to_dict(), "ssm_cross_attention": True}))
+    crossed = crossed.to(torch.float64).eval()
+    weights = model.state_dict()
+    for index, layer in enumerate(crossed.model.layers):
+        o_proj = layer.attention.o_proj.weight.detach().clone()
+        own = weights[f"model.layers.{index}.attention.o_proj.weight"]
+        o_proj[:, : own.shape[1]], o_proj[:, own.shape[1] :] = own, 0
+        weights[f"model.layers.{index}.attention.o_proj.weight"] = o_proj
+    missing, unexpected = crossed.load_state_dict(weights, strict=False)
+    assert not unexpected and all("cross_q_proj" in name or "context_" in name for name in missing) and missing
+    ids = torch.randint(2, 97, (2, 29))
+    logits = model(ids).logits
+    silence = [layer.ssm.register_forward_hook(lambda m, a, out: torch.zeros_like(out)) for layer in model.model.layers]
+    assert (logits - model(ids).logits).abs().max() > 1e-6  # the SSM reaches the logits
+    for hook in silence:
+        hook.remove()
+    torch.testing.assert_close(logits, crossed(ids).logits, rtol=0, atol=1e-10)
+    cache = model(ids, use_cache=True).past_key_values
+    assert all(layer.context_keys is None for layer in cache.layers)
+
+
 @torch.no_grad()
 def test_a_new_model_with_every_option_computes_what_it_computes_without_its_ssm():
     """The residual branch's output projection starts at zero, as the cross half of o_proj does: a new model is its
@@ -182,19 +225,23 @@ def test_a_new_model_with_every_option_computes_what_it_computes_without_its_ssm
 def test_a_converted_model_with_every_option_still_equals_its_source(source_type):
     source = random_source(source_type)
     for block_size, length in ((16, 13), (8, 21)):
-        model = conversion.convert_model(source, block_size, [0, 2], ssm_state_size=8, **all_options("sh"))
-        assert model.model.layers[2].residual_out_proj is not None
-        ids = input_ids(length)
-        torch.testing.assert_close(model(input_ids=ids).logits, blockwise_source_logits(source, ids, block_size))
+        for options in (all_options("sh"), RESIDUAL_ONLY):
+            model = conversion.convert_model(source, block_size, [0, 2], ssm_state_size=8, **options)
+            assert model.model.layers[2].residual_out_proj is not None
+            ids = input_ids(length)
+            torch.testing.assert_close(model(input_ids=ids).logits, blockwise_source_logits(source, ids, block_size))
+    card = conversion.describe_conversion("source", source.config, model.config)
+    assert "the SSM and the residual SSM branch of the BST layers (0, 2) are new" in card
+    assert "with the residual branch's output projection at zero" in card
 
 
 # --- causality and generation ----------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("variant, kernel", VARIANTS_AND_KERNELS)
+@pytest.mark.parametrize("variant, kernel, options", GENERATION_CASES)
 @torch.no_grad()
-def test_no_output_depends_on_a_later_token(variant, kernel):
-    model = options_model(bst_variant=variant, ssm_kernel=kernel, **all_options(variant))
+def test_no_output_depends_on_a_later_token(variant, kernel, options):
+    model = options_model(bst_variant=variant, ssm_kernel=kernel, **options_of(variant, options))
     ids = torch.randint(2, 97, (2, 29))
     reference = model(ids).logits
     for position in (0, 7, 8, 13, 28):
@@ -205,10 +252,10 @@ def test_no_output_depends_on_a_later_token(variant, kernel):
         assert (logits[:, position] - reference[:, position]).abs().max() > 1e-4
 
 
-@pytest.mark.parametrize("variant, kernel", VARIANTS_AND_KERNELS)
+@pytest.mark.parametrize("variant, kernel, options", GENERATION_CASES)
 @torch.no_grad()
-def test_cached_and_chunked_paths_equal_the_full_forward(variant, kernel):
-    model = options_model(bst_variant=variant, ssm_kernel=kernel, **all_options(variant))
+def test_cached_and_chunked_paths_equal_the_full_forward(variant, kernel, options):
+    model = options_model(bst_variant=variant, ssm_kernel=kernel, **options_of(variant, options))
     ids = torch.randint(2, 97, (2, 37))
     full = model(ids, use_cache=False).logits
     # Decoding, uneven chunks, and a prompt shorter than the convolution's K - 1 cached inputs.
@@ -218,11 +265,11 @@ def test_cached_and_chunked_paths_equal_the_full_forward(variant, kernel):
     assert cache.layers[0].short_conv_inputs.shape == (2, 32, TAPS - 1)
 
 
-@pytest.mark.parametrize("variant, kernel", VARIANTS_AND_KERNELS)
+@pytest.mark.parametrize("variant, kernel, options", GENERATION_CASES)
 @torch.no_grad()
-def test_left_padded_chunks_and_decoding_equal_each_row_alone(variant, kernel):
+def test_left_padded_chunks_and_decoding_equal_each_row_alone(variant, kernel, options):
     """Padding enters neither the SSM state nor the short convolution's inputs."""
-    model = options_model(bst_variant=variant, ssm_kernel=kernel, **all_options(variant))
+    model = options_model(bst_variant=variant, ssm_kernel=kernel, **options_of(variant, options))
     short, long = torch.randint(2, 97, (1, 12)), torch.randint(2, 97, (1, 23))
     batch, mask = torch.zeros(2, 23, dtype=torch.long), torch.zeros(2, 23, dtype=torch.long)
     batch[0, 11:], mask[0, 11:] = short[0], 1
@@ -234,10 +281,13 @@ def test_left_padded_chunks_and_decoding_equal_each_row_alone(variant, kernel):
     assert (batched[1] - alone_long).abs().max() < 1e-4
 
 
-@pytest.mark.parametrize("variant, kernel", [("sh", "s4"), ("mh", "unstructured"), ("mf", "s4")])
+@pytest.mark.parametrize(
+    "variant, kernel, options", [("sh", "s4", "all"), ("mh", "unstructured", "all"), ("mf", "s4", "all"),
+                                 ("sh", "s4", "residual only")]
+)  # fmt: skip
 @torch.no_grad()
-def test_generate_logits_equal_the_full_forward(variant, kernel):
-    model = options_model(bst_variant=variant, ssm_kernel=kernel, **all_options(variant))
+def test_generate_logits_equal_the_full_forward(variant, kernel, options):
+    model = options_model(bst_variant=variant, ssm_kernel=kernel, **options_of(variant, options))
     prompt = torch.randint(2, 97, (1, 10))
     settings = dict(max_new_tokens=12, do_sample=False, output_logits=True, return_dict_in_generate=True)
     generated = model.generate(prompt, **settings)
@@ -248,10 +298,10 @@ def test_generate_logits_equal_the_full_forward(variant, kernel):
         assert torch.equal(model.generate(prompt, **beams), model.generate(prompt, use_cache=False, **beams))
 
 
-@pytest.mark.parametrize("variant", ["sh", "mh", "mf"])
+@pytest.mark.parametrize("variant, options", [("sh", "all"), ("mh", "all"), ("mf", "all"), ("sh", "residual only")])
 @torch.no_grad()
-def test_the_s4_generation_state_has_a_constant_size(variant):
-    model = options_model(bst_variant=variant, **all_options(variant))
+def test_the_s4_generation_state_has_a_constant_size(variant, options):
+    model = options_model(bst_variant=variant, **options_of(variant, options))
 
     def cache_bytes(context):
         cache = model(torch.randint(2, 97, (1, context)), use_cache=True).past_key_values
@@ -270,8 +320,8 @@ def test_a_cache_made_without_the_short_convolution_is_refused():
 
 
 def test_every_option_parameter_gets_a_gradient():
-    for variant in ("sh", "mf"):
-        model = options_model(bst_variant=variant, **all_options(variant)).train()
+    for variant, options in (("sh", "all"), ("mf", "all"), ("sh", "residual only")):
+        model = options_model(bst_variant=variant, **options_of(variant, options)).train()
         ids = torch.randint(2, 97, (2, 29))
         model(ids, labels=ids).loss.backward()
         for name, parameter in model.named_parameters():
@@ -291,6 +341,20 @@ def test_a_checkpoint_loaded_with_the_option_flipped_fails_clearly(option, value
     config[option] = off if saved_with_option else value
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=f"SSM/context weights do not fit.*{option}"):
+        BSTForCausalLM.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("saved_with_cross_attention", [True, False])
+def test_a_checkpoint_loaded_with_cross_attention_flipped_fails_clearly(saved_with_cross_attention, tmp_path):
+    """The o_proj of a layer with cross-attention is twice as wide: Transformers refuses the size, or our check the
+    missing/unexpected cross-attention weights; either way nothing loads silently."""
+    BSTForCausalLM(tiny_config(ssm_residual=True, ssm_cross_attention=saved_with_cross_attention)).save_pretrained(
+        tmp_path
+    )
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["ssm_cross_attention"] = not saved_with_cross_attention
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises((ValueError, RuntimeError), match="o_proj|ssm_cross_attention"):
         BSTForCausalLM.from_pretrained(tmp_path)
 
 

@@ -19,7 +19,8 @@ Models (`--models`; the default is bst-sh-s4, slide, mistral-swa, recurrentgemma
 * `llama`: Transformers' `LlamaForCausalLM`, full attention, its RoPE used as is beyond the training length.
 
 A BST name may carry options of the SSM branch, joined by "+": `gate` (`ssm_gate`), `conv<k>` (`ssm_conv_size=k`),
-`residual` (`ssm_residual`), e.g. `bst-sh-s4+gate+conv4+residual`; a BST or Slide name may carry `apb`
+`residual` (`ssm_residual`), `nocross` (with `residual`: `ssm_cross_attention=False`, the SSM reaches the model
+through the residual branch only), e.g. `bst-sh-s4+gate+conv4+residual`; a BST or Slide name may carry `apb`
 (`attend_previous_block`: self-attention sees the previous block too) or `swa` (`sliding_window_attention` as well: a
 token sees exactly the last `block_size` tokens, as in `mistral-swa`), e.g. `slide+apb`. Llama and Mistral have
 SwiGLU MLPs (gated, SiLU) and RecurrentGemma a gated GeLU MLP; BST and Slide have the paper's plain GeLU MLP unless
@@ -102,7 +103,12 @@ ALL_MODELS = (
 )
 DEFAULT_MODELS = ("bst-sh-s4", "slide", "mistral-swa", "recurrentgemma", "llama")
 BASELINES = ("slide", "mistral-swa", "recurrentgemma", "llama")
-SSM_OPTIONS = {"gate": "ssm_gate", "residual": "ssm_residual"}  # and "conv<taps>": ssm_conv_size
+# "nocross": the SSM reaches the model through the residual branch only (needs "residual"). And "conv<taps>".
+SSM_OPTIONS = {
+    "gate": ("ssm_gate", True),
+    "residual": ("ssm_residual", True),
+    "nocross": ("ssm_cross_attention", False),
+}
 # BST and Slide: "apb" self-attention sees the previous block whole; "swa" sees exactly the last block_size tokens
 # (Mistral's sliding window, computed over the own and previous block).
 BLOCK_OPTIONS = {
@@ -449,14 +455,15 @@ def option_fields(model_name):
     ssm_fields, block_fields = {}, {}
     for option in model_name.split("+")[1:]:
         if option in SSM_OPTIONS:
-            ssm_fields[SSM_OPTIONS[option]] = True
+            field, value = SSM_OPTIONS[option]
+            ssm_fields[field] = value
         elif option.startswith("conv") and option[4:].isdigit():
             ssm_fields["ssm_conv_size"] = int(option[4:])
         elif option in BLOCK_OPTIONS:
             block_fields.update(BLOCK_OPTIONS[option])
         else:
             raise ValueError(
-                f"{model_name}: unknown option {option!r}; options are gate, residual, conv<taps>, apb, swa."
+                f"{model_name}: unknown option {option!r}; options are gate, residual, nocross, conv<taps>, apb, swa."
             )
     if ssm_fields and not model_name.startswith("bst-"):
         raise ValueError(f"{model_name}: SSM options apply to BST models only.")
@@ -624,9 +631,8 @@ def learning_rate_at(step, args):
     return args.learning_rate * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def train(model, sequences, args, description, validation=None, old_recipe=False):
-    """AdamW with scripts/train.py's parameter groups. Returns the training losses and the validation curve
-    [(step, perplexity at 1x)] every --eval_every steps."""
+def make_optimizer(model, args, old_recipe=False):
+    """AdamW with scripts/train.py's parameter groups; each group remembers its peak learning rate."""
     if old_recipe:  # version 0.2: SSM parameters with the others, weight decay on every matrix
         groups = [
             {"params": [p for p in model.parameters() if p.dim() >= 2], "weight_decay": args.weight_decay},
@@ -640,22 +646,34 @@ def train(model, sequences, args, description, validation=None, old_recipe=False
         )
     for group in groups:
         group["peak_lr"] = group["lr"]
-    optimizer = torch.optim.AdamW(groups, lr=args.learning_rate, betas=(0.9, 0.95))
+    return torch.optim.AdamW(groups, lr=args.learning_rate, betas=(0.9, 0.95))
+
+
+def training_step(model, optimizer, batch, step, args) -> float:
+    """One step of the schedule on `batch` (B, L): forward, loss, backward, clipping, AdamW. Returns the loss."""
+    model.train()
+    for group in optimizer.param_groups:
+        group["lr"] = learning_rate_at(step, args) * group["peak_lr"] / args.learning_rate
+    device = torch.device(args.device)
+    with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=args.bf16):
+        loss = model(input_ids=batch, labels=batch, use_cache=False).loss
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.item()
+
+
+def train(model, sequences, args, description, validation=None, old_recipe=False):
+    """AdamW with scripts/train.py's parameter groups. Returns the training losses and the validation curve
+    [(step, perplexity at 1x)] every --eval_every steps."""
+    optimizer = make_optimizer(model, args, old_recipe)
     device = torch.device(args.device)
     losses, curve = [], []
     progress = tqdm(range(args.max_steps), desc=description, leave=False, mininterval=30)
     for step in progress:
-        model.train()
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate_at(step, args) * group["peak_lr"] / args.learning_rate
         batch = sequences[step * args.batch_size : (step + 1) * args.batch_size].to(device)
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=args.bf16):
-            loss = model(input_ids=batch, labels=batch, use_cache=False).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(round(loss.item(), 4))
+        losses.append(round(training_step(model, optimizer, batch, step, args), 4))
         progress.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
         if not math.isfinite(losses[-1]):
             raise FloatingPointError(f"{description}: the training loss is {losses[-1]} at step {step}.")
