@@ -144,6 +144,21 @@ def test_ssm_options_train_from_the_exact_conversion(llama_folder, tmp_path):
             in (tmp_path / "out" / "README.md").read_text())
 
 
+def test_the_residual_only_ssm_trains_the_ssm_and_its_branch_only(llama_folder, tmp_path):
+    """--ssm_residual --no_ssm_cross_attention: no cross-attention exists, so the BST layer's o_proj is the source's
+    whole and stays frozen; the SSM and the residual branch train."""
+    result = run(llama_folder, tmp_path, "--bst_layers", "1", "--ssm_residual", "--no_ssm_cross_attention",
+                 "--learning_rate", "1e-2")  # fmt: skip
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["ssm_cross_attention"] is False
+    converted = conversion.convert_model(tiny_llama(), 8, [1], ssm_residual=True, ssm_cross_attention=False)
+    before, after = converted.state_dict(), result["model"].state_dict()
+    moved = {name for name in before if not torch.equal(before[name], after[name])}
+    assert {"model.layers.1.residual_out_proj.weight", "model.layers.1.residual_gate_proj.weight"} <= moved
+    assert any(".ssm." in name for name in moved)
+    assert all(upcycle.SSM_AND_CONTEXT_KEYS.search(name) for name in moved)  # o_proj included: unmoved
+    assert "SSM options ssm_residual=True, ssm_cross_attention=False" in (tmp_path / "out" / "README.md").read_text()
+
+
 def test_distillation_is_zero_where_the_student_is_the_teacher(llama_folder, tmp_path):
     """KL(teacher || student) at early slots: zero before training when each block sees what the full model sees
     (W >= sequence length, no positions past the first block: a one-block check through distill_positions), and
