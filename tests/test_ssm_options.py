@@ -366,12 +366,13 @@ def test_a_checkpoint_loaded_with_cross_attention_flipped_fails_clearly(saved_wi
         "slide-modern.json",
         "bst-sh-s4-modern-scaled.json",
         "slide-modern-scaled.json",
+        "bst-sh-s4-modern-scaled-residual-swa.json",
     ],
 )
 def test_modern_backbone_presets_build(name):
     config = BSTConfig.from_json_file(f"configuration/{name}")
     assert config.gated_mlp and config.hidden_act == "silu"  # Llama's and Mistral's SwiGLU MLP
-    scaled = name.endswith("-scaled.json")  # RecurrentGemma's scales (docs/design.md)
+    scaled = "-scaled" in name  # RecurrentGemma's scales (docs/design.md)
     assert config.initializer_scheme == ("fan_in" if scaled else "normal")
     assert config.embedding_multiplier == (config.hidden_size**0.5 if scaled else 1.0)
     assert config.initializer_range == (0.05 if scaled else 0.02)  # with "fan_in", the embeddings' std

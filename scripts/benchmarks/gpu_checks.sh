@@ -21,10 +21,13 @@
 # quality-more: RecurrentGemma (chunked scan) on both corpora, seeds 0-2; seeds 3-4 of the other models; two more
 #               ablations on books: 17 processes, 3 min.
 # Then one merged report of every run under OUTPUT_DIR/runs: quality_results_gpu.json, quality_gpu.md, figures.
-# options:      (only when named) the SSM options (docs/quality.md) on Llama's backbone (--gated_mlp) at the same
-#               budget: bst-sh-s4 with each option alone and all three, Slide, Mistral-SWA and Llama, books and code, seeds
-#               0-4, one process per (corpus, seed): 10 processes, about 5 min; its own report in OUTPUT_DIR/options
-#               (the backbone differs from the quality stages', so the two do not merge).
+# options:      (only when named) the from-scratch comparison of docs/quality.md on the scaled gated backbone
+#               (--gated_mlp --scaled_backbone --initializer_range 0.05) at the same budget: the plain BST, the SSM
+#               through the residual branch only with Mistral's window (the CPU budget's best), the residual branch
+#               beside cross-attention with that window, Slide, Slide with that window, Mistral-SWA, Llama and
+#               RecurrentGemma, books and code, seeds 0-4, one process per (corpus, seed): 10 processes, about 6 min;
+#               its own report in OUTPUT_DIR/options (the backbone differs from the quality stages', so the two do
+#               not merge).
 # upcycle:      (only when named) scripts/benchmarks/upcycle_stage.sh: SmolLM2-135M upcycled into a BST, its control and
 #               the evaluation by length, into OUTPUT_DIR/upcycle (needs SMOLLM2_GGUF and UPCYCLE_TOKENS; about 8 min).
 #
@@ -193,18 +196,19 @@ if wanted quality-more; then
     done
 fi
 if wanted options; then
-    elapsed "options: the SSM options on the gated-MLP backbone, seeds 0-4"
+    elapsed "options: the scaled gated backbone, the residual-only SSM with Mistral's window, seeds 0-4"
     mkdir -p "$OUTPUT_DIR/options"
-    OPTION_MODELS=bst-sh-s4,bst-sh-s4+gate+conv4+residual,slide,mistral-swa,bst-sh-s4+gate,bst-sh-s4+conv4
-    OPTION_MODELS=$OPTION_MODELS,bst-sh-s4+residual,llama
+    BACKBONE=(--gated_mlp --scaled_backbone --initializer_range 0.05)
+    OPTION_MODELS=bst-sh-s4+residual+nocross+swa,slide,mistral-swa,bst-sh-s4,bst-sh-s4+residual+swa,slide+swa,llama
+    OPTION_MODELS=$OPTION_MODELS,recurrentgemma
     for corpus in books code; do
         for seed in 0 1 2 3 4; do
-            RUN_DIR=options launch "options-$corpus-$seed" --gated_mlp --corpora "$corpus" --seeds "$seed" --no_ablation \
-                --models "$OPTION_MODELS"
+            RUN_DIR=options launch "options-$corpus-$seed" "${BACKBONE[@]}" --corpora "$corpus" --seeds "$seed" \
+                --no_ablation --models "$OPTION_MODELS"
         done
     done
     wait
-    python scripts/experiments/quality_experiment.py "${QUALITY_SETTINGS[@]}" --gated_mlp --report_only \
+    python scripts/experiments/quality_experiment.py "${QUALITY_SETTINGS[@]}" "${BACKBONE[@]}" --report_only \
         --corpora books,code --merge_json "$OUTPUT_DIR"/options/*.json \
         --output_json "$OUTPUT_DIR/options_results_gpu.json" --figure_dir "$OUTPUT_DIR/options-figures" \
         --markdown "$OUTPUT_DIR/quality_options_gpu.md" > "$OUTPUT_DIR/logs/options-merge.log" 2>&1 \

@@ -8,8 +8,9 @@ round, so that a slow moment of a shared machine hits every model alike; a model
 its ratio to the first model of --models is the median over rounds of the per-round ratios, with the spread of those
 ratios (10th-90th percentile) beside it. Compare ratios, not seconds.
 
-    python scripts/experiments/training_cost.py --gated_mlp --scaled_backbone --initializer_range 0.05 \\
-        --models bst-sh-s4,bst-sh-s4+residual+swa,slide,mistral-swa --rounds 12 --output_json docs/training_cost_cpu.json
+    python scripts/experiments/training_cost.py --gated_mlp --scaled_backbone --initializer_range 0.05 --rounds 12 \\
+        --models bst-sh-s4,bst-sh-s4+residual+nocross+swa,bst-sh-s4+residual+swa,slide,slide+swa,mistral-swa \\
+        --output_json docs/training_cost_cpu.json
 
 Every flag not listed below is quality_experiment.py's (model shape, backbone, batch); --corpora and --models of that
 script are set from here.
