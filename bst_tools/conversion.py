@@ -422,10 +422,10 @@ def describe_conversion(model_name_or_path: str, source_config, config) -> str:
     if config.ssm_residual:
         new_parts.append("the residual SSM branch")
         zeroed.append("the residual branch's output projection")
-    new_parts = f"{', '.join(new_parts[:-1])} and {new_parts[-1]}"
+    listed = f"{', '.join(new_parts[:-1])} and {new_parts[-1]}"
     return (
         f"Converted from `{model_name_or_path}` ({source_config.model_type}) by `scripts/convert_to_bst.py` of "
-        f"bst-transformers: every weight is the source model's; {new_parts} of the BST layers ({bst_layers}) are new, "
+        f"bst-transformers: every weight is the source model's; {listed} of the BST layers ({bst_layers}) are new, "
         f"with {' and '.join(zeroed)} at zero, so the model "
         f"computes what the source computes with a token's attention restricted to {attention_span(config)} "
         "until it is fine-tuned. For the training data, see the source model's card."

@@ -234,8 +234,9 @@ def parameter_groups(model, train: str, tuned_layers: list[int], learning_rate: 
     new, pretrained, hooks = [], [], []
     for name, parameter in model.named_parameters():
         layer = int(name.split(".")[2]) if name.startswith("model.layers.") else None
-        is_bst_o_proj = name.endswith("attention.o_proj.weight") and model.model.layers[layer].attention.cross_attention
-        tuned_o_proj = name.endswith("attention.o_proj.weight") and train == "new+o_proj" and layer in tuned_layers
+        is_o_proj = name.endswith("attention.o_proj.weight")
+        is_bst_o_proj = is_o_proj and model.model.layers[layer].attention.cross_attention  # with a cross half
+        tuned_o_proj = is_o_proj and train == "new+o_proj" and layer in tuned_layers
         if SSM_AND_CONTEXT_KEYS.search(name):
             new.append(parameter)
         elif is_bst_o_proj and not (tuned_o_proj or train == "all"):

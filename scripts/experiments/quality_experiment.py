@@ -602,6 +602,11 @@ def count_parameters(model):
     return total, total - model.get_input_embeddings().weight.numel()
 
 
+def parameter_target(args, vocab_size):
+    """The non-embedding parameter count every model is matched to: bst-sh-s4's at --reference_intermediate_size."""
+    return count_parameters(build_model(args, "bst-sh-s4", vocab_size, args.reference_intermediate_size))[1]
+
+
 def matched_intermediate_size(args, model_name, vocab_size, target, overrides=None):
     """The FFN width that brings the model's non-embedding parameters closest to `target`: the count is linear in
     `intermediate_size`, so two probe builds give the line."""
@@ -1382,10 +1387,7 @@ def main(argv=None):
         )
         if args.ablations_only:  # the ablations below match their own parameter target
             continue
-        # Every model is matched to the non-embedding parameter count of bst-sh-s4 at the reference FFN width.
-        reference = build_model(args, "bst-sh-s4", len(tokenizer), args.reference_intermediate_size)
-        target = count_parameters(reference)[1]
-        del reference
+        target = parameter_target(args, len(tokenizer))
         # Seed by seed, so that an experiment stopped early has every model at the same number of seeds.
         for seed in args.seeds:
             for name in args.models:
@@ -1398,10 +1400,7 @@ def main(argv=None):
 
     if not args.no_ablation and args.corpora:
         corpus = args.corpora[0]
-        reference = build_model(
-            args, "bst-sh-s4", len(corpus_data[corpus]["tokenizer"]), args.reference_intermediate_size
-        )
-        target = count_parameters(reference)[1]
+        target = parameter_target(args, len(corpus_data[corpus]["tokenizer"]))
         for name, base_model, overrides in ABLATIONS:
             if base_model in args.models and (args.ablations is None or name in args.ablations.split(";")):
                 run_one(corpus, corpus_data[corpus], name, base_model, args.seeds[0], overrides)

@@ -55,10 +55,7 @@ def quantile(values, fraction):
 def measure(args, experiment, command):
     torch.set_num_threads(experiment.threads)
     names = experiment.models
-    reference = quality_experiment.build_model(experiment, "bst-sh-s4", args.vocab_size,
-                                               experiment.reference_intermediate_size)  # fmt: skip
-    target = quality_experiment.count_parameters(reference)[1]
-    del reference
+    target = quality_experiment.parameter_target(experiment, args.vocab_size)
     models, optimizers, facts = {}, {}, {}
     for name in names:
         size = quality_experiment.matched_intermediate_size(experiment, name, args.vocab_size, target)
@@ -85,7 +82,7 @@ def measure(args, experiment, command):
         ratios = [mine / theirs for mine, theirs in zip(step_seconds[name], step_seconds[first])]
         facts[name].update(
             median_step_seconds=statistics.median(step_seconds[name]),
-            step_seconds=[round(seconds, 4) for seconds in step_seconds[name]],
+            step_seconds=step_seconds[name],
             time_ratio_to_reference=statistics.median(ratios),
             time_ratio_spread=[quantile(ratios, 0.1), quantile(ratios, 0.9)],
         )
