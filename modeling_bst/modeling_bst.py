@@ -1064,6 +1064,8 @@ class BSTDecoderLayer(GradientCheckpointingLayer):
                     end_index = block_end_index(layout, hidden_states.shape[1])[..., None]  # (B, N, 1)
                     gate_inputs = hidden_states.gather(1, end_index.expand(-1, -1, hidden_states.shape[-1]))
                 context_states = context_states * self.act_fn(self.context_gate_proj(gate_inputs)).unsqueeze(-1)
+        if not self.attention.cross_attention:
+            context_states = None  # the SSM reaches this layer through the residual branch only
         hidden_states = self.attention(hidden_states, rotations, layout, context_states, layer_cache)
         hidden_states = residual + hidden_states
         if ssm_residual is not None:

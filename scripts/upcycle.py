@@ -403,19 +403,16 @@ def upcycle(args) -> dict:
 
     steps_done = len(log)
     trained_tokens = steps_done * args.batch_size * args.sequence_length
-    attention = f"W = {args.block_size}"
-    attention += ", previous-block attention" if args.attend_previous_block else ""
-    attention += ", a sliding window of W tokens" if args.sliding_window_attention else ""
-    attention += f", {args.num_sink_tokens} attention sinks" if args.num_sink_tokens else ""
     ssm_options = [f"{name}={getattr(args, name)}" for name in ("ssm_gate", "ssm_conv_size", "ssm_residual")
                    if getattr(args, name)]
     ssm_options += [] if args.ssm_cross_attention else ["ssm_cross_attention=False"]
     ssm_options += [f"{name}={getattr(args, name):g}" for name in ("ssm_dt_min", "ssm_dt_max")
                     if getattr(args, name) != getattr(BSTConfig, name)]
-    attention += f", SSM options {', '.join(ssm_options)}" if ssm_options else ""
+    ssm_options = f", SSM options {', '.join(ssm_options)}" if ssm_options else ""
     description = (
         f"Upcycled from `{args.gguf_file or args.model_name_or_path}` by `scripts/upcycle.py` of bst-transformers: "
-        f"converted exactly with {attention} and BST layers {bst_layers or 'none'}, then trained "
+        f"converted exactly, a token attending to {conversion.attention_span(model.config)}, with BST layers "
+        f"{', '.join(map(str, bst_layers)) or 'none'}{ssm_options}, then trained "
         f"({args.train}) for {steps_done} steps, {trained_tokens:,} tokens of "
         f"{', '.join(entry['source'] for entry in manifest)} (data_manifest.json)."
     )

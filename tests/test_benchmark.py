@@ -336,7 +336,7 @@ def test_training_baselines_match_the_bst_shapes(training):
     vocabulary, within 1% of its parameters, and Mistral's window is the BST block."""
     for shape, (width, depth, heads, kv_heads, window) in {"base": (1024, 12, 8, 8, 512),
                                                             "smollm2": (576, 30, 9, 3, 1024)}.items():
-        bst = training.bst_training_config(shape, "sh", quick=False, max_length=65536)
+        bst = training.bst_training_config(shape, "bst-sh", quick=False, max_length=65536)
         assert (bst.hidden_size, bst.num_hidden_layers, bst.block_size) == (width, depth, window)
         configs, bst_parameters = training.baseline_configs(shape, bst, quick=False, max_length=65536)
         for name, config in configs.items():
@@ -349,8 +349,30 @@ def test_training_baselines_match_the_bst_shapes(training):
         assert configs["mistral"].sliding_window == window
     flex, _ = training.baseline_configs(shape, bst, quick=False, max_length=4096, attention="flex_attention")
     assert flex["mistral"]._attn_implementation == "flex_attention"  # gpu_checks.sh's fallback after an SDPA crash
-    assert training.bst_training_config("base", "mf", quick=False, max_length=4096).num_context_states == 32
-    assert training.bst_training_config("smollm2", "mh", quick=False, max_length=4096).num_context_states == 9
+    assert training.bst_training_config("base", "bst-mf", quick=False, max_length=4096).num_context_states == 32
+    assert training.bst_training_config("smollm2", "bst-mh", quick=False, max_length=4096).num_context_states == 9
+
+
+def test_training_residual_model_is_the_preset(training):
+    """"bst-residual" on `base` is the residual-only preset as a user loads it (its own FFN width, within 7% of
+    BST-SH's parameters); on `smollm2` the upcycled shape with the residual branch instead of cross-attention; in
+    --quick the preset's options on the tiny shape."""
+    preset = json.loads(training.RESIDUAL_PRESET.read_text())
+    config = training.bst_training_config("base", "bst-residual", quick=False, max_length=4096)
+    for key, value in preset.items():
+        if key not in ("model_type", "architectures"):
+            assert getattr(config, key) == value, key
+    sh = training.bst_training_config("base", "bst-sh", quick=False, max_length=4096)
+    with torch.device("meta"):
+        sizes = [sum(p.numel() for p in training.import_bst().BSTForCausalLM(c).parameters()) for c in (config, sh)]
+    assert 1.0 < sizes[0] / sizes[1] < 1.07
+    smollm2 = training.bst_training_config("smollm2", "bst-residual", quick=False, max_length=4096)
+    smollm2_sh = training.bst_training_config("smollm2", "bst-sh", quick=False, max_length=4096)
+    assert (smollm2.ssm_cross_attention, smollm2.ssm_residual, smollm2.ssm_conv_size) == (False, True, 4)
+    assert smollm2.to_diff_dict() | {"ssm_cross_attention": True, "ssm_residual": False, "ssm_conv_size": 0} == (
+        smollm2_sh.to_diff_dict() | {"ssm_cross_attention": True, "ssm_residual": False, "ssm_conv_size": 0})
+    quick = training.bst_training_config("base", "bst-residual", quick=True, max_length=64)
+    assert (quick.hidden_size, quick.ssm_cross_attention, quick.sliding_window_attention) == (64, False, True)
 
 
 def test_quick_training_run(quick_training_report):
@@ -400,6 +422,18 @@ def test_quick_training_run(quick_training_report):
         assert matplotlib.image.imread(path).shape[0] > 100
 
 
+def test_quick_training_run_of_the_residual_model(train_script, tmp_path):
+    """"bst-residual" trains at both shapes and enters the ratios against the baselines like the BST variants."""
+    argv = ["--quick", "--models", "bst-residual", "llama", "--lengths", "32", "--compiled-lengths", "--repeats", "1",
+            "--threads", "1", "--no-plots", "--output", str(tmp_path / "train.json")]
+    train_script.main(argv)
+    report = json.loads((tmp_path / "train.json").read_text())
+    assert {(r["shape"], r["name"]) for r in report["results"] if r["tokens_per_second"] > 0} == {
+        (shape, name) for shape in ("base", "smollm2") for name in ("bst-residual", "llama")}
+    assert {(r["shape"], r["mode"], r["bst"], r["baseline"]) for r in report["ratios"]} == {
+        (shape, mode, "bst-residual", "llama") for shape in ("base", "smollm2") for mode in ("eager", "best")}
+
+
 def test_training_run_out_of_time_records_every_point(train_script, tmp_path):
     """Points that do not fit in the budget are recorded as skipped with the reason, none is lost, the JSON is
     written: a budget already spent (no model is even built), and compiles estimated longer than the budget."""
@@ -445,3 +479,49 @@ def test_training_out_of_memory_is_retried_with_gradient_checkpointing(train_scr
     assert bst["tokens_per_second"] > 0 and "skipped" not in bst
     assert mistral["gradient_checkpointing"] and mistral["skipped"].startswith("OutOfMemoryError: CUDA out of memory")
     assert report["ratios"] == []  # nothing to compare BST with
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# scripts/benchmarks/fft_precision.py
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def fft_script(bench_script):
+    return load_by_path("fft_precision_script", BENCHMARKS_DIR / "fft_precision.py")
+
+
+def test_fft_precision_quick_run(fft_script, tmp_path):
+    """fp32 is within float32 rounding of the float64 reference, whole and far part; the floor is bf16's rounding;
+    a dtype torch's FFT cannot run here is recorded with the reason, not dropped."""
+    report = fft_script.main(["--quick", "--output", str(tmp_path / "fft.json"), "--figure", str(tmp_path / "f.png")])
+    assert json.loads((tmp_path / "fft.json").read_text())["results"] == report["results"]
+    assert {(r["length"], r["kernels"]) for r in report["results"]} == {
+        (length, kernels) for length in (256, 1024) for kernels in ("default", "long")}
+    for record in report["results"]:
+        assert 2**-10 < record["output_rounding_error"] < 2**-8
+        assert 0 < record["far_share_of_output"] < 1
+        fp32 = record["dtypes"]["float32"]
+        assert fp32["finite"] and fp32["relative_error"] < 1e-6 and fp32["far_relative_error"] < 1e-6
+        assert fp32["seconds"] > 0
+        for name in ("float16", "bfloat16"):
+            cell = record["dtypes"][name]
+            assert cell.get("unsupported") or cell["relative_error"] > fp32["relative_error"], (name, cell)
+    far = {r["kernels"]: r["far_share_of_output"] for r in report["results"] if r["length"] == 1024}
+    assert far["long"] > far["default"]  # the long time scales put more of the output past 2W
+    assert matplotlib.image.imread(report["figure"]).shape[0] > 100
+
+
+def test_fft_precision_convolution_is_the_models(fft_script):
+    """The probe's convolution is the model's: fp32 equals `causal_fft_conv` (skip left out) to fp32 rounding, and
+    float64 equals the direct sum."""
+    from modeling_bst.ssm_ops import causal_fft_conv
+
+    generator = torch.Generator().manual_seed(0)
+    inputs = torch.randn(2, 3, 50, generator=generator, dtype=torch.float64)
+    kernel = torch.randn(3, 50, generator=generator, dtype=torch.float64) * torch.exp(-torch.arange(50.0) / 10)
+    direct = torch.stack([torch.einsum("bds,ds->bd", inputs[..., : t + 1], kernel[:, : t + 1].flip(-1))
+                          for t in range(50)], dim=-1)
+    torch.testing.assert_close(fft_script.fft_convolution(inputs, kernel, torch.float64), direct, rtol=1e-12, atol=1e-12)
+    model = causal_fft_conv(inputs.float(), kernel.float().unsqueeze(1))[:, :, 0]
+    torch.testing.assert_close(fft_script.fft_convolution(inputs, kernel, torch.float32), model, rtol=1e-5, atol=1e-5)

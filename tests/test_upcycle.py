@@ -121,7 +121,9 @@ def test_sinks_and_previous_block_conversion_is_the_starting_point(llama_folder,
         logits = loaded(input_ids=ids).logits
         torch.testing.assert_close(logits, expected(input_ids=ids).logits, rtol=0, atol=1e-6)
         assert (logits[0, 16:] - without_sinks(input_ids=ids).logits[0, 16:]).abs().max() > 1e-3
-    assert "W = 8, previous-block attention, 2 attention sinks" in (tmp_path / "out" / "README.md").read_text()
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert ("a token attending to its block of 8 tokens and the whole previous block and the sequence's first 2 "
+            "tokens, with BST layers 1") in card
 
 
 def test_ssm_options_train_from_the_exact_conversion(llama_folder, tmp_path):

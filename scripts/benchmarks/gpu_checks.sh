@@ -9,11 +9,12 @@
 # benchmark:    scripts/benchmarks/benchmark.py --device cuda, float32 then bfloat16 (one JSON each), alone on the GPU (1 min).
 # compiled:     its `generate` section with --compile (static caches, compiled decode steps) at 512 and 16k contexts,
 #               float32 then bfloat16 (one JSON each; compilation takes most of the 2-4 min).
-# train:        scripts/benchmarks/train_benchmark.py --device cuda: BST-SH/MH/MF against Llama and Mistral at the
-#               base presets' and the upcycled SmolLM2's shapes, bf16 autocast, 32k tokens a step, 2k-64k, eager then
-#               compiled within TRAIN_SECONDS (points that do not fit are skipped and recorded); then torch.profiler on
-#               one BST-SH/MH/MF and one Llama layer at d 1024, 4k and 16k, bf16 (kernels per layer, top operators by
-#               GPU time). Two JSONs, about 4 min.
+# train:        scripts/benchmarks/train_benchmark.py --device cuda: BST-SH/MH/MF and the residual-only BST
+#               (docs/quality.md's best) against Llama and Mistral at the base presets' and the upcycled SmolLM2's
+#               shapes, bf16 autocast, 32k tokens a step, 2k-64k, eager then compiled within TRAIN_SECONDS (points
+#               that do not fit are skipped and recorded); then torch.profiler on one BST-SH/residual-only/MH/MF and
+#               one Llama layer at d 1024, 4k and 16k, bf16 (kernels per layer, top operators by GPU time); then the
+#               FFT convolution's error in fp32/fp16/bf16 against float64, and its time. Three JSONs, about 5 min.
 # quality:      scripts/experiments/quality_experiment.py --device cuda at 3x the CPU budget (batch 16 x 600 steps of 512
 #               tokens, 4.9M tokens per run), books and code, seeds 0-2 of the BST variants, Slide, Mistral and
 #               Llama, one process per (corpus, seed), and three ablations on books, one process per seed: 15
@@ -41,7 +42,7 @@ DEVICE=${DEVICE:-cuda}
 BENCHMARK_SECONDS=${BENCHMARK_SECONDS:-150}
 COMPILED_SECONDS=${COMPILED_SECONDS:-150}
 TRAIN_SECONDS=${TRAIN_SECONDS:-180}
-PROFILE_SECONDS=${PROFILE_SECONDS:-60}
+PROFILE_SECONDS=${PROFILE_SECONDS:-75}
 # GPU calls take milliseconds: more repeats than the CPU default, and two warm-up calls (cuFFT plans, allocator).
 BENCHMARK_TIMING=(--repeats 9 --warmup 2 --max-call-seconds 20 --seconds-per-point 3 --max-memory-gb 70)
 QUALITY_SECONDS=${QUALITY_SECONDS:-300}
@@ -112,7 +113,7 @@ if wanted train; then
     # Mistral in a process of its own: its first eager step (SDPA with a sliding-window mask, torch 2.11+cu130,
     # H200) ended 0.6.6's run with a CUDA illegal memory access, which kills the process and every point after it.
     timeout -k 20 "$((TRAIN_SECONDS + 40))" python scripts/benchmarks/train_benchmark.py --device "$DEVICE" \
-        --models bst-sh llama bst-mh bst-mf --budget-seconds "$TRAIN_SECONDS" \
+        --models bst-sh llama bst-residual bst-mh bst-mf --budget-seconds "$TRAIN_SECONDS" \
         --note "one GPU, alone; scripts/benchmarks/gpu_checks.sh train" \
         --output "$OUTPUT_DIR/benchmark_train_gpu.json" --figures-dir "$OUTPUT_DIR/figures" \
         > "$OUTPUT_DIR/logs/train.log" 2>&1 || echo "train: exit $?"
@@ -134,11 +135,18 @@ if wanted train; then
     fi
     elapsed "profile of one layer"
     timeout -k 10 "$PROFILE_SECONDS" python scripts/benchmarks/benchmark.py --device "$DEVICE" --dtypes bfloat16 \
-        --sections profile --profile-layers bst-sh-s4 bst-mh-s4 bst-mf-s4 llama --profile-lengths 4k 16k \
+        --sections profile --profile-layers bst-sh-s4 bst-sh-s4-residual-swa bst-mh-s4 bst-mf-s4 llama \
+        --profile-lengths 4k 16k \
         --hidden-size 1024 --num-heads 8 --intermediate-size 4096 --block-size 512 --no-plots \
         --note "one GPU, alone; scripts/benchmarks/gpu_checks.sh train" --output "$OUTPUT_DIR/profile_layers_gpu.json" \
         > "$OUTPUT_DIR/logs/profile.log" 2>&1 || echo "profile: exit $?"
     grep -E "^Profile of|operator calls" "$OUTPUT_DIR/logs/profile.log"
+    elapsed "FFT convolution in fp32/fp16/bf16 against float64"
+    timeout -k 10 60 python scripts/benchmarks/fft_precision.py --device "$DEVICE" \
+        --note "one GPU, alone; scripts/benchmarks/gpu_checks.sh train" --output "$OUTPUT_DIR/fft_precision_gpu.json" \
+        --figure "$OUTPUT_DIR/figures/fft_precision.png" > "$OUTPUT_DIR/logs/fft_precision.log" 2>&1 \
+        || echo "fft precision: exit $?"
+    cat "$OUTPUT_DIR/logs/fft_precision.log"
 fi
 
 # 2. Quality. MPS lets the small processes' kernels share the GPU instead of time-slicing it; without it the

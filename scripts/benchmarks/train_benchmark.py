@@ -6,8 +6,10 @@ Shapes (`--shapes`):
   layers 2, 5, 8, 11, vocabulary 32000 ("mf": 32 filters).
 - `smollm2`: the upcycled SmolLM2-135M: 30 layers, d 576, 9 heads / 3 key-value heads, SwiGLU 1536, W 1024 with the
   previous block and 4 attention sinks, vocabulary 49152, SSM in layers 10 and 20.
-Each against Transformers' LlamaForCausalLM and MistralForCausalLM (sliding window W) of the same width, depth,
-heads and vocabulary with SDPA attention, their FFN width solved to match BST-SH's parameter count.
+Models (`--models`): BST-SH, MH, MF, and "bst-residual", the SSM through the residual branch only (on `base` the
+preset configuration/bst-sh-s4-modern-scaled-residual-swa.json), each against Transformers' LlamaForCausalLM and
+MistralForCausalLM (sliding window W) of the same width, depth, heads and vocabulary with SDPA attention, their FFN
+width solved to match BST-SH's parameter count.
 
 What one point is: a training step as `Trainer(bf16=True)` takes it (fp32 weights, forward and loss under bf16
 autocast, backward, AdamW fused on CUDA), on random tokens, batch = --tokens-per-step // length (at least 1, so at
@@ -18,7 +20,8 @@ Mistral tokens/s and peak memory, eager, compiled, and each model's faster mode 
 
 Time budget (`--budget-seconds`, wall time from the start): first every eager point (each shape, each length),
 then the compiled points of `--compiled-shapes` (default `base`, where the targets are set), lengths in the order
-of `--compiled-lengths` (the target lengths first), models in the order BST-SH, Llama, Mistral, BST-MH, BST-MF.
+of `--compiled-lengths` (the target lengths first), models in the order BST-SH, Llama, Mistral, bst-residual, BST-MH,
+BST-MF.
 Each member is admitted just before its warm-up: when its estimate (its step time at the previous length scaled
 up by tokens and length, or its eager step at this length; for compiled points plus the longest compile seen so
 far, `--compile-estimate-seconds` before the first) does not fit in what is left, it is skipped with the estimate

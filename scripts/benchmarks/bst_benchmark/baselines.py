@@ -201,9 +201,10 @@ def import_bst():
     return modeling_bst
 
 
-def bst_config(args, num_layers, bst_variant, ssm_kernel, bst_layers=None, vocab_size=None):
-    """The config a user's model has: the defaults, `use_cache=True` included, as the baselines'. Every section calls
-    the models as users do, so a training step that pays for a generation cache it never uses shows in the timings."""
+def bst_config(args, num_layers, bst_variant, ssm_kernel, bst_layers=None, vocab_size=None, **options):
+    """The config a user's model has: the defaults, `use_cache=True` included, as the baselines', and `options` (other
+    BSTConfig fields). Every section calls the models as users do, so a training step that pays for a generation cache
+    it never uses shows in the timings."""
     modeling_bst = import_bst()
     return modeling_bst.BSTConfig(
         vocab_size=vocab_size or args.vocab_size,
@@ -217,6 +218,7 @@ def bst_config(args, num_layers, bst_variant, ssm_kernel, bst_layers=None, vocab
         ssm_state_size=args.ssm_state_size,
         bst_layers=bst_layers,
         max_position_embeddings=max(args.model_lengths + [args.prefill_length]),
+        **options,
     )
 
 

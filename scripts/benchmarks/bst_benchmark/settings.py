@@ -21,11 +21,17 @@ LAYER_SPECS = {
     "bst-mh-s4": ("bst", {"bst_variant": "mh", "ssm_kernel": "s4"}),
     "bst-mf-s4": ("bst", {"bst_variant": "mf", "ssm_kernel": "s4"}),
     "bst-sh-unstructured": ("bst", {"bst_variant": "sh", "ssm_kernel": "unstructured"}),
+    # The SSM through the residual branch only, attention over the last W tokens (docs/quality.md's best from
+    # scratch): measured when named, not by default, so that the CPU benchmark's runs keep their shapes and time.
+    "bst-sh-s4-residual-swa": ("bst", {"bst_variant": "sh", "ssm_kernel": "s4", "ssm_residual": True,
+                                       "ssm_cross_attention": False, "attend_previous_block": True,
+                                       "sliding_window_attention": True}),
     "full-attention": ("attention", {"window": None}),
     "sliding-window": ("attention", {"window": "block"}),
     "block-recurrent": ("block_recurrent", {}),
 }
 BASELINE_LAYERS = ("full-attention", "sliding-window", "block-recurrent")
+DEFAULT_LAYERS = tuple(name for name in LAYER_SPECS if name != "bst-sh-s4-residual-swa")
 # `profile` also takes a Transformers Llama layer (SDPA), the layer BST's training speed is compared with.
 PROFILE_LAYERS = (*LAYER_SPECS, "llama")
 
@@ -114,7 +120,7 @@ def parse_args(argv=None):
     parser.add_argument("--ssm-state-size", type=int, default=64, help="N of the BST 's4' kernels")
     parser.add_argument("--brt-state-size", type=int, default=512, help="Block-Recurrent state vectors S (paper: W)")
     parser.add_argument(
-        "--layers", nargs="+", choices=list(LAYER_SPECS), default=list(LAYER_SPECS), help="layers of `layer`"
+        "--layers", nargs="+", choices=list(LAYER_SPECS), default=list(DEFAULT_LAYERS), help="layers of `layer`"
     )
     parser.add_argument(
         "--layer-lengths",

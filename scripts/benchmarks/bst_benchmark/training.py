@@ -13,10 +13,14 @@ from .measurement import is_out_of_memory, synchronize
 from .settings import REPO_ROOT, format_length
 
 
-BST_VARIANTS = ("bst-sh", "bst-mh", "bst-mf")
+# "bst-residual": the SSM through the residual branch only, no cross-attention (`ssm_cross_attention=False`), the
+# configuration docs/quality.md found best from scratch; on `base` it is configuration/
+# bst-sh-s4-modern-scaled-residual-swa.json (gated MLP, Mistral's window of W tokens).
+BST_MODELS = ("bst-sh", "bst-mh", "bst-mf", "bst-residual")
 BASELINE_MODELS = ("llama", "mistral")
 # Within a group the members run in this order, so that a budget running out drops the least needed ones.
-MODEL_ORDER = ("bst-sh", "llama", "mistral", "bst-mh", "bst-mf")
+MODEL_ORDER = ("bst-sh", "llama", "mistral", "bst-residual", "bst-mh", "bst-mf")
+RESIDUAL_PRESET = REPO_ROOT / "configuration" / "bst-sh-s4-modern-scaled-residual-swa.json"
 
 # The upcycled SmolLM2-135M (scripts/convert_to_bst.py with --block_size 1024, previous block and 4 attention sinks),
 # with an SSM in layers 10 and 20 as in docs/upcycling.md's recipe.
@@ -53,26 +57,48 @@ QUICK_SHAPES = {
 SHAPES = ("base", "smollm2")
 
 
+SHAPE_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+              "block_size", "ssm_state_size", "ssm_kernel", "bst_layers")
+
+
+def read_preset(path):
+    return {key: value for key, value in json.loads(path.read_text()).items()
+            if key not in ("model_type", "architectures")}
+
+
 def shape_fields(shape, quick):
     """The BST fields shared by the three variants of `shape`: the configuration/bst-*-s4-base.json presets (they
     differ only in the variant), or the upcycled SmolLM2."""
     if quick:
         return dict(QUICK_SHAPES[shape])
     if shape == "base":
-        preset = json.loads((REPO_ROOT / "configuration" / "bst-sh-s4-base.json").read_text())
-        keep = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                "block_size", "ssm_state_size", "ssm_kernel", "bst_layers")
-        return {key: preset[key] for key in keep}
+        preset = read_preset(REPO_ROOT / "configuration" / "bst-sh-s4-base.json")
+        return {key: preset[key] for key in SHAPE_KEYS}
     return dict(SMOLLM2_BST)
 
 
-def bst_training_config(shape, variant, quick, max_length):
-    """BSTConfig of `shape` for variant "sh" / "mh" / "mf" ("mf": the preset's 32 filters, 4 in --quick)."""
+def residual_fields(shape, quick):
+    """What "bst-residual" changes in `shape`'s BST-SH: on `base` the residual-only preset's fields (the same shape,
+    its own FFN width; in --quick its options on the tiny shape), on `smollm2` the upcycled recipe with the SSM
+    through the residual branch and a 4-tap convolution instead of cross-attention (docs/upcycling.md)."""
+    if shape == "smollm2":
+        return dict(ssm_residual=True, ssm_cross_attention=False, ssm_conv_size=4)
+    preset = read_preset(RESIDUAL_PRESET)
+    if quick:
+        return {key: value for key, value in preset.items() if key not in SHAPE_KEYS}
+    return preset
+
+
+def bst_training_config(shape, name, quick, max_length):
+    """BSTConfig of model `name` (one of BST_MODELS) at `shape` ("bst-mf": the preset's 32 filters, 4 in --quick)."""
     fields = shape_fields(shape, quick)
     context_states = fields.pop("mf_context_states", 32)
-    if variant == "mf":
+    if name == "bst-mf":
         fields["num_context_states"] = context_states
-    return import_bst().BSTConfig(bst_variant=variant, max_position_embeddings=max(max_length, 2**20), **fields)
+    if name == "bst-residual":
+        fields.update(residual_fields(shape, quick))
+    fields.setdefault("bst_variant", "sh" if name == "bst-residual" else name.split("-")[1])
+    return import_bst().BSTConfig(max_position_embeddings=max(max_length, 2**20), **fields)
 
 
 def baseline_configs(shape, bst_config, quick, max_length, attention="sdpa"):
@@ -118,7 +144,7 @@ def build_training_models(shape, args):
     from transformers import LlamaForCausalLM, MistralForCausalLM
 
     max_length = max(args.lengths)
-    configs = {name: bst_training_config(shape, name.split("-")[1], args.quick, max_length) for name in BST_VARIANTS}
+    configs = {name: bst_training_config(shape, name, args.quick, max_length) for name in BST_MODELS}
     baselines, _ = baseline_configs(shape, configs["bst-sh"], args.quick, max_length, args.baseline_attention)
     configs.update(baselines)
     classes = {"llama": LlamaForCausalLM, "mistral": MistralForCausalLM}
@@ -404,7 +430,7 @@ def training_ratios(results, shapes, lengths):
     for shape in shapes:
         for length in lengths:
             for mode in ("eager", "compiled", "best"):
-                for bst in BST_VARIANTS:
+                for bst in BST_MODELS:
                     for baseline in BASELINE_MODELS:
                         if mode == "best":
                             ours, theirs = best_record(results, shape, bst, length), best_record(
