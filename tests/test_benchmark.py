@@ -136,6 +136,18 @@ def test_baseline_layers_are_causal(settings, baselines, name):
     assert (before[:, 21:] - after[:, 21:]).abs().amax() > 1e-4  # the change does reach later tokens
 
 
+def test_residual_only_layer_is_measured_only_when_named(settings, baselines):
+    """`bst-sh-s4-residual-swa` is a BST layer with the SSM through the residual branch, no cross-attention and
+    Mistral's window; the `layer` section's default list leaves it out (the CPU benchmark keeps its runs)."""
+    args = settings.parse_args(["--quick"])
+    assert "bst-sh-s4-residual-swa" not in args.layers and "bst-sh-s4" in args.layers
+    assert "bst-sh-s4-residual-swa" in settings.parse_args(["--quick", "--layers", "bst-sh-s4-residual-swa"]).layers
+    layer = baselines.build_layer("bst-sh-s4-residual-swa", args)
+    config = layer.model.config
+    assert (config.ssm_residual, config.ssm_cross_attention, config.sliding_window_attention) == (True, False, True)
+    assert not layer.model.layers[0].attention.cross_attention and layer.model.layers[0].residual_out_proj is not None
+
+
 def test_baseline_models_match_bst_parameter_count(settings, baselines):
     args = settings.parse_args(["--quick"])
     models = baselines.build_causal_lms(args)
