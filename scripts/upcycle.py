@@ -408,11 +408,11 @@ def upcycle(args) -> dict:
     ssm_options += [] if args.ssm_cross_attention else ["ssm_cross_attention=False"]
     ssm_options += [f"{name}={getattr(args, name):g}" for name in ("ssm_dt_min", "ssm_dt_max")
                     if getattr(args, name) != getattr(BSTConfig, name)]
-    ssm_options = f", SSM options {', '.join(ssm_options)}" if ssm_options else ""
+    ssm_text = f", SSM options {', '.join(ssm_options)}" if ssm_options else ""
     description = (
         f"Upcycled from `{args.gguf_file or args.model_name_or_path}` by `scripts/upcycle.py` of bst-transformers: "
         f"converted exactly, a token attending to {conversion.attention_span(model.config)}, with BST layers "
-        f"{', '.join(map(str, bst_layers)) or 'none'}{ssm_options}, then trained "
+        f"{', '.join(map(str, bst_layers)) or 'none'}{ssm_text}, then trained "
         f"({args.train}) for {steps_done} steps, {trained_tokens:,} tokens of "
         f"{', '.join(entry['source'] for entry in manifest)} (data_manifest.json)."
     )
