@@ -14,12 +14,14 @@ anything is chosen:
   SSM brings from beyond the attention window), each against float64. The floor to compare with is the bf16
   rounding of the reference output (`output_rounding_error`): under bf16 autocast the context states enter bf16
   matmuls anyway, so an FFT error below it costs nothing there.
-- time: the candidate convolution's forward (median of --repeats, after a warm-up), on the device.
+- time: the candidate convolution's forward (median of --repeats, after the error measurement's calls), on the
+  device.
 
 A dtype torch's FFT does not support on the device (half on CPU; bf16 in many builds; fp16 needs power-of-two sizes,
 which these are) is recorded with torch's error. GPU run: part of `scripts/benchmarks/gpu_checks.sh ... train`:
 
-    python scripts/benchmarks/fft_precision.py --device cuda --output OUT/fft_precision_gpu.json --figure OUT/figures/fft_precision.png
+    python scripts/benchmarks/fft_precision.py --device cuda --output OUT/fft_precision_gpu.json \
+        --figure OUT/figures/fft_precision.png
 
 Quick run (CPU, seconds; tests/test_benchmark.py): `--quick`.
 """
@@ -43,6 +45,7 @@ from bst_benchmark.settings import check_device, format_length, parse_length
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # (ssm_dt_min, ssm_dt_max) of each kernel set; None: the config's defaults.
 TIME_SCALES = {"default": None, "long": (5e-4, 8e-3)}
+QUICK_DEFAULTS = dict(lengths=[256, 1024], channels=16, state_size=8, block_size=32, tokens_per_step=1024, repeats=2)
 
 
 def parse_args(argv=None):
@@ -60,10 +63,9 @@ def parse_args(argv=None):
     parser.add_argument("--output", type=Path, required=True, help="JSON report")
     parser.add_argument("--figure", type=Path, default=None, help="PNG: error against length per dtype")
     parser.add_argument("--note", default="")
+    if parser.parse_args(argv).quick:
+        parser.set_defaults(**QUICK_DEFAULTS)  # defaults only: flags given explicitly still win
     args = parser.parse_args(argv)
-    if args.quick:
-        args.lengths, args.channels, args.state_size, args.block_size, args.tokens_per_step = [256, 1024], 16, 8, 32, 1024
-        args.repeats = 2
     check_device(args.device)
     if min(args.lengths) <= 2 * args.block_size:
         raise SystemExit(f"every length must exceed 2W = {2 * args.block_size} (the far part would be empty)")
@@ -122,8 +124,8 @@ def measure(args, device):
                 except RuntimeError as error:
                     record["dtypes"][name] = {"unsupported": str(error).split("\n")[0]}
                     continue
-                times = []
-                for _ in range(args.repeats + 1):  # the first call warms up (FFT plans)
+                times = []  # the calls above made the FFT plans: no warm-up call needed
+                for _ in range(args.repeats):
                     synchronize(device)
                     start = time.perf_counter()
                     fft_convolution(inputs, kernel, dtype)
@@ -133,7 +135,7 @@ def measure(args, device):
                     "relative_error": relative_error(output, reference),
                     "far_relative_error": relative_error(far_output, far_reference),
                     "finite": bool(torch.isfinite(output).all()),
-                    "seconds": statistics.median(times[1:]),
+                    "seconds": statistics.median(times),
                 }
             results.append(record)
             print(format_record(record))
@@ -188,7 +190,8 @@ def main(argv=None):
     machine = machine_facts(args)
     hardware = machine.get("gpu") or machine["cpu"]
     report = {
-        "command": "python " + " ".join(["scripts/benchmarks/fft_precision.py", *(sys.argv[1:] if argv is None else argv)]),
+        "command": "python " + " ".join(["scripts/benchmarks/fft_precision.py",
+                                         *(sys.argv[1:] if argv is None else argv)]),
         "started_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "note": args.note,
         "hardware": hardware,

@@ -82,7 +82,7 @@ def residual_fields(shape, quick):
     its own FFN width; in --quick its options on the tiny shape), on `smollm2` the upcycled recipe with the SSM
     through the residual branch and a 4-tap convolution instead of cross-attention (docs/upcycling.md)."""
     if shape == "smollm2":
-        return dict(ssm_residual=True, ssm_cross_attention=False, ssm_conv_size=4)
+        return dict(bst_variant="sh", ssm_residual=True, ssm_cross_attention=False, ssm_conv_size=4)
     preset = read_preset(RESIDUAL_PRESET)
     if quick:
         return {key: value for key, value in preset.items() if key not in SHAPE_KEYS}
@@ -97,7 +97,7 @@ def bst_training_config(shape, name, quick, max_length):
         fields["num_context_states"] = context_states
     if name == "bst-residual":
         fields.update(residual_fields(shape, quick))
-    fields.setdefault("bst_variant", "sh" if name == "bst-residual" else name.split("-")[1])
+    fields.setdefault("bst_variant", name.split("-")[1])
     return import_bst().BSTConfig(max_position_embeddings=max(max_length, 2**20), **fields)
 
 
