@@ -843,11 +843,14 @@ class BSTStateSpace(nn.Module):
         layout: "BlockLayout",
         layer_cache: BSTLayerCache | None,
         block_ends: bool = False,
+        mean_of_filters: bool = False,
     ) -> torch.Tensor:
         """inputs (B, T, D), real tokens first in each row -> context states (B, T, D, C) in fp32 (fp64 in a float64
         model). `layer_cache` holds this layer's per-row state and the kernel values decoding reuses. With
         `block_ends` ("mf"), only the states at the block ends, (B, N, D, C) (`_block_end_outputs`): through here,
-        so that forward hooks on the module (the SSM ablation of scripts/evaluate.py) see them.
+        so that forward hooks on the module (the SSM ablation of scripts/evaluate.py) see them. With
+        `mean_of_filters` (a caller that reads only the mean over the C filters), the result may be that mean,
+        (B, T, D, 1).
 
         Autocast is off in here: under bf16 autocast the kernel's power tables and block sums would go through bf16
         matmuls (kernel taps off by ~3e-3 of the largest tap, the long-range ones lost; "mf" failed outright on CUDA).
@@ -861,14 +864,20 @@ class BSTStateSpace(nn.Module):
                 inputs = inputs * layout.token_mask.unsqueeze(-1)
             if block_ends:
                 return self._block_end_outputs(inputs, layout, layer_cache)
-            return self._all_outputs(inputs, layout, layer_cache)
+            return self._all_outputs(inputs, layout, layer_cache, mean_of_filters)
 
-    def _all_outputs(self, inputs: torch.Tensor, layout: "BlockLayout", layer_cache: BSTLayerCache | None):
+    def _all_outputs(
+        self, inputs: torch.Tensor, layout: "BlockLayout", layer_cache: BSTLayerCache | None, mean_of_filters=False
+    ):
         """The SSM outputs at every position: SSM inputs (B, T, D), in the compute dtype with padding zeroed ->
-        (B, T, D, C)."""
+        (B, T, D, C), or (B, T, D, 1) with `mean_of_filters` and no cache."""
         if layer_cache is None:
             # No state to continue: one FFT convolution over the sequence, the skip term on the kernel's tap 0.
-            convolved = causal_fft_conv(inputs.transpose(1, 2), self.kernel(inputs.shape[1]), self.skip)
+            kernel, skip = self.kernel(inputs.shape[1]), self.skip  # (D, C, T), (D, C)
+            if mean_of_filters and self.num_filters > 1:
+                # The convolution is linear in the kernel: mean_c (K_c * u) = (mean_c K_c) * u, one filter, not C.
+                kernel, skip = kernel.mean(1, keepdim=True), skip.mean(1, keepdim=True)
+            convolved = causal_fft_conv(inputs.transpose(1, 2), kernel, skip)
             return convolved.permute(0, 3, 1, 2)  # (B, T, D, C), a view: filters outermost in memory
         if self.config.ssm_kernel == "unstructured":
             convolved = self._forward_with_history(inputs, layout, layer_cache)
@@ -1051,7 +1060,11 @@ class BSTDecoderLayer(GradientCheckpointingLayer):
         if self.is_bst_layer:
             # "mf" reads the SSM at block ends only: (B, N, D, S) instead of (B, T, D, S).
             block_ends = self.ssm.config.bst_variant == "mf"
-            context_states = self.ssm(hidden_states, layout, layer_cache, block_ends=block_ends)
+            # Without cross-attention only the residual branch's mean over filters is read ("mh": H filters, one FFT).
+            context_states = self.ssm(
+                hidden_states, layout, layer_cache, block_ends=block_ends,
+                mean_of_filters=not self.attention.cross_attention,
+            )
             if self.residual_out_proj is not None:
                 # Griffin's recurrent block: W_o (mean_c y_c * act(W_r x)), the mean over filters, (B, T, D).
                 ssm_outputs = context_states.mean(-1).to(hidden_states.dtype)

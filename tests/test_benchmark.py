@@ -146,6 +146,17 @@ def test_residual_only_layer_is_measured_only_when_named(settings, baselines):
     config = layer.model.config
     assert (config.ssm_residual, config.ssm_cross_attention, config.sliding_window_attention) == (True, False, True)
     assert not layer.model.layers[0].attention.cross_attention and layer.model.layers[0].residual_out_proj is not None
+    # The profile names its attention part for what it runs: self-attention alone.
+    from bst_benchmark.profiling import forward_part_ranges
+
+    handles = forward_part_ranges(layer)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
+        layer(torch.randn(1, 32, config.hidden_size))
+    for handle in handles:
+        handle.remove()
+    parts = {event.name for event in profiler.events() if event.name.startswith("part::")}
+    assert parts == {"part::SSM kernel generation", "part::SSM sublayer (kernel + FFT convolution + skip)",
+                     "part::attention sublayer (projections, self-attention)", "part::FFN"}
 
 
 def test_baseline_models_match_bst_parameter_count(settings, baselines):

@@ -184,8 +184,17 @@ def test_without_cross_attention_a_bst_layer_is_one_whose_cross_attention_output
     missing, unexpected = crossed.load_state_dict(weights, strict=False)
     assert not unexpected and all("cross_q_proj" in name or "context_" in name for name in missing) and missing
     ids = torch.randint(2, 97, (2, 29))
-    logits = model(ids).logits
-    silence = [layer.ssm.register_forward_hook(lambda m, a, out: torch.zeros_like(out)) for layer in model.model.layers]
+    filters_convolved = []
+    watch = [layer.ssm.register_forward_hook(lambda m, a, out: filters_convolved.append(out.shape[-1]))
+             for layer in model.model.layers if layer.ssm is not None]
+    logits = model(ids, use_cache=False).logits
+    for hook in watch:
+        hook.remove()
+    # Only the mean over filters is read: without a cache "mh" convolves with the mean of its H filters, once (the
+    # crossed model below convolves each filter and takes the mean: the float64 reference).
+    assert filters_convolved == [1] * len(watch)
+    silence = [layer.ssm.register_forward_hook(lambda m, a, out: torch.zeros_like(out)) for layer in model.model.layers
+               if layer.ssm is not None]
     assert (logits - model(ids).logits).abs().max() > 1e-6  # the SSM reaches the logits
     for hook in silence:
         hook.remove()

@@ -41,12 +41,9 @@ Quick run (seconds, tiny sizes; used by tests/test_benchmark.py):
     python scripts/benchmarks/benchmark.py --quick --output /tmp/bench.json --figures-dir /tmp/figures
 """
 
-import datetime
 import json
 import os
-import sys
 import time
-from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -60,7 +57,7 @@ from bst_benchmark.report import (
     evaluate_targets,
     format_table,
     format_targets,
-    machine_facts,
+    report_header,
 )
 from bst_benchmark.sections import (
     run_generate_section,
@@ -90,15 +87,8 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     if any(s != "layer" for s in args.sections) or any(LAYER_SPECS[n][0] == "bst" for n in args.layers):
         import_bst()  # fail now, not after the baselines ran
-    started = datetime.datetime.now(datetime.timezone.utc)
     report = {
-        "command": "python " + " ".join(["scripts/benchmarks/benchmark.py", *(sys.argv[1:] if argv is None else argv)]),
-        "started_utc": started.isoformat(timespec="seconds"),
-        "note": args.note,
-        "machine": {**machine_facts(args), "malloc_keeps_freed_memory": malloc_tuned},
-        "settings": {
-            key: (str(value) if isinstance(value, Path) else value) for key, value in vars(args).items()
-        },
+        **report_header("scripts/benchmarks/benchmark.py", args, argv, malloc_keeps_freed_memory=malloc_tuned),
         "results": [],
         "profile": [],
         "ratios": {},

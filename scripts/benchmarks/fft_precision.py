@@ -27,10 +27,8 @@ Quick run (CPU, seconds; tests/test_benchmark.py): `--quick`.
 """
 
 import argparse
-import datetime
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -38,7 +36,7 @@ import torch
 
 from bst_benchmark.baselines import import_bst
 from bst_benchmark.measurement import synchronize
-from bst_benchmark.report import machine_facts
+from bst_benchmark.report import report_header
 from bst_benchmark.settings import check_device, format_length, parse_length
 
 
@@ -187,16 +185,10 @@ def plot(results, path, hardware):
 def main(argv=None):
     args = parse_args(argv)
     device = torch.device(args.device)
-    machine = machine_facts(args)
-    hardware = machine.get("gpu") or machine["cpu"]
+    report = report_header("scripts/benchmarks/fft_precision.py", args, argv)
+    hardware = report["hardware"]
     report = {
-        "command": "python " + " ".join(["scripts/benchmarks/fft_precision.py",
-                                         *(sys.argv[1:] if argv is None else argv)]),
-        "started_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "note": args.note,
-        "hardware": hardware,
-        "machine": machine,
-        "settings": {key: (str(value) if isinstance(value, Path) else value) for key, value in vars(args).items()},
+        **report,
         "results": measure(args, device),
     }
     if args.figure is not None:

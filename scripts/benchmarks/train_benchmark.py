@@ -41,10 +41,8 @@ Quick run (CPU, tiny shapes, seconds; used by tests/test_benchmark_train.py):
 """
 
 import argparse
-import datetime
 import json
 import signal
-import sys
 import time
 from pathlib import Path
 
@@ -53,7 +51,7 @@ from tqdm.auto import tqdm
 
 from bst_benchmark.baselines import import_bst
 from bst_benchmark.plots import make_training_plots
-from bst_benchmark.report import machine_facts
+from bst_benchmark.report import report_header
 from bst_benchmark.settings import REPO_ROOT, check_device, parse_length
 from bst_benchmark.training import (
     MODEL_ORDER,
@@ -150,17 +148,10 @@ def main(argv=None):
     import_bst()  # fail now, not after the first models were built
     allow_recompiles()
     device = torch.device(args.device)
-    started = datetime.datetime.now(datetime.timezone.utc)
-    machine = machine_facts(args)
-    hardware = machine.get("gpu") or machine["cpu"]
+    report = report_header("scripts/benchmarks/train_benchmark.py", args, argv)
+    hardware = report["hardware"]
     report = {
-        "command": "python " + " ".join(["scripts/benchmarks/train_benchmark.py",
-                                         *(sys.argv[1:] if argv is None else argv)]),
-        "started_utc": started.isoformat(timespec="seconds"),
-        "note": args.note,
-        "hardware": hardware,
-        "machine": machine,
-        "settings": {key: (str(value) if isinstance(value, Path) else value) for key, value in vars(args).items()},
+        **report,
         "precision": "fp32 weights, forward and loss under torch.autocast(bfloat16), as Trainer(bf16=True)",
         "compiled_as": f"torch.compile(model, dynamic=False, backend={args.compile_backend!r}), one graph per length; "
                        "optimizer step eager",

@@ -26,10 +26,12 @@ def forward_part_ranges(layer):
     (the model is not modified). Returns the hook handles."""
     decoder = layer.model.layers[0]
     if hasattr(decoder, "ssm"):
+        # A layer without cross-attention (the SSM through the residual branch only) runs self-attention alone.
+        attention = "self + cross attention" if decoder.attention.cross_attention else "self-attention"
         parts = {
             "SSM kernel generation": decoder.ssm.kernel_generator,
             "SSM sublayer (kernel + FFT convolution + skip)": decoder.ssm,
-            "attention sublayer (projections, self + cross attention)": decoder.attention,
+            f"attention sublayer (projections, {attention})": decoder.attention,
             "FFN": decoder.mlp,
         }
     else:

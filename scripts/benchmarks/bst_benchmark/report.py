@@ -1,7 +1,10 @@
 """Ratios, targets, machine facts and the text report."""
 
+import datetime
 import os
 import platform
+import sys
+from pathlib import Path
 
 import torch
 
@@ -291,6 +294,20 @@ def machine_facts(args):
     if torch.device(args.device).type == "cuda":
         facts["gpu"] = torch.cuda.get_device_name(args.device)
     return facts
+
+
+def report_header(script: str, args, argv=None, **machine_extra) -> dict:
+    """What every benchmark report opens with: the command as run (`script` and its arguments), when it started, the
+    note, the hardware its figures name (the GPU, else the CPU), the machine's facts and the settings."""
+    machine = {**machine_facts(args), **machine_extra}
+    return {
+        "command": "python " + " ".join([script, *(sys.argv[1:] if argv is None else argv)]),
+        "started_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "note": args.note,
+        "hardware": machine.get("gpu") or machine["cpu"],
+        "machine": machine,
+        "settings": {key: (str(value) if isinstance(value, Path) else value) for key, value in vars(args).items()},
+    }
 
 
 def format_table(args, results, dtype):
