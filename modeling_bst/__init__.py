@@ -10,7 +10,7 @@ from .configuration_bst import BSTConfig
 from .modeling_bst import BSTCache, BSTForCausalLM, BSTModel, BSTPreTrainedModel
 
 
-__version__ = "0.7.3"
+__version__ = "0.7.4"
 
 AutoConfig.register(BSTConfig.model_type, BSTConfig, exist_ok=True)
 AutoModel.register(BSTConfig, BSTModel, exist_ok=True)

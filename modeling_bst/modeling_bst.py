@@ -867,8 +867,12 @@ class BSTStateSpace(nn.Module):
             return self._all_outputs(inputs, layout, layer_cache, mean_of_filters)
 
     def _all_outputs(
-        self, inputs: torch.Tensor, layout: "BlockLayout", layer_cache: BSTLayerCache | None, mean_of_filters=False
-    ):
+        self,
+        inputs: torch.Tensor,
+        layout: "BlockLayout",
+        layer_cache: BSTLayerCache | None,
+        mean_of_filters: bool = False,
+    ) -> torch.Tensor:
         """The SSM outputs at every position: SSM inputs (B, T, D), in the compute dtype with padding zeroed ->
         (B, T, D, C), or (B, T, D, 1) with `mean_of_filters` and no cache."""
         if layer_cache is None:
