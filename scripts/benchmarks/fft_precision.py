@@ -185,10 +185,10 @@ def plot(results, path, hardware):
 def main(argv=None):
     args = parse_args(argv)
     device = torch.device(args.device)
-    report = report_header("scripts/benchmarks/fft_precision.py", args, argv)
-    hardware = report["hardware"]
+    header = report_header("scripts/benchmarks/fft_precision.py", args, argv)
+    hardware = header["hardware"]
     report = {
-        **report,
+        **header,
         "results": measure(args, device),
     }
     if args.figure is not None:

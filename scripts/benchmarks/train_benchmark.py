@@ -148,10 +148,10 @@ def main(argv=None):
     import_bst()  # fail now, not after the first models were built
     allow_recompiles()
     device = torch.device(args.device)
-    report = report_header("scripts/benchmarks/train_benchmark.py", args, argv)
-    hardware = report["hardware"]
+    header = report_header("scripts/benchmarks/train_benchmark.py", args, argv)
+    hardware = header["hardware"]
     report = {
-        **report,
+        **header,
         "precision": "fp32 weights, forward and loss under torch.autocast(bfloat16), as Trainer(bf16=True)",
         "compiled_as": f"torch.compile(model, dynamic=False, backend={args.compile_backend!r}), one graph per length; "
                        "optimizer step eager",
