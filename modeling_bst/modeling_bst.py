@@ -849,8 +849,8 @@ class BSTStateSpace(nn.Module):
         model). `layer_cache` holds this layer's per-row state and the kernel values decoding reuses. With
         `block_ends` ("mf"), only the states at the block ends, (B, N, D, C) (`_block_end_outputs`): through here,
         so that forward hooks on the module (the SSM ablation of scripts/evaluate.py) see them. With
-        `mean_of_filters` (a caller that reads only the mean over the C filters), the result may be that mean,
-        (B, T, D, 1).
+        `mean_of_filters` (the caller reads only the mean over the C filters) and no cache, the result is that mean,
+        (B, T, D, 1); with a cache it is the C outputs, whose state decoding advances.
 
         Autocast is off in here: under bf16 autocast the kernel's power tables and block sums would go through bf16
         matmuls (kernel taps off by ~3e-3 of the largest tap, the long-range ones lost; "mf" failed outright on CUDA).
